@@ -1,0 +1,203 @@
+"""The algorithm contract every fedtune strategy implements.
+
+An :class:`Algorithm` holds both halves of one federated method:
+
+* server half: :meth:`Algorithm.init_state`, :meth:`Algorithm.plan` (what each sampled client does
+  this round) and :meth:`Algorithm.aggregate` (fold the replies into the new global state);
+* client half: :meth:`Algorithm.local` (what a client computes from its private data).
+
+The two halves agree on a wire format made of an :class:`Instruction` (server → client) and a
+:class:`Payload` (client → server). Both map onto :class:`RecordParts`, the plain-Python shape of a
+Flower ``RecordDict`` (``arrays`` → ``ArrayRecord``, ``config`` → ``ConfigRecord``, ``metrics`` →
+``MetricRecord``). This module never imports Flower; the adapters in ``fedclient/wire.py`` make
+the Flower records.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, Union
+
+import numpy as np
+import torch
+
+ClientId = int
+"""A client's identity as the coordinator sees it (the Flower node id)."""
+
+ConfigScalar = Union[int, float, str, bool, bytes]
+ConfigValue = Union[ConfigScalar, list[int], list[float], list[str], list[bool], list[bytes]]
+MetricValue = Union[int, float]
+
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+"""One mini-batch: model inputs (keyword arguments of ``model.forward``) and integer labels."""
+
+GlobalState = dict[str, torch.Tensor]
+"""The server's global state: fp32 master copies of the parameters the federation owns."""
+
+NUM_EXAMPLES = "num-examples"
+
+
+class PayloadError(ValueError):
+    """A client's reply that cannot be aggregated (wrong key, shape, dtype, non-finite value...)."""
+
+
+class LocalData(Protocol):
+    """A client's private training data, as an algorithm's :meth:`Algorithm.local` sees it."""
+
+    @property
+    def num_examples(self) -> int: ...
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
+        """An endless stream of shuffled mini-batches; reshuffles after each pass."""
+        ...
+
+
+@dataclass
+class RecordParts:
+    """The plain-Python shape of a Flower ``RecordDict``: one array, config and metric record."""
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    config: dict[str, ConfigValue] = field(default_factory=dict)
+    metrics: dict[str, MetricValue] = field(default_factory=dict)
+
+
+@dataclass
+class Instruction:
+    """What one client does in one round.
+
+    ``arrays`` carries the tensors sent down (e.g. the global values of the parameters the
+    client trains); ``config`` the hyper-parameters and the method's own fields (which layers,
+    which seeds, the step budget, the codec).
+    """
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    config: dict[str, ConfigValue] = field(default_factory=dict)
+
+    def to_record(self) -> RecordParts:
+        return RecordParts(arrays=dict(self.arrays), config=dict(self.config))
+
+    @classmethod
+    def from_record(cls, parts: RecordParts) -> Instruction:
+        return cls(arrays=dict(parts.arrays), config=dict(parts.config))
+
+
+@dataclass
+class Payload:
+    """What one client sends back: arrays for some subset of keys, its example count, metrics."""
+
+    arrays: dict[str, np.ndarray]
+    num_examples: int
+    metrics: dict[str, MetricValue] = field(default_factory=dict)
+
+    def to_record(self) -> RecordParts:
+        return RecordParts(
+            arrays=dict(self.arrays),
+            metrics={**self.metrics, NUM_EXAMPLES: int(self.num_examples)},
+        )
+
+    @classmethod
+    def from_record(cls, parts: RecordParts) -> Payload:
+        metrics = dict(parts.metrics)
+        if NUM_EXAMPLES not in metrics:
+            raise PayloadError(f"reply has no '{NUM_EXAMPLES}' metric")
+        num_examples = metrics.pop(NUM_EXAMPLES)
+        if isinstance(num_examples, float) and not num_examples.is_integer():
+            raise PayloadError(f"'{NUM_EXAMPLES}' must be a whole number, got {num_examples}")
+        return cls(arrays=dict(parts.arrays), num_examples=int(num_examples), metrics=metrics)
+
+
+@dataclass
+class Reply:
+    """A decoded reply from one client."""
+
+    client: ClientId
+    payload: Payload
+
+
+@dataclass
+class AggregateResult:
+    """The outcome of :meth:`Algorithm.aggregate`.
+
+    ``rejected`` maps each client whose reply was refused to the reason; those replies left no
+    trace in ``state``.
+    """
+
+    state: GlobalState
+    accepted: list[ClientId] = field(default_factory=list)
+    rejected: dict[ClientId, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Algorithm(ABC):
+    """One federated method: its server half and its client half.
+
+    Implementations are registered by :data:`name` in :mod:`aggregators` and must be
+    constructible from keyword arguments holding plain config values (the run config).
+    """
+
+    name: ClassVar[str]
+
+    # ---- server half -------------------------------------------------------------------------
+    def init_state(self, initial: Mapping[str, torch.Tensor]) -> GlobalState:
+        """The global state at round 0: fp32 CPU master copies of ``initial``."""
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in initial.items()}
+
+    @abstractmethod
+    def plan(
+        self, server_round: int, clients: Sequence[ClientId], state: GlobalState
+    ) -> dict[ClientId, Instruction]:
+        """The instruction for each sampled client of round ``server_round``."""
+
+    @abstractmethod
+    def aggregate(
+        self, server_round: int, state: GlobalState, replies: Iterable[Reply]
+    ) -> AggregateResult:
+        """Fold ``replies`` (consumed one at a time) into the new global state.
+
+        A reply that fails validation is recorded in ``AggregateResult.rejected`` and leaves the
+        state untouched; the others are still aggregated.
+        """
+
+    # ---- client half -------------------------------------------------------------------------
+    @abstractmethod
+    def local(
+        self,
+        model: torch.nn.Module,
+        data: LocalData,
+        instruction: Instruction,
+        client_state: dict[str, Any],
+    ) -> Payload:
+        """Run the client's local computation and return what it sends back.
+
+        ``model`` is the task model on the client's device, already holding the pretrained
+        weights; ``client_state`` persists across rounds for this client.
+        """
+
+
+def check_array(client: ClientId, key: str, value: np.ndarray, expected: torch.Tensor) -> None:
+    """Raise :class:`PayloadError` unless ``value`` can stand in for ``expected``.
+
+    Checks the shape, that the dtype is a float type, and that every entry is finite.
+    """
+    if not isinstance(value, np.ndarray):
+        raise PayloadError(f"client {client}: '{key}' is a {type(value).__name__}, not an array")
+    if tuple(value.shape) != tuple(expected.shape):
+        raise PayloadError(
+            f"client {client}: '{key}' has shape {tuple(value.shape)}, "
+            f"expected {tuple(expected.shape)}"
+        )
+    if value.dtype.kind != "f":
+        raise PayloadError(f"client {client}: '{key}' has dtype {value.dtype}, expected a float")
+    if not np.isfinite(value).all():
+        raise PayloadError(f"client {client}: '{key}' contains NaN or infinite values")
+
+
+def check_weight(client: ClientId, num_examples: int) -> float:
+    """The aggregation weight of a reply; refuses non-positive or non-finite counts."""
+    weight = float(num_examples)
+    if not math.isfinite(weight) or weight <= 0:
+        raise PayloadError(f"client {client}: num-examples must be positive, got {num_examples}")
+    return weight

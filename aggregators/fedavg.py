@@ -1,0 +1,161 @@
+r"""FedAvg: federated averaging weighted by example counts.
+
+McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
+AISTATS 2017. Each sampled client :math:`i` starts from the global parameters :math:`\theta^t`,
+runs :math:`E` local optimizer steps on its data, and returns :math:`\theta_i^{t+1}`; the server sets
+
+.. math:: \theta^{t+1}_k = \frac{\sum_{i \in S_k} n_i\, \theta^{t+1}_{i,k}}{\sum_{i \in S_k} n_i}
+
+for every parameter tensor :math:`k`, where :math:`n_i` is client :math:`i`'s example count and
+:math:`S_k` the clients whose reply carries :math:`k`. Unlike Flower's built-in strategies, replies
+may cover different key subsets; a key nobody sent keeps its value. Aggregation streams: each
+reply is validated, folded into per-key running sums and dropped (memory O(model)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from aggregators.base import (
+    AggregateResult,
+    Algorithm,
+    ClientId,
+    GlobalState,
+    Instruction,
+    LocalData,
+    Payload,
+    PayloadError,
+    Reply,
+    check_array,
+    check_weight,
+)
+from aggregators.local_training import train_steps
+from aggregators.streaming import WeightedMeanPerKey
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed determined by ``parts`` (run seed, round, client...)."""
+    return int(np.random.SeedSequence([p % (2**63) for p in parts]).generate_state(1)[0] >> 1)
+
+
+@dataclass
+class FedAvgConfig:
+    """Hyper-parameters of FedAvg's local training."""
+
+    lr: float = 5e-4
+    local_steps: int = 4
+    batch_size: int = 16
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.local_steps < 1:
+            raise ValueError(f"local-steps must be at least 1, got {self.local_steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch-size must be at least 1, got {self.batch_size}")
+
+
+class FedAvg(Algorithm):
+    """Federated averaging over the parameters the federation owns (see module docstring)."""
+
+    name = "fedavg"
+    config_class = FedAvgConfig
+
+    def __init__(self, config: FedAvgConfig | None = None) -> None:
+        self.config = config or FedAvgConfig()
+
+    # ---- server half -------------------------------------------------------------------------
+    def plan(
+        self, server_round: int, clients: Sequence[ClientId], state: GlobalState
+    ) -> dict[ClientId, Instruction]:
+        arrays = {k: v.numpy() for k, v in state.items()}  # one shared dict: encoded once
+        cfg = self.config
+        return {
+            client: Instruction(
+                arrays=arrays,
+                config={
+                    "lr": cfg.lr,
+                    "local-steps": cfg.local_steps,
+                    "batch-size": cfg.batch_size,
+                    "weight-decay": cfg.weight_decay,
+                    "seed": derive_seed(cfg.seed, server_round, client),
+                },
+            )
+            for client in clients
+        }
+
+    def aggregate(
+        self, server_round: int, state: GlobalState, replies: Iterable[Reply]
+    ) -> AggregateResult:
+        mean = WeightedMeanPerKey()
+        result = AggregateResult(state=state)
+        loss_sum = weight_sum = 0.0
+        for reply in replies:
+            try:
+                weight = self._validate(reply, state)
+            except PayloadError as err:
+                result.rejected[reply.client] = str(err)
+                continue
+            mean.add(reply.payload.arrays, weight)
+            result.accepted.append(reply.client)
+            if "train-loss" in reply.payload.metrics:
+                loss_sum += weight * float(reply.payload.metrics["train-loss"])
+                weight_sum += weight
+        result.state = {**state, **mean.means()}
+        if weight_sum:
+            result.metrics["train-loss"] = loss_sum / weight_sum
+        return result
+
+    @staticmethod
+    def _validate(reply: Reply, state: GlobalState) -> float:
+        """Check a whole reply before any of it is folded; return its weight."""
+        payload = reply.payload
+        weight = check_weight(reply.client, payload.num_examples)
+        if not payload.arrays:
+            raise PayloadError(f"client {reply.client}: reply carries no arrays")
+        for key, value in payload.arrays.items():
+            if key not in state:
+                raise PayloadError(f"client {reply.client}: unknown key '{key}'")
+            check_array(reply.client, key, value, state[key])
+        return weight
+
+    # ---- client half -------------------------------------------------------------------------
+    def local(
+        self,
+        model: torch.nn.Module,
+        data: LocalData,
+        instruction: Instruction,
+        client_state: dict[str, Any],
+    ) -> Payload:
+        cfg = instruction.config
+        keys = list(instruction.arrays)
+        params = dict(model.named_parameters())
+        unknown = [k for k in keys if k not in params]
+        if unknown:
+            raise KeyError(f"instruction names parameters this model lacks: {unknown[:5]}")
+        with torch.no_grad():
+            for key in keys:
+                params[key].copy_(torch.from_numpy(np.asarray(instruction.arrays[key])))
+        stats = train_steps(
+            model,
+            data,
+            trainable=keys,
+            steps=int(cfg["local-steps"]),
+            batch_size=int(cfg["batch-size"]),
+            lr=float(cfg["lr"]),
+            weight_decay=float(cfg.get("weight-decay", 0.0)),
+            seed=int(cfg["seed"]),
+        )
+        arrays = {k: params[k].detach().to("cpu", torch.float32).numpy().copy() for k in keys}
+        return Payload(
+            arrays=arrays,
+            num_examples=data.num_examples,
+            metrics={"train-loss": stats.mean_loss, "train-seconds": stats.seconds},
+        )

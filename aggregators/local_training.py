@@ -1,0 +1,80 @@
+"""Plain-torch local training shared by the client halves of the algorithms."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from aggregators.base import Batch, LocalData
+
+
+@dataclass
+class TrainStats:
+    """What a local training run did."""
+
+    mean_loss: float
+    steps: int
+    examples_seen: int
+    seconds: float
+
+
+def set_trainable(model: torch.nn.Module, trainable: Collection[str]) -> list[torch.nn.Parameter]:
+    """Make exactly the parameters named in ``trainable`` require gradients; return them."""
+    names = set(trainable)
+    params = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in names)
+        if name in names:
+            params.append(param)
+    missing = names - {n for n, _ in model.named_parameters()}
+    if missing:
+        raise KeyError(f"the model has no parameters named {sorted(missing)[:5]}")
+    return params
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    inputs, labels = batch
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}, labels.to(device)
+
+
+def train_steps(
+    model: torch.nn.Module,
+    data: LocalData,
+    *,
+    trainable: Collection[str],
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    weight_decay: float = 0.0,
+) -> TrainStats:
+    """Run ``steps`` AdamW steps of cross-entropy on mini-batches of ``data``.
+
+    Only the parameters named in ``trainable`` are updated; the optimizer state starts fresh,
+    so the client carries no optimizer state between rounds.
+    """
+    if steps < 1:
+        raise ValueError(f"local steps must be at least 1, got {steps}")
+    device = next(model.parameters()).device
+    params = set_trainable(model, trainable)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    model.train()
+    start = time.perf_counter()
+    total_loss, seen = 0.0, 0
+    batches = data.batches(batch_size, seed)
+    for _ in range(steps):
+        inputs, labels = to_device(next(batches), device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(**inputs), labels)
+        loss.backward()
+        optimizer.step()
+        total_loss += float(loss.detach()) * len(labels)
+        seen += len(labels)
+    if not math.isfinite(total_loss):
+        raise FloatingPointError(f"local training diverged (loss {total_loss}); lower the learning rate")
+    return TrainStats(total_loss / seen, steps, seen, time.perf_counter() - start)

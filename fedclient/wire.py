@@ -1,0 +1,61 @@
+"""The wire format: algorithm :class:`~aggregators.base.RecordParts` <-> Flower ``RecordDict``.
+
+Both the coordinator and the client package speak it, so it lives here and ``fedserver`` imports
+it (``fedserver`` -> ``fedclient.tasks``/``fedclient.wire`` are the allowed arrows).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from aggregators.base import PayloadError, RecordParts
+
+ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+
+
+def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
+
+
+def to_recorddict(parts: RecordParts, arrays: ArrayRecord | None = None) -> RecordDict:
+    """``parts`` as a Flower ``RecordDict``; pass ``arrays`` to reuse an already-built ArrayRecord."""
+    content = RecordDict()
+    if arrays is not None or parts.arrays:
+        content[ARRAYS] = arrays if arrays is not None else array_record(parts.arrays)
+    if parts.config:
+        content[CONFIG] = ConfigRecord(dict(parts.config))
+    if parts.metrics:
+        content[METRICS] = MetricRecord(dict(parts.metrics))
+    return content
+
+
+def from_recorddict(content: RecordDict) -> RecordParts:
+    """Decode a ``RecordDict`` made by :func:`to_recorddict`; raise PayloadError if malformed."""
+    unexpected = set(content.keys()) - {ARRAYS, CONFIG, METRICS}
+    if unexpected:
+        raise PayloadError(f"unexpected record(s) {sorted(unexpected)}")
+    parts = RecordParts()
+    if ARRAYS in content:
+        record = content[ARRAYS]
+        if not isinstance(record, ArrayRecord):
+            raise PayloadError(f"'{ARRAYS}' is a {type(record).__name__}, expected an ArrayRecord")
+        try:
+            parts.arrays = {key: array.numpy() for key, array in record.items()}
+        except (TypeError, ValueError) as err:
+            raise PayloadError(f"undecodable array: {err}") from err
+    if CONFIG in content:
+        parts.config = dict(content[CONFIG])
+    if METRICS in content:
+        record = content[METRICS]
+        if not isinstance(record, MetricRecord):
+            raise PayloadError(f"'{METRICS}' is a {type(record).__name__}, expected a MetricRecord")
+        parts.metrics = dict(record)
+    return parts
+
+
+def message_wire_bytes(message: Message) -> int:
+    """Bytes Flower serializes to transmit ``message``: every object of its content-addressed
+    tree (message, records, arrays, 5 MiB array chunks), deflated as Flower pushes them."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())

@@ -1,0 +1,110 @@
+"""The fedtune ServerApp: builds the task's initial model, the algorithm and the run store, then
+runs :class:`~fedserver.strategy.AlgorithmStrategy` for the configured number of rounds."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from aggregators import make_algorithm
+from fedclient.runconfig import csv_list, quiet_environment, resolve_run_config
+from fedclient.tasks import evaluate_model, get_task
+from fedserver.store import RunStore
+from fedserver.strategy import AlgorithmStrategy, RoundObserver, StrategySettings
+
+quiet_environment()
+
+
+@dataclass
+class ServerRun:
+    """What the coordinator left behind: the run's id in the store and the final global state."""
+
+    run_id: str
+    store_url: str
+    state: dict[str, torch.Tensor]
+    strategy: AlgorithmStrategy
+
+
+def run_federation(
+    grid: Grid,
+    config: Mapping[str, Any],
+    *,
+    num_clients: int = 0,
+    observer: RoundObserver | None = None,
+    on_run_created: Callable[[str], None] | None = None,
+) -> ServerRun:
+    """Run one federated fine-tuning job on ``grid`` as ``config`` (a resolved run config) says."""
+    task = get_task(str(config["task"]))
+    algorithm = make_algorithm(str(config["strategy"]), config)
+    settings = StrategySettings(
+        fraction_train=float(config["fraction-train"]),
+        fraction_evaluate=float(config["fraction-evaluate"]),
+        min_train_nodes=int(config["min-train-nodes"]),
+        min_available_nodes=max(1, num_clients),
+        round_timeout=float(config["round-timeout"]),
+        checkpoint_every=int(config["checkpoint-every"]),
+        seed=int(config["seed"]),
+    )
+    model = task.build_model()
+    keys = task.trainable_keys(model, csv_list(config["train-layers"]))
+    initial = ArrayRecord({k: v.detach().clone() for k, v in model.state_dict().items() if k in set(keys)})
+    test_set = task.load_data().test
+
+    def central_evaluate(_round: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        model.load_state_dict(state, strict=False)
+        metrics = evaluate_model(model, test_set)
+        return {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}
+
+    store = RunStore(str(config["store"]))
+    run_id = store.create_run(
+        task=task.name,
+        strategy=algorithm.name,
+        num_rounds=int(config["num-server-rounds"]),
+        config=dict(config),
+        name=str(config["run-name"]),
+        num_clients=num_clients,
+    )
+    if on_run_created:
+        on_run_created(run_id)
+    strategy = AlgorithmStrategy(
+        algorithm, settings, store=store, run_id=run_id, central_evaluate=central_evaluate, observer=observer
+    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=int(config["num-server-rounds"]),
+            timeout=settings.round_timeout,
+        )
+    except BaseException as err:
+        store.finish_run(run_id, "failed", "".join(traceback.format_exception_only(type(err), err)).strip())
+        raise
+    store.finish_run(run_id, "completed")
+    return ServerRun(run_id, store.url, strategy.state, strategy)
+
+
+def build_server_app(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    num_clients: int = 0,
+    observer: RoundObserver | None = None,
+    on_run_created: Callable[[str], None] | None = None,
+) -> ServerApp:
+    """A ServerApp; ``overrides`` stand in for the run config where Flower passes none (fedsim)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        config = resolve_run_config(context.run_config, overrides)
+        run_federation(grid, config, num_clients=num_clients, observer=observer, on_run_created=on_run_created)
+
+    return app
+
+
+app = build_server_app()

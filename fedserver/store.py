@@ -1,0 +1,342 @@
+"""The run store: runs, rounds, per-client participation, metrics, bytes and checkpoints.
+
+SQLite by default (one file per deployment), reached through SQLAlchemy so a PostgreSQL URL works
+too. One schema, versioned in the ``meta`` table; a store written by another schema version is
+refused rather than silently misread. Every round is written in one transaction, so a crash never
+leaves half a round behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load, save
+from sqlalchemy import (
+    JSON,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+SCHEMA_VERSION = 1
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used (bad URL, other schema version, unknown run)."""
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Meta(Base):
+    __tablename__ = "meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class RunRow(Base):
+    __tablename__ = "runs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    task: Mapped[str] = mapped_column(String(100))
+    strategy: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    config: Mapped[dict] = mapped_column(JSON, default=dict)
+    num_rounds: Mapped[int] = mapped_column(Integer)
+    num_clients: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column()
+    finished_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class RoundRow(Base):
+    __tablename__ = "rounds"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started_at: Mapped[dt.datetime] = mapped_column()
+    seconds: Mapped[float] = mapped_column(Float)
+    num_sampled: Mapped[int] = mapped_column(Integer, default=0)
+    num_accepted: Mapped[int] = mapped_column(Integer, default=0)
+    num_rejected: Mapped[int] = mapped_column(Integer, default=0)
+    num_failed: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_down: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_up: Mapped[int] = mapped_column(Integer, default=0)
+    train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    central_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    central_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    federated_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    federated_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class ClientRoundRow(Base):
+    __tablename__ = "client_rounds"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    phase: Mapped[str] = mapped_column(String(16))  # train | evaluate
+    node_id: Mapped[str] = mapped_column(String(24))  # uint64 node ids exceed SQL BIGINT
+    status: Mapped[str] = mapped_column(String(16))  # ok | rejected | failed | timeout
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    num_examples: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_down: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_up: Mapped[int] = mapped_column(Integer, default=0)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class CheckpointRow(Base):
+    __tablename__ = "checkpoints"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column()
+    sha256: Mapped[str] = mapped_column(String(64))
+    num_bytes: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+@dataclass
+class ClientRecord:
+    """One client's part in one phase of a round."""
+
+    node_id: int
+    phase: str
+    status: str
+    num_examples: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class RoundRecord:
+    """What one round did, as written to the store."""
+
+    round: int
+    started_at: dt.datetime
+    seconds: float
+    clients: list[ClientRecord] = field(default_factory=list)
+    train_loss: float | None = None
+    central: dict[str, float] = field(default_factory=dict)
+    federated: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bytes_down(self) -> int:
+        return sum(c.bytes_down for c in self.clients)
+
+    @property
+    def bytes_up(self) -> int:
+        return sum(c.bytes_up for c in self.clients)
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def state_checksum(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the keys, shapes and fp32 bytes of a global state (order-independent)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{key}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+class RunStore:
+    """Access to one run store (see module docstring)."""
+
+    def __init__(self, url: str) -> None:
+        if "://" not in url:
+            raise StoreError(f"store URL '{url}' is not a database URL; use e.g. sqlite:///runs.db")
+        try:
+            self.engine: Engine = create_engine(url)
+        except Exception as err:  # SQLAlchemy raises several types for bad URLs/drivers
+            raise StoreError(f"cannot open store '{url}': {err}") from err
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.url = url
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+        Base.metadata.create_all(self.engine)
+        self._check_schema()
+
+    def _check_schema(self) -> None:
+        with self._session.begin() as session:
+            row = session.get(Meta, "schema_version")
+            if row is None:
+                session.add(Meta(key="schema_version", value=str(SCHEMA_VERSION)))
+            elif row.value != str(SCHEMA_VERSION):
+                raise StoreError(
+                    f"store {self.url} has schema version {row.value}; this fedtune reads version "
+                    f"{SCHEMA_VERSION}. Use a fresh --store or the fedtune release that wrote it."
+                )
+
+    # ---- writing -----------------------------------------------------------------------------
+    def create_run(
+        self, *, task: str, strategy: str, num_rounds: int, config: Mapping[str, Any], name: str = "", num_clients: int = 0
+    ) -> str:
+        run_id = now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+        with self._session.begin() as session:
+            session.add(
+                RunRow(
+                    id=run_id,
+                    name=name or run_id,
+                    task=task,
+                    strategy=strategy,
+                    num_rounds=num_rounds,
+                    num_clients=num_clients,
+                    config=dict(config),
+                    created_at=now(),
+                )
+            )
+        return run_id
+
+    def record_round(self, run_id: str, record: RoundRecord) -> None:
+        """Write a round and its client rows atomically."""
+        phase_train = [c for c in record.clients if c.phase == "train"]
+        with self._session.begin() as session:
+            session.add(
+                RoundRow(
+                    run_id=run_id,
+                    round=record.round,
+                    started_at=record.started_at,
+                    seconds=record.seconds,
+                    num_sampled=len(phase_train),
+                    num_accepted=sum(c.status == "ok" for c in phase_train),
+                    num_rejected=sum(c.status == "rejected" for c in phase_train),
+                    num_failed=sum(c.status in ("failed", "timeout") for c in phase_train),
+                    bytes_down=record.bytes_down,
+                    bytes_up=record.bytes_up,
+                    train_loss=_finite_or_none(record.train_loss),
+                    central_loss=_finite_or_none(record.central.get("loss")),
+                    central_accuracy=_finite_or_none(record.central.get("accuracy")),
+                    federated_loss=_finite_or_none(record.federated.get("loss")),
+                    federated_accuracy=_finite_or_none(record.federated.get("accuracy")),
+                    metrics={k: v for k, v in record.metrics.items() if _finite_or_none(v) is not None},
+                )
+            )
+            for c in record.clients:
+                session.add(
+                    ClientRoundRow(
+                        run_id=run_id,
+                        round=record.round,
+                        phase=c.phase,
+                        node_id=str(c.node_id),
+                        status=c.status,
+                        error=c.error,
+                        num_examples=c.num_examples,
+                        bytes_down=c.bytes_down,
+                        bytes_up=c.bytes_up,
+                        metrics={k: float(v) for k, v in c.metrics.items() if _finite_or_none(v) is not None},
+                    )
+                )
+
+    def save_checkpoint(self, run_id: str, server_round: int, state: Mapping[str, torch.Tensor]) -> str:
+        """Store the global state after ``server_round`` as safetensors; return its checksum."""
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+        blob = save(tensors, metadata={"run": run_id, "round": str(server_round)})
+        checksum = state_checksum(tensors)
+        with self._session.begin() as session:
+            session.merge(
+                CheckpointRow(
+                    run_id=run_id, round=server_round, created_at=now(), sha256=checksum, num_bytes=len(blob), data=blob
+                )
+            )
+        return checksum
+
+    def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
+        with self._session.begin() as session:
+            run = session.get(RunRow, run_id)
+            if run is None:
+                raise StoreError(f"no run '{run_id}' in {self.url}")
+            run.status, run.error, run.finished_at = status, error, now()
+
+    # ---- reading -----------------------------------------------------------------------------
+    def list_runs(self) -> list[RunRow]:
+        with self._session() as session:
+            return list(session.scalars(select(RunRow).order_by(RunRow.created_at.desc())))
+
+    def get_run(self, run_ref: str) -> RunRow:
+        """A run by id, unique id prefix or name."""
+        with self._session() as session:
+            run = session.get(RunRow, run_ref)
+            if run is not None:
+                return run
+            matches = list(
+                session.scalars(select(RunRow).where((RunRow.id.startswith(run_ref)) | (RunRow.name == run_ref)))
+            )
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise StoreError(f"no run '{run_ref}' in {self.url}; `fedsim list` shows the runs")
+        raise StoreError(f"'{run_ref}' matches {len(matches)} runs; give more of the id")
+
+    def rounds(self, run_id: str) -> list[RoundRow]:
+        with self._session() as session:
+            return list(session.scalars(select(RoundRow).where(RoundRow.run_id == run_id).order_by(RoundRow.round)))
+
+    def client_rounds(self, run_id: str, server_round: int | None = None) -> list[ClientRoundRow]:
+        query = select(ClientRoundRow).where(ClientRoundRow.run_id == run_id)
+        if server_round is not None:
+            query = query.where(ClientRoundRow.round == server_round)
+        with self._session() as session:
+            return list(session.scalars(query.order_by(ClientRoundRow.round, ClientRoundRow.id)))
+
+    def checkpoint_rounds(self, run_id: str) -> list[int]:
+        with self._session() as session:
+            return list(
+                session.scalars(select(CheckpointRow.round).where(CheckpointRow.run_id == run_id).order_by(CheckpointRow.round))
+            )
+
+    def load_checkpoint(self, run_id: str, server_round: int | None = None) -> tuple[int, dict[str, torch.Tensor]]:
+        """The checkpoint of ``server_round`` (default: the latest), verified against its checksum."""
+        with self._session() as session:
+            query = select(CheckpointRow).where(CheckpointRow.run_id == run_id)
+            if server_round is not None:
+                query = query.where(CheckpointRow.round == server_round)
+            row = session.scalars(query.order_by(CheckpointRow.round.desc()).limit(1)).first()
+        if row is None:
+            raise StoreError(f"run '{run_id}' has no checkpoint" + (f" for round {server_round}" if server_round else ""))
+        state = load(row.data)
+        if state_checksum(state) != row.sha256:
+            raise StoreError(f"checkpoint of run '{run_id}' round {row.round} is corrupt (checksum mismatch)")
+        return row.round, state
+
+    def count_rows(self) -> dict[str, int]:
+        """Row counts per table (used by integrity checks and tests)."""
+        with self._session() as session:
+            return {
+                table.__tablename__: session.scalar(select(func.count()).select_from(table)) or 0
+                for table in (RunRow, RoundRow, ClientRoundRow, CheckpointRow)
+            }
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers (fedsim show, the console) never block the run
+    cursor.close()

@@ -1,0 +1,328 @@
+"""The one Flower Strategy that drives any fedtune algorithm.
+
+``configure_train`` samples clients and turns :meth:`Algorithm.plan` into one message per client;
+``aggregate_train`` decodes replies one at a time and hands them to :meth:`Algorithm.aggregate`,
+which folds them into the global state as they arrive (replies are pulled from the grid as they
+come in and dropped once folded, so server memory stays O(model)). Every round is measured (bytes
+actually serialized per message, per client) and written to the run store in one transaction.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Protocol
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from aggregators.base import Algorithm, GlobalState, Payload, PayloadError, Reply
+from fedclient.wire import ARRAYS, CONFIG, array_record, from_recorddict, message_wire_bytes, to_recorddict
+from fedserver.store import ClientRecord, RoundRecord, RunStore, now
+
+CentralEvaluate = Callable[[int, GlobalState], dict[str, float]]
+
+
+class RoundObserver(Protocol):
+    """Receives progress events (used by ``fedsim`` for its progress bar)."""
+
+    def round_started(self, server_round: int, num_rounds: int) -> None: ...
+
+    def phase_progress(self, server_round: int, phase: str, done: int, total: int) -> None: ...
+
+    def round_finished(self, record: RoundRecord) -> None: ...
+
+
+@dataclass
+class StrategySettings:
+    """How clients are sampled and how long the coordinator waits for them."""
+
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    min_train_nodes: int = 1
+    min_available_nodes: int = 1
+    round_timeout: float = 3600.0
+    wait_for_nodes: float = 120.0
+    checkpoint_every: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("fraction_train", "fraction_evaluate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name.replace('_', '-')} must be between 0 and 1, got {value}")
+        if self.fraction_train == 0.0:
+            raise ValueError("fraction-train must be above 0: no client would train")
+        if self.min_train_nodes < 1:
+            raise ValueError(f"min-train-nodes must be at least 1, got {self.min_train_nodes}")
+        if self.round_timeout <= 0:
+            raise ValueError(f"round-timeout must be positive, got {self.round_timeout}")
+
+
+@dataclass
+class _RoundLedger:
+    """Per-client bookkeeping of the round in progress."""
+
+    clients: dict[tuple[str, int], ClientRecord] = field(default_factory=dict)
+
+    def client(self, phase: str, node_id: int) -> ClientRecord:
+        """The record of ``node_id`` in ``phase``; "timeout" until its reply arrives."""
+        key = (phase, node_id)
+        if key not in self.clients:
+            self.clients[key] = ClientRecord(node_id=node_id, phase=phase, status="timeout")
+        return self.clients[key]
+
+
+class AlgorithmStrategy(Strategy):
+    """A Flower ``Strategy`` whose planning and aggregation come from an :class:`Algorithm`."""
+
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        settings: StrategySettings | None = None,
+        *,
+        store: RunStore | None = None,
+        run_id: str | None = None,
+        central_evaluate: CentralEvaluate | None = None,
+        observer: RoundObserver | None = None,
+    ) -> None:
+        self.algorithm = algorithm
+        self.settings = settings or StrategySettings()
+        self.store = store
+        self.run_id = run_id
+        self.central_evaluate = central_evaluate
+        self.observer = observer
+        self.state: GlobalState = {}
+        self.history: list[RoundRecord] = []
+        self._ledger = _RoundLedger()
+        self._phase_total = 0
+
+    # ---- sampling ----------------------------------------------------------------------------
+    def _sample(self, grid: Grid, server_round: int, fraction: float, phase: str) -> list[int]:
+        deadline = time.monotonic() + self.settings.wait_for_nodes
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.settings.min_available_nodes:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(nodes)} of the {self.settings.min_available_nodes} required clients "
+                    f"connected within {self.settings.wait_for_nodes:.0f} s"
+                )
+            time.sleep(1.0)
+        wanted = max(round(len(nodes) * fraction), self.settings.min_train_nodes if phase == "train" else 1)
+        rng = random.Random(f"{self.settings.seed}:{server_round}:{phase}")
+        return sorted(rng.sample(nodes, min(wanted, len(nodes))))
+
+    # ---- Strategy API ------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if not self.state:
+            self.state = self.algorithm.init_state(arrays.to_torch_state_dict())
+        nodes = self._sample(grid, server_round, self.settings.fraction_train, "train")
+        plan = self.algorithm.plan(server_round, nodes, self.state)
+        encoded: dict[int, ArrayRecord] = {}  # instructions sharing one arrays dict share one record
+        messages = []
+        for node_id, instruction in plan.items():
+            parts = instruction.to_record()
+            parts.config = {**config, **parts.config, "strategy": self.algorithm.name, "server-round": server_round}
+            key = id(instruction.arrays)
+            if instruction.arrays and key not in encoded:
+                encoded[key] = array_record(instruction.arrays)
+            message = Message(
+                to_recorddict(parts, encoded.get(key)),
+                dst_node_id=node_id,
+                message_type="train",
+                group_id=str(server_round),
+            )
+            self._ledger.client("train", node_id).bytes_down = message_wire_bytes(message)
+            messages.append(message)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        result = self.algorithm.aggregate(server_round, self.state, self._decode_train(replies))
+        for node_id, reason in result.rejected.items():
+            record = self._ledger.client("train", node_id)
+            record.status, record.error = "rejected", reason
+            log(WARNING, "round %s: rejected the reply of client %s: %s", server_round, node_id, reason)
+        for node_id in result.accepted:
+            self._ledger.client("train", node_id).status = "ok"
+        if not result.accepted:
+            log(WARNING, "round %s: no usable reply; the global model is unchanged", server_round)
+            return None, MetricRecord(dict(result.metrics)) if result.metrics else None
+        self.state = result.state
+        return ArrayRecord(self.state), MetricRecord(dict(result.metrics)) if result.metrics else None
+
+    def _decode_train(self, replies: Iterable[Message]) -> Iterator[Reply]:
+        for message in replies:
+            node_id = message.metadata.src_node_id
+            record = self._ledger.client("train", node_id)
+            record.bytes_up = message_wire_bytes(message)
+            if message.has_error():
+                record.status, record.error = "failed", f"{message.error.code}: {message.error.reason}"
+                log(WARNING, "client %s failed: %s", node_id, record.error)
+                continue
+            try:
+                payload = Payload.from_record(from_recorddict(message.content))
+            except PayloadError as err:
+                record.status, record.error = "rejected", f"client {node_id}: {err}"
+                log(WARNING, "round %s: rejected the reply of client %s: %s", message.metadata.group_id, node_id, err)
+                continue
+            record.num_examples = payload.num_examples
+            record.metrics = {k: float(v) for k, v in payload.metrics.items()}
+            record.status = "pending"
+            yield Reply(node_id, payload)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.settings.fraction_evaluate == 0.0:
+            return []
+        nodes = self._sample(grid, server_round, self.settings.fraction_evaluate, "evaluate")
+        messages = []
+        for node_id in nodes:
+            content = RecordDict(
+                {ARRAYS: arrays, CONFIG: ConfigRecord({**config, "server-round": server_round})}
+            )
+            message = Message(content, dst_node_id=node_id, message_type="evaluate", group_id=str(server_round))
+            self._ledger.client("evaluate", node_id).bytes_down = message_wire_bytes(message)
+            messages.append(message)
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        sums: dict[str, float] = {}
+        total = 0
+        for message in replies:
+            node_id = message.metadata.src_node_id
+            record = self._ledger.client("evaluate", node_id)
+            record.bytes_up = message_wire_bytes(message)
+            if message.has_error():
+                record.status, record.error = "failed", f"{message.error.code}: {message.error.reason}"
+                continue
+            try:
+                metrics = from_recorddict(message.content).metrics
+                n = int(metrics["num-examples"])
+                values = {k: float(metrics[k]) for k in ("loss", "accuracy")}
+            except (PayloadError, KeyError, TypeError, ValueError) as err:
+                record.status, record.error = "rejected", f"client {node_id}: malformed evaluation reply ({err})"
+                continue
+            record.status, record.num_examples, record.metrics = "ok", n, values
+            if n > 0:
+                total += n
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + n * v
+        if not total:
+            return None
+        return MetricRecord({k: v / total for k, v in sums.items()})
+
+    def summary(self) -> None:
+        s = self.settings
+        log(INFO, "\t├── algorithm: %s %s", self.algorithm.name, getattr(self.algorithm, "config", ""))
+        log(INFO, "\t├── fraction-train %.2f, fraction-evaluate %.2f, min-train-nodes %d", s.fraction_train,
+            s.fraction_evaluate, s.min_train_nodes)
+        log(INFO, "\t└── round timeout %.0f s, checkpoint every %d rounds", s.round_timeout, s.checkpoint_every)
+
+    # ---- the round loop ----------------------------------------------------------------------
+    def _exchange(self, grid: Grid, messages: list[Message], phase: str, server_round: int) -> Iterator[Message]:
+        """Push ``messages`` and yield replies as they arrive, until all came or the timeout."""
+        if not messages:
+            return
+        pending = set(grid.push_messages(messages))
+        total = len(pending)
+        del messages
+        deadline = time.monotonic() + self.settings.round_timeout
+        while pending and time.monotonic() < deadline:
+            arrived = list(grid.pull_messages(pending))
+            for reply in arrived:
+                pending.discard(reply.metadata.reply_to_message_id)
+            while arrived:
+                yield arrived.pop(0)  # hand over one at a time; the consumer folds and drops it
+                if self.observer:
+                    self.observer.phase_progress(server_round, phase, total - len(pending) - len(arrived), total)
+            if pending:
+                time.sleep(0.05)
+        if pending:
+            log(WARNING, "round %s: %d %s replies missing after %.0f s", server_round, len(pending), phase,
+                self.settings.round_timeout)
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run ``num_rounds`` rounds; record each in the store. ``timeout`` is per phase."""
+        self.settings.round_timeout = timeout
+        log(INFO, "Starting %s on fedtune's AlgorithmStrategy:", self.algorithm.name)
+        self.summary()
+        train_config = train_config or ConfigRecord()
+        evaluate_config = evaluate_config or ConfigRecord()
+        self.state = self.algorithm.init_state(initial_arrays.to_torch_state_dict())
+        arrays = initial_arrays
+        result = Result()
+        if self.central_evaluate:
+            central = self.central_evaluate(0, self.state)
+            result.evaluate_metrics_serverapp[0] = MetricRecord(central)
+            log(INFO, "round 0: central evaluation %s", _fmt(central))
+        for server_round in range(1, num_rounds + 1):
+            started, t0 = now(), time.perf_counter()
+            self._ledger = _RoundLedger()
+            if self.observer:
+                self.observer.round_started(server_round, num_rounds)
+            messages = list(self.configure_train(server_round, arrays, ConfigRecord(dict(train_config)), grid))
+            new_arrays, train_metrics = self.aggregate_train(
+                server_round, self._exchange(grid, messages, "train", server_round)
+            )
+            if new_arrays is not None:
+                arrays = new_arrays
+            if train_metrics is not None:
+                result.train_metrics_clientapp[server_round] = train_metrics
+            messages = list(self.configure_evaluate(server_round, arrays, ConfigRecord(dict(evaluate_config)), grid))
+            federated = self.aggregate_evaluate(server_round, self._exchange(grid, messages, "evaluate", server_round))
+            if federated is not None:
+                result.evaluate_metrics_clientapp[server_round] = federated
+            central = self.central_evaluate(server_round, self.state) if self.central_evaluate else {}
+            if central:
+                result.evaluate_metrics_serverapp[server_round] = MetricRecord(central)
+            record = RoundRecord(
+                round=server_round,
+                started_at=started,
+                seconds=time.perf_counter() - t0,
+                clients=list(self._ledger.clients.values()),
+                train_loss=(dict(train_metrics).get("train-loss") if train_metrics else None),
+                central=central,
+                federated=dict(federated) if federated else {},
+            )
+            for client in record.clients:
+                if client.status == "pending":  # decoded, but the algorithm neither used nor refused it
+                    client.status, client.error = "failed", "reply was not aggregated"
+            self.history.append(record)
+            if self.store and self.run_id:
+                self.store.record_round(self.run_id, record)
+                every = self.settings.checkpoint_every
+                if every > 0 and (server_round % every == 0 or server_round == num_rounds):
+                    self.store.save_checkpoint(self.run_id, server_round, self.state)
+            log(INFO, "round %d/%d: %s, %.1f s, %.2f MB down, %.2f MB up", server_round, num_rounds,
+                _fmt({**central, "train-loss": record.train_loss or float("nan")}), record.seconds,
+                record.bytes_down / 1e6, record.bytes_up / 1e6)
+            if self.observer:
+                self.observer.round_finished(record)
+        result.arrays = ArrayRecord({k: v for k, v in self.state.items()})
+        return result
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)))
+
