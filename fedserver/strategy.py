@@ -115,7 +115,7 @@ class AlgorithmStrategy(Strategy):
                     f"connected within {self.settings.wait_for_nodes:.0f} s"
                 )
             time.sleep(1.0)
-        wanted = max(round(len(nodes) * fraction), self.settings.min_train_nodes if phase == "train" else 1)
+        wanted = max(round(len(nodes) * fraction), self.settings.min_train_nodes if phase == "train" else 1, 1)
         rng = random.Random(f"{self.settings.seed}:{server_round}:{phase}")
         return sorted(rng.sample(nodes, min(wanted, len(nodes))))
 

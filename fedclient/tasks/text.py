@@ -49,11 +49,16 @@ class MiniLMClassifier(torch.nn.Module):
 
     def layer_prefixes(self) -> dict[str, str]:
         """Layer name → parameter-name prefix, in forward order."""
-        layers = {"embeddings": "bert.embeddings."}
-        for i in range(self.bert.config.num_hidden_layers):
-            layers[f"encoder.layer.{i}"] = f"bert.encoder.layer.{i}."
-        layers["head"] = "head."
-        return layers
+        return layer_prefixes(self.bert.config.num_hidden_layers)
+
+
+def layer_prefixes(num_layers: int) -> dict[str, str]:
+    """Layer name → parameter-name prefix of a :class:`MiniLMClassifier` with ``num_layers`` layers."""
+    layers = {"embeddings": "bert.embeddings."}
+    for i in range(num_layers):
+        layers[f"encoder.layer.{i}"] = f"bert.encoder.layer.{i}."
+    layers["head"] = "head."
+    return layers
 
 
 def minilm_path():
@@ -124,15 +129,17 @@ class TextTask:
         data = self.load_data()
         return MiniLMClassifier(copy.deepcopy(pretrained_encoder(self.num_layers)), len(data.classes))
 
+    def layer_names(self) -> list[str]:
+        """Names of the model's layers, in forward order."""
+        return list(layer_prefixes(self.num_layers))
+
     def trainable_keys(self, model: MiniLMClassifier, layers: Sequence[str] | None = None) -> list[str]:
         """Parameter names of ``layers`` (default: this task's ``train_layers``)."""
         layers = list(layers) if layers else list(self.train_layers)
         prefixes = model.layer_prefixes()
         unknown = [layer for layer in layers if layer not in prefixes]
         if unknown:
-            raise ValueError(
-                f"unknown layer(s) {unknown} for task '{self.name}'; layers are: {', '.join(prefixes)}"
-            )
+            raise ValueError(f"unknown layer(s) {unknown} for task '{self.name}'; layers are: {', '.join(prefixes)}")
         chosen = tuple(prefixes[layer] for layer in layers)
         return [name for name, _ in model.named_parameters() if name.startswith(chosen)]
 

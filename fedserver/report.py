@@ -1,0 +1,156 @@
+"""Reports on runs read from the run store: tables, a JSON summary and a plot."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+from rich.table import Table
+
+from fedserver.store import RunRow, RunStore
+
+
+def run_summary(store: RunStore, run_ref: str) -> dict[str, Any]:
+    """Everything worth knowing about one run, as JSON-ready data."""
+    run = store.get_run(run_ref)
+    rounds = store.rounds(run.id)
+    clients = store.client_rounds(run.id)
+    per_round = []
+    cumulative = 0
+    for r in rounds:
+        cumulative += r.bytes_down + r.bytes_up
+        per_round.append(
+            {
+                "round": r.round,
+                "central_accuracy": r.central_accuracy,
+                "central_loss": r.central_loss,
+                "federated_accuracy": r.federated_accuracy,
+                "federated_loss": r.federated_loss,
+                "train_loss": r.train_loss,
+                "clients_sampled": r.num_sampled,
+                "clients_accepted": r.num_accepted,
+                "clients_rejected": r.num_rejected,
+                "clients_failed": r.num_failed,
+                "bytes_down": r.bytes_down,
+                "bytes_up": r.bytes_up,
+                "cumulative_bytes": cumulative,
+                "seconds": r.seconds,
+            }
+        )
+    problems = [
+        {"round": c.round, "phase": c.phase, "node_id": c.node_id, "status": c.status, "error": c.error}
+        for c in clients
+        if c.status != "ok"
+    ]
+    accuracies = [r["central_accuracy"] for r in per_round if r["central_accuracy"] is not None]
+    return {
+        "run_id": run.id,
+        "name": run.name,
+        "task": run.task,
+        "strategy": run.strategy,
+        "status": run.status,
+        "error": run.error,
+        "created_at": run.created_at.isoformat() + "Z",
+        "finished_at": run.finished_at.isoformat() + "Z" if run.finished_at else None,
+        "num_clients": run.num_clients,
+        "num_rounds": run.num_rounds,
+        "rounds_completed": len(rounds),
+        "final_central_accuracy": accuracies[-1] if accuracies else None,
+        "best_central_accuracy": max(accuracies) if accuracies else None,
+        "total_bytes_down": sum(r["bytes_down"] for r in per_round),
+        "total_bytes_up": sum(r["bytes_up"] for r in per_round),
+        "round_seconds": sum(r["seconds"] for r in per_round),
+        "checkpoints": store.checkpoint_rounds(run.id),
+        "rounds": per_round,
+        "client_problems": problems,
+        "config": run.config,
+        "store": store.url,
+    }
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def rounds_table(summary: dict[str, Any]) -> Table:
+    """Per-round table: accuracy, loss, clients, MB down/up, wall time."""
+    table = Table(title=f"run {summary['run_id']} · {summary['task']} · {summary['strategy']} · {summary['status']}")
+    for column in ("round", "central acc", "central loss", "train loss", "clients ok", "MB down", "MB up", "seconds"):
+        table.add_column(column, justify="right")
+    for r in summary["rounds"]:
+        table.add_row(
+            str(r["round"]),
+            _pct(r["central_accuracy"]),
+            _num(r["central_loss"]),
+            _num(r["train_loss"]),
+            f"{r['clients_accepted']}/{r['clients_sampled']}",
+            f"{r['bytes_down'] / 1e6:.2f}",
+            f"{r['bytes_up'] / 1e6:.2f}",
+            f"{r['seconds']:.1f}",
+        )
+    table.add_section()
+    table.add_row(
+        "total",
+        _pct(summary["final_central_accuracy"]),
+        "",
+        "",
+        "",
+        f"{summary['total_bytes_down'] / 1e6:.2f}",
+        f"{summary['total_bytes_up'] / 1e6:.2f}",
+        f"{summary['round_seconds']:.1f}",
+    )
+    return table
+
+
+def runs_table(runs: list[tuple[RunRow, str]], accuracies: dict[str, float | None]) -> Table:
+    """One row per run: id, name, task, strategy, status, rounds, final accuracy, store."""
+    table = Table(title="fedtune runs")
+    for column in ("run id", "name", "task", "strategy", "status", "rounds", "final acc", "created (UTC)", "store"):
+        table.add_column(column)
+    for run, url in runs:
+        table.add_row(
+            run.id,
+            run.name if run.name != run.id else "",
+            run.task,
+            run.strategy,
+            run.status,
+            str(run.num_rounds),
+            _pct(accuracies.get(run.id)),
+            run.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            url,
+        )
+    return table
+
+
+def write_summary(summary: dict[str, Any], path: pathlib.Path) -> None:
+    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def plot_run(summary: dict[str, Any], path: pathlib.Path) -> None:
+    """PNG with central accuracy and cumulative MB per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in summary["rounds"]]
+    accuracy = [r["central_accuracy"] for r in summary["rounds"]]
+    megabytes = [r["cumulative_bytes"] / 1e6 for r in summary["rounds"]]
+    fig, (ax_acc, ax_bytes) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_acc.plot(rounds, [a if a is not None else float("nan") for a in accuracy], marker="o")
+    ax_acc.set(xlabel="round", ylabel="central test accuracy", title="Accuracy", ylim=(0, 1))
+    ax_acc.grid(alpha=0.3)
+    ax_bytes.plot(rounds, megabytes, marker="o", color="tab:orange")
+    ax_bytes.set(xlabel="round", ylabel="MB (down + up, cumulative)", title="Communication")
+    ax_bytes.grid(alpha=0.3)
+    for ax in (ax_acc, ax_bytes):
+        ax.set_xticks(rounds)
+    fig.suptitle(f"{summary['task']} · {summary['strategy']} · {summary['num_clients']} clients · run {summary['run_id']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

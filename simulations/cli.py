@@ -1,0 +1,317 @@
+"""``fedsim``: compare federated fine-tuning strategies on one machine with Flower's simulation engine.
+
+Examples::
+
+    fedsim run                                   # MiniLM on BBC News, 10 clients, FedAvg, 3 rounds
+    fedsim run --task minilm-bbc --strategy fedavg --clients 10 --fraction 0.5 \\
+               --rounds 5 --partition dirichlet --alpha 0.3 --seed 0
+    fedsim run --task minilm-drugs --partition natural --clients 10
+    fedsim list                                  # runs under ./runs
+    fedsim show 20261123-1030                    # one run: per-round table, problems, files
+    fedsim tasks                                 # tasks, strategies and partitions
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from typing import Any
+
+from rich.console import Console
+
+from fedclient.runconfig import DEFAULT_RUN_CONFIG, quiet_environment
+
+quiet_environment()
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class UsageError(Exception):
+    """Bad command-line input; the message says what to do instead."""
+
+
+# ---- fedsim run ---------------------------------------------------------------------------------
+def _validate_and_prepare(args: argparse.Namespace) -> tuple[dict[str, Any], pathlib.Path]:
+    from aggregators import make_algorithm
+    from fedclient.tasks import MissingDataError, PartitionSpec, get_task
+    from fedclient.runconfig import csv_list
+
+    try:
+        task = get_task(args.task)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if args.clients < 1:
+        raise UsageError(f"--clients must be at least 1, got {args.clients}")
+    if args.rounds < 1:
+        raise UsageError(f"--rounds must be at least 1, got {args.rounds}")
+    for flag, value in (("--fraction", args.fraction), ("--fraction-evaluate", args.fraction_evaluate)):
+        if not 0.0 <= value <= 1.0:
+            raise UsageError(f"{flag} must be between 0 and 1, got {value}")
+    if args.fraction * args.clients < 1:
+        raise UsageError(
+            f"--fraction {args.fraction} of {args.clients} clients samples fewer than one client per round; "
+            f"use at least {1 / args.clients:.2g}"
+        )
+    partition = args.partition or task.default_partition
+    config = dict(DEFAULT_RUN_CONFIG)
+    config.update(
+        {
+            "task": task.name,
+            "strategy": args.strategy,
+            "num-server-rounds": args.rounds,
+            "fraction-train": args.fraction,
+            "fraction-evaluate": args.fraction_evaluate,
+            "partition": partition,
+            "alpha": args.alpha,
+            "seed": args.seed,
+            "lr": args.lr,
+            "local-steps": args.local_steps,
+            "batch-size": args.batch_size,
+            "train-layers": args.train_layers,
+            "checkpoint-every": args.checkpoint_every,
+            "round-timeout": args.round_timeout,
+        }
+    )
+    try:
+        make_algorithm(args.strategy, config)
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from err
+    unknown_layers = [layer for layer in csv_list(args.train_layers) if layer not in task.layer_names()]
+    if unknown_layers:
+        raise UsageError(
+            f"--train-layers names unknown layer(s) {unknown_layers}; {task.name} has: {', '.join(task.layer_names())}"
+        )
+    try:
+        sizes = task.partition_sizes(PartitionSpec(partition, args.clients, args.alpha, args.seed))
+    except MissingDataError as err:
+        raise UsageError(f"data for task '{task.name}' is missing: {err}") from err
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if args.fraction_evaluate > 0 and min(sizes) < 10:
+        console.print("[yellow]note:[/] clients with under 10 examples keep no local evaluation split")
+    out = pathlib.Path(args.out) if args.out else _default_out(pathlib.Path(args.runs_dir))
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out {out} exists and is not empty; choose a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    config["store"] = args.store or f"sqlite:///{(out / 'store.db').resolve()}"
+    config["run-name"] = args.name or out.name
+    console.print(
+        f"[bold]{task.name}[/] · {args.strategy} · {args.clients} clients ({partition}"
+        + (f", alpha={args.alpha}" if partition == "dirichlet" else "")
+        + f"; examples per client {min(sizes)}–{max(sizes)}) · {args.rounds} rounds · fraction {args.fraction}"
+    )
+    return config, out
+
+
+def _default_out(root: pathlib.Path) -> pathlib.Path:
+    from simulations.runner import default_out_dir
+
+    return default_out_dir(root)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedserver.report import plot_run, rounds_table, run_summary, write_summary
+    from fedserver.store import RunStore
+    from simulations.runner import SimulationSpec, run_simulation_spec
+
+    config, out = _validate_and_prepare(args)
+    spec = SimulationSpec(
+        config=config,
+        num_clients=args.clients,
+        cpus_per_client=args.cpus_per_client,
+        gpus_per_client=args.gpus_per_client,
+        verbose=args.verbose,
+    )
+    error: BaseException | None = None
+    run_id = None
+    try:
+        result = run_simulation_spec(spec, console)
+        run_id = result.run_id
+        wall = result.wall_seconds
+    except KeyboardInterrupt as err:
+        error = err
+    except Exception as err:  # reported below with what the store kept
+        error = err
+    store = RunStore(config["store"])
+    if run_id is None:
+        runs = [r for r in store.list_runs() if r.name == config["run-name"]]
+        run_id = runs[0].id if runs else None
+    if run_id is None:
+        err_console.print(f"[red]error:[/] the simulation failed before any round: {error}")
+        return 1
+    summary = run_summary(store, run_id)
+    if error is None:
+        summary["wall_seconds"] = wall
+    write_summary(summary, out / "summary.json")
+    if summary["rounds"]:
+        plot_run(summary, out / "plot.png")
+    console.print(rounds_table(summary))
+    for problem in summary["client_problems"][:10]:
+        console.print(f"[yellow]round {problem['round']} {problem['phase']} client {problem['node_id']}: "
+                      f"{problem['status']}[/] {problem['error'] or ''}")
+    if error is not None:
+        err_console.print(f"[red]error:[/] run {run_id} stopped: {error!r}. Completed rounds are in {config['store']}")
+        return 130 if isinstance(error, KeyboardInterrupt) else 1
+    console.print(
+        f"final central accuracy [bold]{100 * (summary['final_central_accuracy'] or 0):.1f}%[/] "
+        f"in {wall:.0f} s wall · run [bold]{run_id}[/]\n"
+        f"wrote {out}/store.db, {out}/summary.json, {out}/plot.png"
+    )
+    return 0
+
+
+# ---- fedsim list / show ---------------------------------------------------------------------------
+def _stores(args: argparse.Namespace) -> list[str]:
+    urls = list(args.store or [])
+    root = pathlib.Path(args.runs_dir)
+    if root.is_dir():
+        urls += [f"sqlite:///{p.resolve()}" for p in sorted(root.glob("*/store.db"))]
+    return urls
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from fedserver.report import runs_table
+    from fedserver.store import RunStore
+
+    urls = _stores(args)
+    if not urls:
+        console.print(f"no runs yet under {args.runs_dir}/ (start one with `fedsim run`)")
+        return 0
+    rows, accuracies = [], {}
+    for url in urls:
+        store = RunStore(url)
+        for run in store.list_runs():
+            rows.append((run, url.removeprefix("sqlite:///")))
+            rounds = store.rounds(run.id)
+            accuracies[run.id] = rounds[-1].central_accuracy if rounds else None
+    rows.sort(key=lambda item: item[0].created_at, reverse=True)
+    console.print(runs_table(rows, accuracies))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    import json
+
+    from fedserver.report import rounds_table, run_summary
+    from fedserver.store import RunStore, StoreError
+
+    ref = args.run
+    path = pathlib.Path(ref)
+    urls = [f"sqlite:///{(path / 'store.db').resolve()}"] if (path / "store.db").is_file() else _stores(args)
+    found = []
+    for url in urls:
+        store = RunStore(url)
+        try:
+            run = store.get_run(path.name if (path / "store.db").is_file() else ref)
+        except StoreError:
+            continue
+        found.append((store, run))
+    if not found:
+        raise UsageError(f"no run '{ref}' in {len(urls)} store(s) under {args.runs_dir}/; `fedsim list` shows the runs")
+    if len(found) > 1:
+        raise UsageError(f"'{ref}' matches runs in {len(found)} stores; give the full run id or the run directory")
+    store, run = found[0]
+    summary = run_summary(store, run.id)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return 0
+    console.print(rounds_table(summary))
+    console.print(f"status {summary['status']}" + (f" ({summary['error']})" if summary["error"] else ""))
+    console.print(f"checkpoints at rounds {summary['checkpoints']} · store {store.url}")
+    for problem in summary["client_problems"]:
+        console.print(f"[yellow]round {problem['round']} {problem['phase']} client {problem['node_id']}: "
+                      f"{problem['status']}[/] {problem['error'] or ''}")
+    return 0
+
+
+def cmd_tasks(_args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from aggregators import ALGORITHMS
+    from fedclient.tasks import SCHEMES, TASKS
+
+    table = Table(title="tasks")
+    for column in ("task", "description", "default layers trained", "default partition", "data licence"):
+        table.add_column(column)
+    for task in TASKS.values():
+        table.add_row(task.name, task.description, ", ".join(task.train_layers), task.default_partition, task.licence)
+    console.print(table)
+    console.print(f"strategies: {', '.join(sorted(ALGORITHMS))}")
+    console.print(f"partitions: {', '.join(SCHEMES)}")
+    return 0
+
+
+# ---- argument parsing -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULT_RUN_CONFIG
+    parser = argparse.ArgumentParser(
+        prog="fedsim",
+        description="Simulate federated fine-tuning of a pretrained model on one machine (Flower + Ray).",
+        epilog="Run `fedsim run --help` for every knob of a simulation.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run one simulation and write its run directory",
+        description="Run a federation of virtual clients on Flower's simulation engine. Shows a progress bar "
+        "per round, prints a summary table, and writes a run directory with the run store "
+        "(store.db), summary.json and plot.png.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    run.add_argument("--task", default=d["task"], help="model + data; `fedsim tasks` lists them")
+    run.add_argument("--strategy", default=d["strategy"], help="aggregation algorithm")
+    run.add_argument("--clients", type=int, default=10, help="number of virtual clients (partitions)")
+    run.add_argument("--fraction", type=float, default=d["fraction-train"], help="fraction of clients sampled to train each round")
+    run.add_argument("--fraction-evaluate", type=float, default=d["fraction-evaluate"],
+                     help="fraction of clients that also evaluate the global model on their local split (0: central evaluation only)")
+    run.add_argument("--rounds", type=int, default=d["num-server-rounds"], help="federated rounds")
+    run.add_argument("--partition", choices=("iid", "dirichlet", "natural"), default=None,
+                     help="how the training set is split over clients (default: the task's own)")
+    run.add_argument("--alpha", type=float, default=d["alpha"], help="Dirichlet concentration; smaller is more label skew")
+    run.add_argument("--seed", type=int, default=d["seed"], help="seed for partitioning, sampling and local shuffling")
+    run.add_argument("--lr", type=float, default=d["lr"], help="local AdamW learning rate")
+    run.add_argument("--local-steps", type=int, default=d["local-steps"], help="local optimizer steps per round")
+    run.add_argument("--batch-size", type=int, default=d["batch-size"], help="local mini-batch size")
+    run.add_argument("--train-layers", default=d["train-layers"],
+                     help="comma-separated layers to train and exchange, e.g. 'encoder.layer.5,head' (default: the task's)")
+    run.add_argument("--checkpoint-every", type=int, default=d["checkpoint-every"],
+                     help="store the global model every N rounds (and after the last); 0 = never")
+    run.add_argument("--round-timeout", type=float, default=d["round-timeout"], help="seconds to wait for replies per phase")
+    run.add_argument("--out", default=None, help="run directory to create (default: a fresh one under --runs-dir)")
+    run.add_argument("--runs-dir", default="runs", help="where fresh run directories go")
+    run.add_argument("--store", default=None, help="SQLAlchemy URL of the run store (default: sqlite in the run directory)")
+    run.add_argument("--name", default=None, help="a name for the run (default: the run directory's name)")
+    run.add_argument("--cpus-per-client", type=float, default=1.0, help="CPU cores Ray reserves per running client")
+    run.add_argument("--gpus-per-client", type=float, default=0.0, help="GPU share Ray reserves per running client")
+    run.add_argument("--verbose", action="store_true", help="show Flower's and the clients' logs")
+    run.set_defaults(func=cmd_run)
+
+    for name, func, text in (("list", cmd_list, "list the runs in the run stores"), ("show", cmd_show, "show one run")):
+        p = sub.add_parser(name, help=text, description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if name == "show":
+            p.add_argument("run", help="run id (or a unique prefix), run name, or run directory")
+            p.add_argument("--json", action="store_true", help="print the JSON summary instead of tables")
+        p.add_argument("--runs-dir", default="runs", help="directory whose */store.db files are read")
+        p.add_argument("--store", action="append", help="an extra store URL to read (repeatable)")
+        p.set_defaults(func=func)
+
+    tasks = sub.add_parser("tasks", help="list tasks, strategies and partitions")
+    tasks.set_defaults(func=cmd_tasks)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as err:
+        err_console.print(f"[red]error:[/] {err}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

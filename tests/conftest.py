@@ -1,0 +1,51 @@
+"""Shared fixtures. Environment first: Flower and Ray must stay offline and on loopback."""
+
+from __future__ import annotations
+
+import os
+
+for _key, _value in {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TQDM_DISABLE": "1",
+}.items():
+    os.environ[_key] = _value
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_task():
+    from fedclient.tasks import get_task
+
+    return get_task("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_task):
+    """The tiny task's model, built once; tests that train must work on a copy (fresh_tiny_model)."""
+    return tiny_task.build_model()
+
+
+@pytest.fixture
+def fresh_tiny_model(tiny_model):
+    import copy
+
+    return copy.deepcopy(tiny_model)
+
+
+@pytest.fixture
+def flower_identity():
+    """Flower 1.39 messages need a task identity (set by the runtime inside a real run)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield

@@ -1,0 +1,125 @@
+"""The Flower adapters (wire format, AlgorithmStrategy) with real Flower messages, no Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from aggregators import Instruction, Payload, PayloadError
+from aggregators.fedavg import FedAvg, FedAvgConfig
+from fedclient.wire import from_recorddict, message_wire_bytes, to_recorddict
+from fedserver.store import RunStore
+from fedserver.strategy import AlgorithmStrategy, StrategySettings
+
+
+class NodesOnly:
+    """The one Grid method configure_train needs."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
+def test_instruction_and_payload_survive_the_flower_records(flower_identity):
+    instruction = Instruction({"w": np.ones((2, 3), np.float32)}, {"lr": 0.1, "layers": ["a", "b"]})
+    back = Instruction.from_record(from_recorddict(to_recorddict(instruction.to_record())))
+    np.testing.assert_array_equal(back.arrays["w"], instruction.arrays["w"])
+    assert back.config == {"lr": 0.1, "layers": ["a", "b"]}
+    payload = Payload({"w": np.zeros(4, np.float32)}, num_examples=12, metrics={"train-loss": 0.3})
+    back = Payload.from_record(from_recorddict(to_recorddict(payload.to_record())))
+    assert back.num_examples == 12 and back.metrics == {"train-loss": 0.3}
+
+
+def test_malformed_records_are_payload_errors():
+    with pytest.raises(PayloadError, match="unexpected record"):
+        from_recorddict(RecordDict({"weights": ArrayRecord()}))
+    with pytest.raises(PayloadError, match="num-examples"):
+        Payload.from_record(from_recorddict(RecordDict({"metrics": MetricRecord({"loss": 1.0})})))
+    with pytest.raises(PayloadError, match="expected an ArrayRecord"):
+        from_recorddict(RecordDict({"arrays": ConfigRecord({"a": 1})}))
+
+
+def test_wire_bytes_are_measured_on_the_serialized_message(flower_identity):
+    small = Message(to_recorddict(Instruction({"w": np.zeros(10, np.float32)}).to_record()), dst_node_id=1,
+                    message_type="train")
+    big = Message(to_recorddict(Instruction({"w": np.zeros(1_000_000, np.float32)}).to_record()), dst_node_id=1,
+                  message_type="train")
+    assert 40 < message_wire_bytes(small) < 2_000
+    # 4 MB of float32 plus headers, the same whatever the values (no estimate from shapes involved)
+    assert 4_000_000 < message_wire_bytes(big) < 4_010_000
+
+
+def _replies_for(messages, contents):
+    return [Message(content, reply_to=msg) for msg, content in zip(messages, contents)]
+
+
+def _content(arrays, n=10):
+    return to_recorddict(Payload({k: np.asarray(v, np.float32) for k, v in arrays.items()}, n).to_record())
+
+
+def test_bad_replies_are_rejected_naming_the_client_and_the_round_completes(tmp_path, flower_identity):
+    store = RunStore(f"sqlite:///{tmp_path / 's.db'}")
+    run_id = store.create_run(task="unit", strategy="fedavg", num_rounds=1, config={})
+    strategy = AlgorithmStrategy(FedAvg(FedAvgConfig()), StrategySettings(), store=store, run_id=run_id)
+    initial = ArrayRecord({"w": torch.zeros(3), "b": torch.zeros(1)})
+    strategy.state = strategy.algorithm.init_state(initial.to_torch_state_dict())
+    messages = list(strategy.configure_train(1, initial, ConfigRecord(), NodesOnly([101, 102, 103, 104, 105])))
+    assert [m.metadata.dst_node_id for m in messages] == [101, 102, 103, 104, 105]
+    replies = _replies_for(
+        messages,
+        [
+            _content({"w": [1.0, 1.0, 1.0]}, n=10),  # good
+            _content({"w": [1.0, 1.0]}),  # wrong shape
+            _content({"w": [np.nan, 0.0, 0.0]}),  # NaN
+            _content({"w": [0.0, 0.0, 0.0], "extra.weight": [1.0]}),  # unknown key
+            _content({"w": [4.0, 4.0, 4.0]}, n=30),  # good
+        ],
+    )
+    arrays, metrics = strategy.aggregate_train(1, iter(replies))
+    np.testing.assert_allclose(arrays["w"].numpy(), [3.25, 3.25, 3.25])  # (10*1 + 30*4) / 40
+    clients = {c.node_id: c for c in strategy._ledger.clients.values()}
+    assert clients[101].status == clients[105].status == "ok"
+    assert "client 102" in clients[102].error and "shape" in clients[102].error
+    assert "client 103" in clients[103].error and "NaN" in clients[103].error
+    assert "client 104" in clients[104].error and "unknown key 'extra.weight'" in clients[104].error
+    assert all(c.bytes_down > 0 and c.bytes_up > 0 for c in clients.values())
+    assert np.isfinite(strategy.state["w"].numpy()).all()
+
+
+def test_error_replies_and_undecodable_replies_are_recorded(flower_identity):
+    strategy = AlgorithmStrategy(FedAvg())
+    initial = ArrayRecord({"w": torch.zeros(2)})
+    strategy.state = strategy.algorithm.init_state(initial.to_torch_state_dict())
+    messages = list(strategy.configure_train(1, initial, ConfigRecord(), NodesOnly([1, 2, 3])))
+    from flwr.app import Error
+
+    replies = [
+        Message(_content({"w": [2.0, 2.0]}), reply_to=messages[0]),
+        Message(Error(code=0, reason="ClientAppException: out of memory"), reply_to=messages[1]),
+        Message(RecordDict({"arrays": ArrayRecord({"w": torch.ones(2)})}), reply_to=messages[2]),  # no num-examples
+    ]
+    arrays, _ = strategy.aggregate_train(1, iter(replies))
+    np.testing.assert_allclose(arrays["w"].numpy(), [2.0, 2.0])
+    status = {c.node_id: (c.status, c.error) for c in strategy._ledger.clients.values()}
+    assert status[1] == ("ok", None)
+    assert status[2][0] == "failed" and "out of memory" in status[2][1]
+    assert status[3][0] == "rejected" and "num-examples" in status[3][1]
+
+
+def test_sampling_is_seeded_and_respects_the_fraction(flower_identity):
+    strategy = AlgorithmStrategy(FedAvg(), StrategySettings(fraction_train=0.5, seed=4))
+    grid = NodesOnly(range(10))
+    first = strategy._sample(grid, 1, 0.5, "train")
+    assert len(first) == 5 and first == strategy._sample(grid, 1, 0.5, "train")
+    assert first != strategy._sample(grid, 2, 0.5, "train")
+
+
+def test_settings_refuse_impossible_fractions():
+    with pytest.raises(ValueError, match="fraction-train must be between 0 and 1"):
+        StrategySettings(fraction_train=1.5)
+    with pytest.raises(ValueError, match="no client would train"):
+        StrategySettings(fraction_train=0.0)
