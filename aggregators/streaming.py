@@ -26,13 +26,12 @@ class WeightedMeanPerKey:
     def add(self, arrays: Mapping[str, np.ndarray], weight: float) -> None:
         """Fold one reply's arrays, all with the same ``weight``."""
         for key, value in arrays.items():
-            term = torch.from_numpy(np.asarray(value)).to(torch.float64) * weight
-            if key in self._sums:
-                self._sums[key] += term
-                self._weights[key] += weight
-            else:
-                self._sums[key] = term
-                self._weights[key] = weight
+            term = torch.from_numpy(np.asarray(value))
+            if key not in self._sums:
+                self._sums[key] = torch.zeros(term.shape, dtype=torch.float64)
+                self._weights[key] = 0.0
+            self._sums[key].add_(term, alpha=weight)  # casts on the fly: no full-size temporary
+            self._weights[key] += weight
 
     @property
     def keys(self) -> set[str]:

@@ -1,0 +1,82 @@
+"""The command-line faces: fedsim end to end on the tiny task, and its error messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+import pathlib
+
+import pytest
+
+from fedclient.runconfig import DEFAULT_RUN_CONFIG, resolve_run_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def fedsim(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "simulations.cli", *args], cwd=cwd, capture_output=True, text=True,
+        env={**os.environ, "COLUMNS": "200"}, timeout=600,
+    )
+
+
+def test_pyproject_run_config_matches_the_code_defaults():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == DEFAULT_RUN_CONFIG
+    components = pyproject["tool"]["flwr"]["app"]["components"]
+    assert components == {"serverapp": "fedserver.app:app", "clientapp": "fedclient.app:app"}
+
+
+def test_unknown_run_config_keys_are_refused():
+    with pytest.raises(ValueError, match="unknown run-config key"):
+        resolve_run_config({"learning-rate": 0.1})
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--task", "gpt5"], "unknown task 'gpt5'; choose one of"),
+        (["--strategy", "krum"], "unknown strategy 'krum'; choose one of: fedavg"),
+        (["--fraction", "1.5"], "--fraction must be between 0 and 1"),
+        (["--fraction", "0.05", "--clients", "10"], "samples fewer than one client"),
+        (["--clients", "0"], "--clients must be at least 1"),
+        (["--task", "tiny", "--partition", "natural"], "no natural client ids"),
+        (["--task", "tiny", "--clients", "1000"], "cannot split 240 training examples over 1000 clients"),
+        (["--train-layers", "encoder.layer.9"], "unknown layer(s) ['encoder.layer.9']"),
+        (["--lr", "-1"], "lr must be positive"),
+    ],
+)
+def test_fedsim_run_refuses_bad_input_before_starting(tmp_path, args, message):
+    result = fedsim("run", *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in " ".join(result.stderr.split())
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+@pytest.mark.simulation
+def test_fedsim_run_writes_a_run_directory_and_list_show_read_it(tmp_path):
+    out = tmp_path / "myrun"
+    result = fedsim("run", "--task", "tiny", "--clients", "2", "--rounds", "2", "--local-steps", "2",
+                    "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "final central accuracy" in result.stdout and "MB down" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    assert summary["total_bytes_down"] > 0 and summary["final_central_accuracy"] is not None
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "store.db").is_file()
+
+    listed = fedsim("list", "--runs-dir", str(tmp_path), cwd=tmp_path)
+    assert listed.returncode == 0 and summary["run_id"] in listed.stdout and "completed" in listed.stdout
+    shown = fedsim("show", summary["run_id"][:15], "--runs-dir", str(tmp_path), "--json", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["rounds"] == summary["rounds"]
+    by_dir = fedsim("show", str(out), cwd=tmp_path)
+    assert by_dir.returncode == 0 and "central acc" in by_dir.stdout
+    missing = fedsim("show", "nope", "--runs-dir", str(tmp_path), cwd=tmp_path)
+    assert missing.returncode == 2 and "no run 'nope'" in missing.stderr
+    again = fedsim("run", "--task", "tiny", "--out", str(out), cwd=tmp_path)
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr
