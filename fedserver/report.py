@@ -56,6 +56,8 @@ def run_summary(store: RunStore, run_ref: str) -> dict[str, Any]:
         "num_clients": run.num_clients,
         "num_rounds": run.num_rounds,
         "rounds_completed": len(rounds),
+        "initial_central_accuracy": (run.initial_metrics or {}).get("accuracy"),
+        "initial_central_loss": (run.initial_metrics or {}).get("loss"),
         "final_central_accuracy": accuracies[-1] if accuracies else None,
         "best_central_accuracy": max(accuracies) if accuracies else None,
         "total_bytes_down": sum(r["bytes_down"] for r in per_round),
@@ -82,6 +84,9 @@ def rounds_table(summary: dict[str, Any]) -> Table:
     table = Table(title=f"run {summary['run_id']} · {summary['task']} · {summary['strategy']} · {summary['status']}")
     for column in ("round", "central acc", "central loss", "train loss", "clients ok", "MB down", "MB up", "seconds"):
         table.add_column(column, justify="right")
+    if summary["initial_central_accuracy"] is not None:
+        table.add_row("0", _pct(summary["initial_central_accuracy"]), _num(summary["initial_central_loss"]),
+                      "", "", "", "", "")
     for r in summary["rounds"]:
         table.add_row(
             str(r["round"]),
@@ -138,9 +143,9 @@ def plot_run(summary: dict[str, Any], path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [r["round"] for r in summary["rounds"]]
-    accuracy = [r["central_accuracy"] for r in summary["rounds"]]
-    megabytes = [r["cumulative_bytes"] / 1e6 for r in summary["rounds"]]
+    rounds = [0] + [r["round"] for r in summary["rounds"]]
+    accuracy = [summary["initial_central_accuracy"]] + [r["central_accuracy"] for r in summary["rounds"]]
+    megabytes = [0.0] + [r["cumulative_bytes"] / 1e6 for r in summary["rounds"]]
     fig, (ax_acc, ax_bytes) = plt.subplots(1, 2, figsize=(10, 4))
     ax_acc.plot(rounds, [a if a is not None else float("nan") for a in accuracy], marker="o")
     ax_acc.set(xlabel="round", ylabel="central test accuracy", title="Accuracy", ylim=(0, 1))

@@ -63,6 +63,7 @@ class RunRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column()
     finished_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    initial_metrics: Mapped[dict] = mapped_column(JSON, default=dict)  # central eval before round 1
 
 
 class RoundRow(Base):
@@ -267,6 +268,14 @@ class RunStore:
                 )
             )
         return checksum
+
+    def record_initial(self, run_id: str, metrics: Mapping[str, float]) -> None:
+        """The central evaluation of the initial global model (round 0)."""
+        with self._session.begin() as session:
+            run = session.get(RunRow, run_id)
+            if run is None:
+                raise StoreError(f"no run '{run_id}' in {self.url}")
+            run.initial_metrics = {k: v for k, v in metrics.items() if _finite_or_none(v) is not None}
 
     def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
         with self._session.begin() as session:

@@ -275,6 +275,8 @@ class AlgorithmStrategy(Strategy):
         if self.central_evaluate:
             central = self.central_evaluate(0, self.state)
             result.evaluate_metrics_serverapp[0] = MetricRecord(central)
+            if self.store and self.run_id:
+                self.store.record_initial(self.run_id, central)
             log(INFO, "round 0: central evaluation %s", _fmt(central))
         for server_round in range(1, num_rounds + 1):
             started, t0 = now(), time.perf_counter()

@@ -4,17 +4,9 @@ from __future__ import annotations
 
 import os
 
-for _key, _value in {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TQDM_DISABLE": "1",
-}.items():
-    os.environ[_key] = _value
+from fedclient.runconfig import QUIET_ENVIRONMENT  # noqa: E402  (imports only os)
+
+os.environ.update(QUIET_ENVIRONMENT)  # forced, not defaults: tests must never reach the network
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -62,7 +62,8 @@ def test_tiny_simulation_records_every_client_every_round(tmp_path):
             assert math.isfinite(c.metrics["train-loss"]) and "partition-id" in c.metrics
         for c in evaluate:
             assert c.status == "ok" and 0.0 <= c.metrics["accuracy"] <= 1.0 and c.bytes_up < 2_000
-    assert rounds[-1].central_accuracy > rounds[0].central_accuracy - 0.05
+    assert run.initial_metrics["accuracy"] is not None
+    assert rounds[-1].central_accuracy > run.initial_metrics["accuracy"]  # 2 rounds of training help
     assert store.checkpoint_rounds(run_id) == [1, 2]
     _, state = store.load_checkpoint(run_id)
     assert state and all(v.isfinite().all() for v in state.values())
