@@ -113,7 +113,6 @@ def _rss_mb() -> tuple[float, float]:
 def memory_child(variant: str, replies: int) -> dict:
     """Aggregate ``replies`` full-model replies; report the peak RSS above the starting RSS."""
     import numpy as np
-    import torch
     from flwr.app import ArrayRecord, ConfigRecord, Message
     from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
     from flwr.supercore.task_identity import TaskIdentity

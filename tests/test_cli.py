@@ -80,3 +80,42 @@ def test_fedsim_run_writes_a_run_directory_and_list_show_read_it(tmp_path):
     assert missing.returncode == 2 and "no run 'nope'" in missing.stderr
     again = fedsim("run", "--task", "tiny", "--out", str(out), cwd=tmp_path)
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.simulation
+def test_flwr_run_runs_the_flower_app_from_pyproject(tmp_path):
+    """`flwr run .` builds the FAB from pyproject.toml and runs our ServerApp/ClientApp."""
+    bin_dir = pathlib.Path(sys.executable).parent
+    http_port, control_port = _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+    }
+    store = tmp_path / "flwr.db"
+    before = (ROOT / "pyproject.toml").read_text()
+    try:
+        result = subprocess.run(
+            [str(bin_dir / "flwr"), "run", ".", "--stream",
+             "--run-config", f'task="tiny" num-server-rounds=1 local-steps=1 store="sqlite:///{store}"',
+             "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )
+    finally:  # the local SuperLink that `flwr run` started outlives it: stop it by its port
+        subprocess.run(["pkill", "-f", f"flower-superlink.*--port {http_port}"], check=False)
+    assert (ROOT / "pyproject.toml").read_text() == before
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    from fedserver.store import RunStore
+
+    (run,) = RunStore(f"sqlite:///{store}").list_runs()
+    assert run.status == "completed" and run.task == "tiny" and run.num_rounds == 1

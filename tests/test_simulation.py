@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import subprocess
+import time
 
 import pytest
 from flwr.simulation import run_simulation
@@ -36,10 +37,15 @@ def _simulate(tmp_path, client_app_factory, rounds=2, clients=3, **overrides):
 
 @pytest.fixture(autouse=True)
 def no_stray_ray_processes():
+    """Stop Ray processes this test started and left behind (none are expected)."""
+    started = time.monotonic()
     yield
-    leftover = subprocess.run(["pgrep", "-f", "ray::|raylet|gcs_server"], capture_output=True, text=True).stdout.split()
-    for pid in leftover:
-        subprocess.run(["kill", "-9", pid], check=False)
+    age_limit = time.monotonic() - started + 1
+    table = subprocess.run(["ps", "-eo", "pid=,etimes=,args="], capture_output=True, text=True).stdout
+    for line in table.splitlines():
+        pid, age, args = line.split(None, 2)
+        if int(age) <= age_limit and any(t in args for t in ("ray::", "raylet", "gcs_server")):
+            subprocess.run(["kill", "-9", pid], check=False)
 
 
 def test_tiny_simulation_records_every_client_every_round(tmp_path):

@@ -54,7 +54,7 @@ def test_wire_bytes_are_measured_on_the_serialized_message(flower_identity):
 
 
 def _replies_for(messages, contents):
-    return [Message(content, reply_to=msg) for msg, content in zip(messages, contents)]
+    return [Message(content, reply_to=msg) for msg, content in zip(messages, contents, strict=True)]
 
 
 def _content(arrays, n=10):

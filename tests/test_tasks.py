@@ -48,13 +48,14 @@ def test_partitions_are_disjoint_cover_and_reproducible(scheme):
     rows = np.concatenate(parts)
     assert len(rows) == len(set(rows.tolist())) == len(labels)
     again = partition_indices(labels, spec)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
     other = partition_indices(labels, PartitionSpec(scheme, 4, 0.3, seed=2))
-    assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
     if scheme == "iid":
         assert {len(p) for p in parts} == {50}
 
 
+@pytest.mark.filterwarnings("ignore:The specified min_partition_size")  # resampling at alpha=0.1 is expected
 def test_dirichlet_skews_labels_more_at_small_alpha():
     labels = np.repeat(np.arange(5), 200)
 
