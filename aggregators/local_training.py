@@ -56,7 +56,8 @@ def train_steps(
     """Run ``steps`` AdamW steps of cross-entropy on mini-batches of ``data``.
 
     Only the parameters named in ``trainable`` are updated; the optimizer state starts fresh,
-    so the client carries no optimizer state between rounds.
+    so the client carries no optimizer state between rounds. ``seed`` fixes the batch order and
+    the dropout masks, so the same instruction on the same data gives the same result.
     """
     if steps < 1:
         raise ValueError(f"local steps must be at least 1, got {steps}")
@@ -67,14 +68,17 @@ def train_steps(
     start = time.perf_counter()
     total_loss, seen = 0.0, 0
     batches = data.batches(batch_size, seed)
-    for _ in range(steps):
-        inputs, labels = to_device(next(batches), device)
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(**inputs), labels)
-        loss.backward()
-        optimizer.step()
-        total_loss += float(loss.detach()) * len(labels)
-        seen += len(labels)
+    # dropout draws from the global RNG: seed it (without disturbing the caller's RNG state)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            inputs, labels = to_device(next(batches), device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(**inputs), labels)
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss.detach()) * len(labels)
+            seen += len(labels)
     if not math.isfinite(total_loss):
         raise FloatingPointError(f"local training diverged (loss {total_loss}); lower the learning rate")
     return TrainStats(total_loss / seen, steps, seen, time.perf_counter() - start)

@@ -7,7 +7,6 @@ import os
 import pathlib
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,9 +124,3 @@ def default_out_dir(root: pathlib.Path) -> pathlib.Path:
         candidate = root / f"{stamp}-{n}"
     return candidate
 
-
-def merge_config(base: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
-    """``base`` with the kebab-case keys of ``overrides`` (None values skipped)."""
-    merged = dict(base)
-    merged.update({k.replace("_", "-"): v for k, v in overrides.items() if v is not None})
-    return merged

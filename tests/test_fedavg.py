@@ -146,3 +146,19 @@ def test_fedavg_of_one_client_is_that_clients_model(tiny_task, fresh_tiny_model)
     result = algorithm.aggregate(1, state, iter([Reply(0, payload)]))
     for key in keys:
         np.testing.assert_array_equal(result.state[key].numpy(), payload.arrays[key])
+
+
+def test_local_is_reproducible_for_the_same_instruction(tiny_task, tiny_model):
+    import copy
+
+    algorithm = FedAvg(FedAvgConfig(lr=1e-3, local_steps=2, batch_size=8))
+    keys = tiny_task.trainable_keys(tiny_model)
+    state = algorithm.init_state({k: v for k, v in tiny_model.state_dict().items() if k in keys})
+    instruction = algorithm.plan(1, [5], state)[5]
+    data = tiny_task.load_data().train
+    first = algorithm.local(copy.deepcopy(tiny_model), data, instruction, {})
+    second = algorithm.local(copy.deepcopy(tiny_model), data, instruction, {})
+    for key in keys:
+        np.testing.assert_array_equal(first.arrays[key], second.arrays[key])
+    other = algorithm.local(copy.deepcopy(tiny_model), data, algorithm.plan(2, [5], state)[5], {})
+    assert any(not np.array_equal(first.arrays[k], other.arrays[k]) for k in keys)

@@ -172,24 +172,27 @@ def _load_task_data(task: TextTask) -> TaskData:
     test_rows = _stratified_take(corpus.labels, order, task.test_size)
     test_set = set(test_rows.tolist())
     train_rows = np.asarray([i for i in order if i not in test_set], dtype=np.int64)
+    rows = np.concatenate([train_rows, test_rows])  # tokenize only the documents the task uses
     encoded = tokenizer()(
-        list(corpus.texts), padding="max_length", truncation=True, max_length=task.max_length, return_tensors="pt"
+        [corpus.texts[i] for i in rows], padding="max_length", truncation=True, max_length=task.max_length,
+        return_tensors="pt",
     )
-    full = TokenizedDataset(encoded["input_ids"], encoded["attention_mask"], torch.as_tensor(corpus.labels))
+    used = TokenizedDataset(encoded["input_ids"], encoded["attention_mask"], torch.as_tensor(corpus.labels[rows]))
+    n_train = len(train_rows)
     groups = tuple(corpus.groups[i] for i in train_rows) if corpus.groups else None
-    return TaskData(full.subset(train_rows), full.subset(test_rows), groups, corpus.classes)
+    return TaskData(used.subset(np.arange(n_train)), used.subset(np.arange(n_train, len(rows))), groups, corpus.classes)
 
 
 def _stratified_take(labels: np.ndarray, order: np.ndarray, count: int) -> np.ndarray:
-    """``count`` rows of ``order`` keeping the class proportions (first rows of each class)."""
+    """``count`` rows of ``order`` keeping the class proportions (the first rows of each class)."""
     if count >= len(order):
         return order
-    picked = []
+    picked: set[int] = set()
     ordered_labels = labels[order]
     for label in np.unique(labels):
         rows = order[ordered_labels == label]
-        picked.extend(rows[: max(1, round(count * len(rows) / len(order)))].tolist())
-    return np.asarray(sorted(picked, key=lambda r: np.where(order == r)[0][0])[:count], dtype=np.int64)
+        picked.update(rows[: max(1, round(count * len(rows) / len(order)))].tolist())
+    return np.asarray([row for row in order if row in picked][:count], dtype=np.int64)
 
 
 @functools.lru_cache(maxsize=16)
