@@ -122,6 +122,7 @@ def memory_child(variant: str, replies: int) -> dict:
     from fedclient.tasks import get_task
     from fedclient.wire import to_recorddict
     from fedserver.strategy import AlgorithmStrategy
+    from tests.grids import IdentifyingGrid
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     model = get_task("minilm-bbc").build_model()
@@ -130,14 +131,10 @@ def memory_child(variant: str, replies: int) -> dict:
     del model
     base = {k: v.numpy() for k, v in state.items()}
 
-    class Nodes:
-        def get_node_ids(self):
-            return list(range(1, replies + 1))
-
     initial = ArrayRecord(state)
     strategy = AlgorithmStrategy(FedAvg())
     strategy.state = strategy.algorithm.init_state(state)
-    instructions = list(strategy.configure_train(1, initial, ConfigRecord(), Nodes()))
+    instructions = list(strategy.configure_train(1, initial, ConfigRecord(), IdentifyingGrid(range(1, replies + 1))))
     del initial
 
     def reply(i: int, instruction: Message) -> Message:

@@ -4,8 +4,9 @@
 site's data on the best device present, and replies with the encoded Payload. ``evaluate`` scores
 the global model on the site's held-out local split.
 
-Site settings come from ``--node-config`` (``partition-id``, ``num-partitions``, optional
-``device``); the task and partitioning come from the run config.
+``query.identify`` tells the coordinator this site's stable name. Site settings come from
+``--node-config`` (``partition-id``, ``num-partitions``, optional ``site-name`` and ``device``);
+the task and partitioning come from the run config.
 """
 
 from __future__ import annotations
@@ -63,6 +64,15 @@ def site_data(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Clie
     return get_task(str(config["task"])).client_data(spec, int(node_config["partition-id"]))
 
 
+def site_name(node_config: Mapping[str, Any]) -> str:
+    """How this site names itself to the coordinator: ``site-name``, else ``partition-<id>``."""
+    if node_config.get("site-name"):
+        return str(node_config["site-name"])
+    if "partition-id" in node_config:
+        return f"partition-{int(node_config['partition-id'])}"
+    return ""
+
+
 def _load_client_state(context: Context) -> dict[str, Any]:
     state: dict[str, Any] = {}
     if CLIENT_STATE_ARRAYS in context.state:
@@ -112,6 +122,10 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         data = site_data(config, context.node_config)
         metrics = evaluate_model(model, data.evaluate)
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    @app.query("identify")
+    def identify(msg: Message, context: Context) -> Message:
+        return Message(RecordDict({"site": ConfigRecord({"name": site_name(context.node_config)})}), reply_to=msg)
 
     return app
 

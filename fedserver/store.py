@@ -93,6 +93,7 @@ class ClientRoundRow(Base):
     round: Mapped[int] = mapped_column(Integer)
     phase: Mapped[str] = mapped_column(String(16))  # train | evaluate
     node_id: Mapped[str] = mapped_column(String(24))  # uint64 node ids exceed SQL BIGINT
+    site: Mapped[str] = mapped_column(String(200), default="")
     status: Mapped[str] = mapped_column(String(16))  # ok | rejected | failed | timeout
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     num_examples: Mapped[int] = mapped_column(Integer, default=0)
@@ -118,6 +119,7 @@ class ClientRecord:
     node_id: int
     phase: str
     status: str
+    site: str = ""
     num_examples: int = 0
     bytes_down: int = 0
     bytes_up: int = 0
@@ -247,6 +249,7 @@ class RunStore:
                         round=record.round,
                         phase=c.phase,
                         node_id=str(c.node_id),
+                        site=c.site,
                         status=c.status,
                         error=c.error,
                         num_examples=c.num_examples,

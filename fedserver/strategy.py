@@ -9,6 +9,7 @@ actually serialized per message, per client) and written to the run store in one
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -21,7 +22,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from aggregators.base import Algorithm, GlobalState, Payload, PayloadError, Reply
+from aggregators.base import Algorithm, ClientId, GlobalState, Payload, PayloadError, Reply
 from fedclient.wire import ARRAYS, CONFIG, array_record, from_recorddict, message_wire_bytes, to_recorddict
 from fedserver.store import ClientRecord, RoundRecord, RunStore, now
 
@@ -64,17 +65,37 @@ class StrategySettings:
             raise ValueError(f"round-timeout must be positive, got {self.round_timeout}")
 
 
+@dataclass(frozen=True)
+class Site:
+    """A connected client as the coordinator knows it.
+
+    ``node_id`` is Flower's transport id (random per simulation, per SuperNode registration in a
+    deployment); ``client_id`` is stable across runs, derived from the site's ``name`` (its
+    ``site-name`` node config, else ``partition-<id>``), so sampling and the seeds an algorithm
+    derives from client ids reproduce from run to run.
+    """
+
+    node_id: int
+    client_id: ClientId
+    name: str
+
+
+def stable_client_id(name: str) -> ClientId:
+    """A 63-bit id determined by a site's name."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big") >> 1
+
+
 @dataclass
 class _RoundLedger:
     """Per-client bookkeeping of the round in progress."""
 
     clients: dict[tuple[str, int], ClientRecord] = field(default_factory=dict)
 
-    def client(self, phase: str, node_id: int) -> ClientRecord:
-        """The record of ``node_id`` in ``phase``; "timeout" until its reply arrives."""
-        key = (phase, node_id)
+    def client(self, phase: str, site: Site) -> ClientRecord:
+        """The record of ``site`` in ``phase``; "timeout" until its reply arrives."""
+        key = (phase, site.node_id)
         if key not in self.clients:
-            self.clients[key] = ClientRecord(node_id=node_id, phase=phase, status="timeout")
+            self.clients[key] = ClientRecord(node_id=site.node_id, site=site.name, phase=phase, status="timeout")
         return self.clients[key]
 
 
@@ -100,10 +121,37 @@ class AlgorithmStrategy(Strategy):
         self.state: GlobalState = {}
         self.history: list[RoundRecord] = []
         self._ledger = _RoundLedger()
-        self._phase_total = 0
+        self._sites: dict[int, Site] = {}  # by node id
+        self._by_client: dict[ClientId, Site] = {}
 
-    # ---- sampling ----------------------------------------------------------------------------
-    def _sample(self, grid: Grid, server_round: int, fraction: float, phase: str) -> list[int]:
+    # ---- sites and sampling ------------------------------------------------------------------
+    def _identify(self, grid: Grid, node_ids: list[int]) -> None:
+        """Ask nodes not seen before who they are (``query.identify``); bounded wait."""
+        unknown = [n for n in node_ids if n not in self._sites]
+        if not unknown:
+            return
+        queries = [Message(RecordDict(), dst_node_id=n, message_type="query.identify") for n in unknown]
+        names: dict[int, str] = {}
+        deadline = time.monotonic() + min(self.settings.round_timeout, self.settings.wait_for_nodes)
+        pending = set(grid.push_messages(queries))
+        while pending and time.monotonic() < deadline:
+            for reply in grid.pull_messages(pending):
+                pending.discard(reply.metadata.reply_to_message_id)
+                if reply.has_content() and "site" in reply.content.config_records:
+                    names[reply.metadata.src_node_id] = str(reply.content["site"].get("name", ""))
+            if pending:
+                time.sleep(0.05)
+        for node_id in unknown:
+            name = names.get(node_id) or f"node-{node_id}"
+            client_id = stable_client_id(name)
+            if client_id in self._by_client:
+                log(WARNING, "two clients call themselves '%s'; node %s keeps its node id", name, node_id)
+                name, client_id = f"{name}@node-{node_id}", stable_client_id(f"{name}@node-{node_id}")
+            site = Site(node_id, client_id, name)
+            self._sites[node_id] = site
+            self._by_client[client_id] = site
+
+    def _sample(self, grid: Grid, server_round: int, fraction: float, phase: str) -> list[Site]:
         deadline = time.monotonic() + self.settings.wait_for_nodes
         while True:
             nodes = sorted(grid.get_node_ids())
@@ -115,9 +163,11 @@ class AlgorithmStrategy(Strategy):
                     f"connected within {self.settings.wait_for_nodes:.0f} s"
                 )
             time.sleep(1.0)
-        wanted = max(round(len(nodes) * fraction), self.settings.min_train_nodes if phase == "train" else 1, 1)
+        self._identify(grid, nodes)
+        sites = sorted((self._sites[n] for n in nodes), key=lambda site: site.client_id)
+        wanted = max(round(len(sites) * fraction), self.settings.min_train_nodes if phase == "train" else 1, 1)
         rng = random.Random(f"{self.settings.seed}:{server_round}:{phase}")
-        return sorted(rng.sample(nodes, min(wanted, len(nodes))))
+        return sorted(rng.sample(sites, min(wanted, len(sites))), key=lambda site: site.name)
 
     # ---- Strategy API ------------------------------------------------------------------------
     def configure_train(
@@ -125,11 +175,12 @@ class AlgorithmStrategy(Strategy):
     ) -> Iterable[Message]:
         if not self.state:
             self.state = self.algorithm.init_state(arrays.to_torch_state_dict())
-        nodes = self._sample(grid, server_round, self.settings.fraction_train, "train")
-        plan = self.algorithm.plan(server_round, nodes, self.state)
+        sites = self._sample(grid, server_round, self.settings.fraction_train, "train")
+        plan = self.algorithm.plan(server_round, [site.client_id for site in sites], self.state)
         encoded: dict[int, ArrayRecord] = {}  # instructions sharing one arrays dict share one record
         messages = []
-        for node_id, instruction in plan.items():
+        for client_id, instruction in plan.items():
+            site = self._by_client[client_id]
             parts = instruction.to_record()
             parts.config = {**config, **parts.config, "strategy": self.algorithm.name, "server-round": server_round}
             key = id(instruction.arrays)
@@ -137,11 +188,11 @@ class AlgorithmStrategy(Strategy):
                 encoded[key] = array_record(instruction.arrays)
             message = Message(
                 to_recorddict(parts, encoded.get(key)),
-                dst_node_id=node_id,
+                dst_node_id=site.node_id,
                 message_type="train",
                 group_id=str(server_round),
             )
-            self._ledger.client("train", node_id).bytes_down = message_wire_bytes(message)
+            self._ledger.client("train", site).bytes_down = message_wire_bytes(message)
             messages.append(message)
         return messages
 
@@ -149,12 +200,13 @@ class AlgorithmStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         result = self.algorithm.aggregate(server_round, self.state, self._decode_train(replies))
-        for node_id, reason in result.rejected.items():
-            record = self._ledger.client("train", node_id)
-            record.status, record.error = "rejected", reason
-            log(WARNING, "round %s: rejected the reply of client %s: %s", server_round, node_id, reason)
-        for node_id in result.accepted:
-            self._ledger.client("train", node_id).status = "ok"
+        for client_id, reason in result.rejected.items():
+            site = self._by_client[client_id]
+            record = self._ledger.client("train", site)
+            record.status, record.error = "rejected", f"{_who(site)}: {reason}"
+            log(WARNING, "round %s: rejected the reply of %s: %s", server_round, _who(site), reason)
+        for client_id in result.accepted:
+            self._ledger.client("train", self._by_client[client_id]).status = "ok"
         if not result.accepted:
             log(WARNING, "round %s: no usable reply; the global model is unchanged", server_round)
             return None, MetricRecord(dict(result.metrics)) if result.metrics else None
@@ -163,37 +215,37 @@ class AlgorithmStrategy(Strategy):
 
     def _decode_train(self, replies: Iterable[Message]) -> Iterator[Reply]:
         for message in replies:
-            node_id = message.metadata.src_node_id
-            record = self._ledger.client("train", node_id)
+            site = self._sites[message.metadata.src_node_id]
+            record = self._ledger.client("train", site)
             record.bytes_up = message_wire_bytes(message)
             if message.has_error():
-                record.status, record.error = "failed", f"{message.error.code}: {message.error.reason}"
-                log(WARNING, "client %s failed: %s", node_id, record.error)
+                record.status, record.error = "failed", f"{_who(site)}: {message.error.code}: {message.error.reason}"
+                log(WARNING, "%s failed: %s", _who(site), record.error)
                 continue
             try:
                 payload = Payload.from_record(from_recorddict(message.content))
             except PayloadError as err:
-                record.status, record.error = "rejected", f"client {node_id}: {err}"
-                log(WARNING, "round %s: rejected the reply of client %s: %s", message.metadata.group_id, node_id, err)
+                record.status, record.error = "rejected", f"{_who(site)}: {err}"
+                log(WARNING, "round %s: rejected the reply of %s: %s", message.metadata.group_id, _who(site), err)
                 continue
             record.num_examples = payload.num_examples
             record.metrics = {k: float(v) for k, v in payload.metrics.items()}
             record.status = "pending"
-            yield Reply(node_id, payload)
+            yield Reply(site.client_id, payload)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if self.settings.fraction_evaluate == 0.0:
             return []
-        nodes = self._sample(grid, server_round, self.settings.fraction_evaluate, "evaluate")
+        sites = self._sample(grid, server_round, self.settings.fraction_evaluate, "evaluate")
         messages = []
-        for node_id in nodes:
+        for site in sites:
             content = RecordDict(
                 {ARRAYS: arrays, CONFIG: ConfigRecord({**config, "server-round": server_round})}
             )
-            message = Message(content, dst_node_id=node_id, message_type="evaluate", group_id=str(server_round))
-            self._ledger.client("evaluate", node_id).bytes_down = message_wire_bytes(message)
+            message = Message(content, dst_node_id=site.node_id, message_type="evaluate", group_id=str(server_round))
+            self._ledger.client("evaluate", site).bytes_down = message_wire_bytes(message)
             messages.append(message)
         return messages
 
@@ -201,18 +253,18 @@ class AlgorithmStrategy(Strategy):
         sums: dict[str, float] = {}
         total = 0
         for message in replies:
-            node_id = message.metadata.src_node_id
-            record = self._ledger.client("evaluate", node_id)
+            site = self._sites[message.metadata.src_node_id]
+            record = self._ledger.client("evaluate", site)
             record.bytes_up = message_wire_bytes(message)
             if message.has_error():
-                record.status, record.error = "failed", f"{message.error.code}: {message.error.reason}"
+                record.status, record.error = "failed", f"{_who(site)}: {message.error.code}: {message.error.reason}"
                 continue
             try:
                 metrics = from_recorddict(message.content).metrics
                 n = int(metrics["num-examples"])
                 values = {k: float(metrics[k]) for k in ("loss", "accuracy")}
             except (PayloadError, KeyError, TypeError, ValueError) as err:
-                record.status, record.error = "rejected", f"client {node_id}: malformed evaluation reply ({err})"
+                record.status, record.error = "rejected", f"{_who(site)}: malformed evaluation reply ({err})"
                 continue
             record.status, record.num_examples, record.metrics = "ok", n, values
             if n > 0:
@@ -323,6 +375,10 @@ class AlgorithmStrategy(Strategy):
                 self.observer.round_finished(record)
         result.arrays = ArrayRecord({k: v for k, v in self.state.items()})
         return result
+
+
+def _who(site: Site) -> str:
+    return f"site '{site.name}' (node {site.node_id})"
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -39,4 +39,8 @@ def corrupting_client_app(config: dict) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         return honest(msg, context)
 
+    @app.query("identify")
+    def identify(msg: Message, context: Context) -> Message:
+        return honest(msg, context)
+
     return app

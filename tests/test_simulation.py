@@ -60,7 +60,7 @@ def test_tiny_simulation_records_every_client_every_round(tmp_path):
         train = [c for c in store.client_rounds(run_id, r.round) if c.phase == "train"]
         evaluate = [c for c in store.client_rounds(run_id, r.round) if c.phase == "evaluate"]
         assert len(train) == len(evaluate) == 3
-        assert len({c.node_id for c in train}) == 3
+        assert sorted(c.site for c in train) == ["partition-0", "partition-1", "partition-2"]
         for c in train:
             assert c.status == "ok" and c.num_examples > 0
             # down: the 1.8 M trained parameters as fp32; up: the same keys back
@@ -86,7 +86,8 @@ def test_corrupt_replies_are_rejected_and_the_run_goes_on(tmp_path):
     rejected = [c for c in store.client_rounds(run_id) if c.status == "rejected"]
     errors = sorted(c.error for c in rejected)
     assert len(errors) == 3
-    assert all(f"client {c.node_id}" in c.error for c in rejected)
+    assert all(f"site '{c.site}' (node {c.node_id})" in c.error for c in rejected)
+    assert sorted(c.site for c in rejected) == ["partition-0", "partition-1", "partition-2"]
     assert any("shape" in e for e in errors) and any("NaN" in e for e in errors)
     assert any("unknown key 'classifier.extra.weight'" in e for e in errors)
     _, state = store.load_checkpoint(run_id)

@@ -11,17 +11,8 @@ from aggregators import Instruction, Payload, PayloadError
 from aggregators.fedavg import FedAvg, FedAvgConfig
 from fedclient.wire import from_recorddict, message_wire_bytes, to_recorddict
 from fedserver.store import RunStore
-from fedserver.strategy import AlgorithmStrategy, StrategySettings
-
-
-class NodesOnly:
-    """The one Grid method configure_train needs."""
-
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
+from fedserver.strategy import AlgorithmStrategy, StrategySettings, stable_client_id
+from tests.grids import IdentifyingGrid
 
 
 def test_instruction_and_payload_survive_the_flower_records(flower_identity):
@@ -67,8 +58,8 @@ def test_bad_replies_are_rejected_naming_the_client_and_the_round_completes(tmp_
     strategy = AlgorithmStrategy(FedAvg(FedAvgConfig()), StrategySettings(), store=store, run_id=run_id)
     initial = ArrayRecord({"w": torch.zeros(3), "b": torch.zeros(1)})
     strategy.state = strategy.algorithm.init_state(initial.to_torch_state_dict())
-    messages = list(strategy.configure_train(1, initial, ConfigRecord(), NodesOnly([101, 102, 103, 104, 105])))
-    assert [m.metadata.dst_node_id for m in messages] == [101, 102, 103, 104, 105]
+    messages = list(strategy.configure_train(1, initial, ConfigRecord(), IdentifyingGrid([101, 102, 103, 104, 105])))
+    assert [m.metadata.dst_node_id for m in messages] == [101, 102, 103, 104, 105]  # sorted by site name
     replies = _replies_for(
         messages,
         [
@@ -83,9 +74,10 @@ def test_bad_replies_are_rejected_naming_the_client_and_the_round_completes(tmp_
     np.testing.assert_allclose(arrays["w"].numpy(), [3.25, 3.25, 3.25])  # (10*1 + 30*4) / 40
     clients = {c.node_id: c for c in strategy._ledger.clients.values()}
     assert clients[101].status == clients[105].status == "ok"
-    assert "client 102" in clients[102].error and "shape" in clients[102].error
-    assert "client 103" in clients[103].error and "NaN" in clients[103].error
-    assert "client 104" in clients[104].error and "unknown key 'extra.weight'" in clients[104].error
+    assert "site 'partition-1' (node 102)" in clients[102].error and "shape" in clients[102].error
+    assert "site 'partition-2' (node 103)" in clients[103].error and "NaN" in clients[103].error
+    assert "(node 104)" in clients[104].error and "unknown key 'extra.weight'" in clients[104].error
+    assert clients[104].site == "partition-3"
     assert all(c.bytes_down > 0 and c.bytes_up > 0 for c in clients.values())
     assert np.isfinite(strategy.state["w"].numpy()).all()
 
@@ -94,7 +86,7 @@ def test_error_replies_and_undecodable_replies_are_recorded(flower_identity):
     strategy = AlgorithmStrategy(FedAvg())
     initial = ArrayRecord({"w": torch.zeros(2)})
     strategy.state = strategy.algorithm.init_state(initial.to_torch_state_dict())
-    messages = list(strategy.configure_train(1, initial, ConfigRecord(), NodesOnly([1, 2, 3])))
+    messages = list(strategy.configure_train(1, initial, ConfigRecord(), IdentifyingGrid([1, 2, 3])))
     from flwr.app import Error
 
     replies = [
@@ -110,12 +102,24 @@ def test_error_replies_and_undecodable_replies_are_recorded(flower_identity):
     assert status[3][0] == "rejected" and "num-examples" in status[3][1]
 
 
-def test_sampling_is_seeded_and_respects_the_fraction(flower_identity):
-    strategy = AlgorithmStrategy(FedAvg(), StrategySettings(fraction_train=0.5, seed=4))
-    grid = NodesOnly(range(10))
-    first = strategy._sample(grid, 1, 0.5, "train")
-    assert len(first) == 5 and first == strategy._sample(grid, 1, 0.5, "train")
-    assert first != strategy._sample(grid, 2, 0.5, "train")
+def test_sampling_is_seeded_by_site_names_not_node_ids(flower_identity):
+    def sampled(node_ids, rnd):
+        strategy = AlgorithmStrategy(FedAvg(), StrategySettings(fraction_train=0.5, seed=4))
+        return [site.name for site in strategy._sample(IdentifyingGrid(node_ids), rnd, 0.5, "train")]
+
+    first = sampled(range(10), 1)
+    assert len(first) == 5
+    # Flower draws new random node ids every simulation: the same sites must be sampled
+    assert sampled([7_000_000 + 13 * n for n in range(10)], 1) == first
+    assert sampled(range(10), 2) != first
+
+
+def test_sites_get_stable_client_ids_and_duplicates_are_told_apart(flower_identity):
+    strategy = AlgorithmStrategy(FedAvg())
+    strategy._identify(IdentifyingGrid({5: "hospital-a", 6: "hospital-a", 7: ""}), [5, 6, 7])
+    assert strategy._sites[5].client_id == stable_client_id("hospital-a")
+    assert strategy._sites[6].name == "hospital-a@node-6"
+    assert strategy._sites[7].name == "node-7"  # a site that gives no name keeps its node id
 
 
 def test_settings_refuse_impossible_fractions():
