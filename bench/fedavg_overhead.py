@@ -56,6 +56,7 @@ def plain_rounds(task_name: str, clients: int, rounds: int) -> tuple[list[float]
     from aggregators.fedavg import FedAvgConfig, derive_seed
     from fedclient.runconfig import DEFAULT_RUN_CONFIG as D
     from fedclient.tasks import PartitionSpec, evaluate_model, get_task
+    from fedserver.strategy import stable_client_id
 
     started = time.perf_counter()
     cfg = FedAvgConfig(lr=D["lr"], local_steps=D["local-steps"], batch_size=D["batch-size"], seed=D["seed"])
@@ -80,7 +81,9 @@ def plain_rounds(task_name: str, clients: int, rounds: int) -> tuple[list[float]
                     params[k].copy_(global_state[k])
             optimizer = torch.optim.AdamW([params[k] for k in keys], lr=cfg.lr, weight_decay=0.0)
             model.train()
-            batches = data[client].batches(cfg.batch_size, derive_seed(cfg.seed, rnd, client))
+            seed = derive_seed(cfg.seed, rnd, stable_client_id(f"partition-{client}"))  # as fedtune seeds it
+            batches = data[client].batches(cfg.batch_size, seed)
+            torch.manual_seed(seed)  # dropout masks
             for _ in range(cfg.local_steps):
                 inputs, labels = next(batches)
                 optimizer.zero_grad(set_to_none=True)
