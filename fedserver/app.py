@@ -3,6 +3,7 @@ runs :class:`~fedserver.strategy.AlgorithmStrategy` for the configured number of
 
 from __future__ import annotations
 
+import threading
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from aggregators import make_algorithm
 from fedclient.runconfig import csv_list, quiet_environment, resolve_run_config
 from fedclient.tasks import evaluate_model, get_task
 from fedserver.store import RunStore
-from fedserver.strategy import AlgorithmStrategy, RoundObserver, StrategySettings
+from fedserver.strategy import AlgorithmStrategy, RoundObserver, RunStopped, StrategySettings
 
 quiet_environment()
 
@@ -38,6 +39,7 @@ def run_federation(
     num_clients: int = 0,
     observer: RoundObserver | None = None,
     on_run_created: Callable[[str], None] | None = None,
+    stop_event: threading.Event | None = None,
 ) -> ServerRun:
     """Run one federated fine-tuning job on ``grid`` as ``config`` (a resolved run config) says."""
     task = get_task(str(config["task"]))
@@ -75,6 +77,8 @@ def run_federation(
     strategy = AlgorithmStrategy(
         algorithm, settings, store=store, run_id=run_id, central_evaluate=central_evaluate, observer=observer
     )
+    if stop_event is not None:
+        strategy.stop_event = stop_event
     try:
         strategy.start(
             grid=grid,
@@ -82,6 +86,9 @@ def run_federation(
             num_rounds=int(config["num-server-rounds"]),
             timeout=settings.round_timeout,
         )
+    except RunStopped as err:
+        store.finish_run(run_id, "stopped", str(err))
+        raise
     except BaseException as err:
         store.finish_run(run_id, "failed", "".join(traceback.format_exception_only(type(err), err)).strip())
         raise
@@ -95,6 +102,7 @@ def build_server_app(
     num_clients: int = 0,
     observer: RoundObserver | None = None,
     on_run_created: Callable[[str], None] | None = None,
+    stop_event: threading.Event | None = None,
 ) -> ServerApp:
     """A ServerApp; ``overrides`` stand in for the run config where Flower passes none (fedsim)."""
     app = ServerApp()
@@ -102,7 +110,10 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = resolve_run_config(context.run_config, overrides)
-        run_federation(grid, config, num_clients=num_clients, observer=observer, on_run_created=on_run_created)
+        run_federation(
+            grid, config, num_clients=num_clients, observer=observer, on_run_created=on_run_created,
+            stop_event=stop_event,
+        )
 
     return app
 

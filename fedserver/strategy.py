@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ from fedclient.wire import ARRAYS, CONFIG, array_record, from_recorddict, messag
 from fedserver.store import ClientRecord, RoundRecord, RunStore, now
 
 CentralEvaluate = Callable[[int, GlobalState], dict[str, float]]
+
+
+class RunStopped(RuntimeError):
+    """The run was asked to stop (``AlgorithmStrategy.stop_event``) before it finished."""
 
 
 class RoundObserver(Protocol):
@@ -123,6 +128,12 @@ class AlgorithmStrategy(Strategy):
         self._ledger = _RoundLedger()
         self._sites: dict[int, Site] = {}  # by node id
         self._by_client: dict[ClientId, Site] = {}
+        self.stop_event = threading.Event()  # set it to end the run at the next wait
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep while waiting on clients; raise RunStopped as soon as a stop is requested."""
+        if self.stop_event.wait(seconds):
+            raise RunStopped("the run was stopped before it finished")
 
     # ---- sites and sampling ------------------------------------------------------------------
     def _identify(self, grid: Grid, node_ids: list[int]) -> None:
@@ -140,7 +151,7 @@ class AlgorithmStrategy(Strategy):
                 if reply.has_content() and "site" in reply.content.config_records:
                     names[reply.metadata.src_node_id] = str(reply.content["site"].get("name", ""))
             if pending:
-                time.sleep(0.05)
+                self._pause(0.05)
         for node_id in unknown:
             name = names.get(node_id) or f"node-{node_id}"
             client_id = stable_client_id(name)
@@ -162,7 +173,7 @@ class AlgorithmStrategy(Strategy):
                     f"only {len(nodes)} of the {self.settings.min_available_nodes} required clients "
                     f"connected within {self.settings.wait_for_nodes:.0f} s"
                 )
-            time.sleep(1.0)
+            self._pause(1.0)
         self._identify(grid, nodes)
         sites = sorted((self._sites[n] for n in nodes), key=lambda site: site.client_id)
         wanted = max(round(len(sites) * fraction), self.settings.min_train_nodes if phase == "train" else 1, 1)
@@ -300,7 +311,7 @@ class AlgorithmStrategy(Strategy):
                 if self.observer:
                     self.observer.phase_progress(server_round, phase, total - len(pending) - len(arrived), total)
             if pending:
-                time.sleep(0.05)
+                self._pause(0.05)
         if pending:
             log(WARNING, "round %s: %d %s replies missing after %.0f s", server_round, len(pending), phase,
                 self.settings.round_timeout)

@@ -130,9 +130,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         result = run_simulation_spec(spec, console)
         run_id = result.run_id
         wall = result.wall_seconds
-    except KeyboardInterrupt as err:
-        error = err
-    except Exception as err:  # reported below with what the store kept
+    except (KeyboardInterrupt, Exception) as err:  # reported below with what the store kept
         error = err
     store = RunStore(config["store"])
     if run_id is None:
@@ -152,8 +150,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"[yellow]round {problem['round']} {problem['phase']} client {problem['node_id']}: "
                       f"{problem['status']}[/] {problem['error'] or ''}")
     if error is not None:
-        err_console.print(f"[red]error:[/] run {run_id} stopped: {error!r}. Completed rounds are in {config['store']}")
-        return 130 if isinstance(error, KeyboardInterrupt) else 1
+        from fedserver.strategy import RunStopped
+
+        stopped = isinstance(error, (KeyboardInterrupt, RunStopped))
+        what = "was stopped" if stopped else f"failed: {error}"
+        err_console.print(f"[red]run {run_id} {what}.[/] Completed rounds ({summary['rounds_completed']} of "
+                          f"{summary['num_rounds']}) are in {out}/store.db, summary.json and plot.png")
+        return 130 if stopped else 1
     console.print(
         f"final central accuracy [bold]{100 * (summary['final_central_accuracy'] or 0):.1f}%[/] "
         f"in {wall:.0f} s wall · run [bold]{run_id}[/]\n"

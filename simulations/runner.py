@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import pathlib
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -82,8 +83,13 @@ def run_simulation_spec(spec: SimulationSpec, console: Console | None = None) ->
     config = resolve_run_config({}, spec.config)
     observer = ProgressObserver(console, int(config["num-server-rounds"]))
     created: dict[str, str] = {}
+    stop = threading.Event()
     server_app = build_server_app(
-        config, num_clients=spec.num_clients, observer=observer, on_run_created=lambda rid: created.setdefault("id", rid)
+        config,
+        num_clients=spec.num_clients,
+        observer=observer,
+        on_run_created=lambda rid: created.setdefault("id", rid),
+        stop_event=stop,
     )
     client_app = build_client_app(config)
     flwr_logger = logging.getLogger("flwr")
@@ -99,6 +105,13 @@ def run_simulation_spec(spec: SimulationSpec, console: Console | None = None) ->
             "logging_level": logging.INFO if spec.verbose else logging.ERROR,
         },
     }
+    def on_interrupt(_signum: int, _frame: Any) -> None:
+        if stop.is_set():  # a second Ctrl-C: stop waiting for the coordinator to wind down
+            raise KeyboardInterrupt
+        stop.set()  # the coordinator ends at its next wait; finished rounds stay in the store
+        console.print("[yellow]stopping: finishing the bookkeeping (Ctrl-C again to abort)[/]")
+
+    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
     started = time.perf_counter()
     try:
         with observer.progress:
@@ -109,7 +122,11 @@ def run_simulation_spec(spec: SimulationSpec, console: Console | None = None) ->
                 backend_config=backend_config,
                 verbose_logging=spec.verbose,
             )
+    except BaseException:
+        stop.set()  # whatever ended the simulation, the coordinator thread must not wait on
+        raise
     finally:
+        signal.signal(signal.SIGINT, previous_handler)
         flwr_logger.setLevel(previous_level)
     if "id" not in created:
         raise RuntimeError("the simulation ended before the coordinator created its run; rerun with --verbose")

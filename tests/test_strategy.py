@@ -127,3 +127,17 @@ def test_settings_refuse_impossible_fractions():
         StrategySettings(fraction_train=1.5)
     with pytest.raises(ValueError, match="no client would train"):
         StrategySettings(fraction_train=0.0)
+
+
+def test_a_stop_request_ends_waiting_for_clients_at_once(flower_identity):
+    import threading
+    import time
+
+    from fedserver.strategy import RunStopped
+
+    strategy = AlgorithmStrategy(FedAvg(), StrategySettings(min_available_nodes=5))
+    threading.Timer(0.2, strategy.stop_event.set).start()
+    started = time.monotonic()
+    with pytest.raises(RunStopped):
+        strategy._sample(IdentifyingGrid([1, 2]), 1, 1.0, "train")  # 2 of 5 nodes: would wait 120 s
+    assert time.monotonic() - started < 5
