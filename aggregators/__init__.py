@@ -12,8 +12,9 @@ from typing import Any
 
 from aggregators.base import Algorithm, Instruction, Payload, PayloadError, Reply
 from aggregators.fedavg import FedAvg
+from aggregators.selective_layer import SelectiveLayer
 
-ALGORITHMS: dict[str, type[Algorithm]] = {FedAvg.name: FedAvg}
+ALGORITHMS: dict[str, type[Algorithm]] = {FedAvg.name: FedAvg, SelectiveLayer.name: SelectiveLayer}
 
 
 def make_algorithm(name: str, config: Mapping[str, Any] | None = None) -> Algorithm:

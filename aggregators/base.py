@@ -129,6 +129,7 @@ class AggregateResult:
     accepted: list[ClientId] = field(default_factory=list)
     rejected: dict[ClientId, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    details: dict[ClientId, dict[str, Any]] = field(default_factory=dict)  # e.g. which layers each trained
 
 
 class Algorithm(ABC):
@@ -141,15 +142,36 @@ class Algorithm(ABC):
     name: ClassVar[str]
 
     # ---- server half -------------------------------------------------------------------------
-    def init_state(self, initial: Mapping[str, torch.Tensor]) -> GlobalState:
-        """The global state at round 0: fp32 CPU master copies of ``initial``."""
+    def init_state(
+        self, initial: Mapping[str, torch.Tensor], layers: Mapping[str, Sequence[str]] | None = None
+    ) -> GlobalState:
+        """The global state at round 0: fp32 CPU master copies of ``initial``.
+
+        ``layers`` maps layer names (input side first) to the keys of ``initial`` they hold, for
+        methods that work per layer; others ignore it.
+        """
         return {k: v.detach().to("cpu", torch.float32).clone() for k, v in initial.items()}
+
+    def probe(self, server_round: int, clients: Sequence[ClientId], state: GlobalState) -> dict[ClientId, Instruction]:
+        """Optional first exchange of a round (e.g. layer scores); ``{}`` means none."""
+        return {}
+
+    def check_probe(self, client: ClientId, payload: Payload) -> None:
+        """Validate (and take note of) a probe reply; raise PayloadError to drop the client."""
+
+    def forget(self, client: ClientId) -> None:
+        """The coordinator lost track of ``client`` (it failed, timed out or was rejected)."""
 
     @abstractmethod
     def plan(
-        self, server_round: int, clients: Sequence[ClientId], state: GlobalState
+        self,
+        server_round: int,
+        clients: Sequence[ClientId],
+        state: GlobalState,
+        probes: Mapping[ClientId, Payload] | None = None,
     ) -> dict[ClientId, Instruction]:
-        """The instruction for each sampled client of round ``server_round``."""
+        """The instruction for each sampled client of round ``server_round``; ``probes`` holds the
+        replies to :meth:`probe` (clients whose probe failed are absent from ``clients``)."""
 
     @abstractmethod
     def aggregate(
@@ -173,8 +195,19 @@ class Algorithm(ABC):
         """Run the client's local computation and return what it sends back.
 
         ``model`` is the task model on the client's device, already holding the pretrained
-        weights; ``client_state`` persists across rounds for this client.
+        weights; ``client_state`` persists across rounds for this client (the adapter also puts
+        site settings there under ``site.*`` keys, e.g. ``site.layer-budget``).
         """
+
+    def local_probe(
+        self,
+        model: torch.nn.Module,
+        data: LocalData,
+        instruction: Instruction,
+        client_state: dict[str, Any],
+    ) -> Payload:
+        """The client half of :meth:`probe`."""
+        raise NotImplementedError(f"{self.name} has no probe phase")
 
 
 def check_array(client: ClientId, key: str, value: np.ndarray, expected: torch.Tensor) -> None:

@@ -14,7 +14,7 @@ reply is validated, folded into per-key running sums and dropped (memory O(model
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +73,11 @@ class FedAvg(Algorithm):
 
     # ---- server half -------------------------------------------------------------------------
     def plan(
-        self, server_round: int, clients: Sequence[ClientId], state: GlobalState
+        self,
+        server_round: int,
+        clients: Sequence[ClientId],
+        state: GlobalState,
+        probes: Mapping[ClientId, Payload] | None = None,
     ) -> dict[ClientId, Instruction]:
         arrays = {k: v.numpy() for k, v in state.items()}  # one shared dict: encoded once
         cfg = self.config

@@ -4,8 +4,9 @@
 site's data on the best device present, and replies with the encoded Payload. ``evaluate`` scores
 the global model on the site's held-out local split.
 
-``query.identify`` tells the coordinator this site's stable name. Site settings come from
-``--node-config`` (``partition-id``, ``num-partitions``, optional ``site-name`` and ``device``);
+``query.identify`` tells the coordinator this site's stable name. ``query.probe`` runs an
+algorithm's probe (e.g. layer scores). Site settings come from ``--node-config`` (``partition-id``,
+``num-partitions``, optional ``site-name``, ``device`` and ``layer-budget``);
 the task and partitioning come from the run config.
 """
 
@@ -18,14 +19,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from aggregators import Instruction, make_algorithm
+from fedclient.budget import draw_budget
 from fedclient.device import best_device
 from fedclient.runconfig import quiet_environment, resolve_run_config
 from fedclient.tasks import ClientData, PartitionSpec, evaluate_model, get_task
-from fedclient.wire import ARRAYS, from_recorddict, to_recorddict
+from fedclient.wire import ARRAYS, array_record, from_recorddict, to_recorddict
 
 quiet_environment()
 
@@ -73,6 +75,20 @@ def site_name(node_config: Mapping[str, Any]) -> str:
     return ""
 
 
+def site_layer_budget(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> int | None:
+    """How many layers this site can train: ``layer-budget`` from the node config, else drawn
+    from the run config's simulated budget distribution (see :func:`fedclient.budget.draw_budget`)."""
+    if "layer-budget" in node_config:
+        budget = node_config["layer-budget"]
+        if not isinstance(budget, int) or budget < 0:
+            raise ValueError(f"node config layer-budget must be a whole number >= 0, got {budget!r}")
+        return budget
+    spec = str(config.get("layer-budget", ""))
+    if not spec:
+        return None
+    return draw_budget(spec, int(config["seed"]), int(node_config.get("partition-id", 0)))
+
+
 def _load_client_state(context: Context) -> dict[str, Any]:
     state: dict[str, Any] = {}
     if CLIENT_STATE_ARRAYS in context.state:
@@ -86,7 +102,7 @@ def _save_client_state(context: Context, state: Mapping[str, Any]) -> None:
     arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
     scalars = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
     if arrays:
-        context.state[CLIENT_STATE_ARRAYS] = ArrayRecord({k: v for k, v in arrays.items()})
+        context.state[CLIENT_STATE_ARRAYS] = array_record(arrays)
     if scalars:
         context.state[CLIENT_STATE_CONFIG] = ConfigRecord(scalars)
 
@@ -95,8 +111,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ClientApp; ``overrides`` stand in for the run config where Flower passes none (fedsim)."""
     app = ClientApp()
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
+    def run_local(msg: Message, context: Context, probe: bool) -> Message:
         config = resolve_run_config(context.run_config, overrides)
         instruction = Instruction.from_record(from_recorddict(msg.content))
         algorithm = make_algorithm(str(instruction.config["strategy"]))
@@ -104,12 +119,24 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         data = site_data(config, context.node_config)
         model = _fresh_model(str(config["task"]), device)
         client_state = _load_client_state(context)
+        budget = site_layer_budget(config, context.node_config)
+        if budget is not None:
+            client_state["site.layer-budget"] = budget
         started = time.perf_counter()
-        payload = algorithm.local(model, data.train, instruction, client_state)
+        run = algorithm.local_probe if probe else algorithm.local
+        payload = run(model, data.train, instruction, client_state)
         _save_client_state(context, client_state)
-        payload.metrics.setdefault("train-seconds", time.perf_counter() - started)
+        payload.metrics.setdefault("train-seconds" if not probe else "probe-seconds", time.perf_counter() - started)
         payload.metrics["partition-id"] = int(context.node_config["partition-id"])
         return Message(to_recorddict(payload.to_record()), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return run_local(msg, context, probe=False)
+
+    @app.query("probe")
+    def probe(msg: Message, context: Context) -> Message:
+        return run_local(msg, context, probe=True)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -54,8 +54,12 @@ def run_federation(
         seed=int(config["seed"]),
     )
     model = task.build_model()
-    keys = task.trainable_keys(model, csv_list(config["train-layers"]))
-    initial = ArrayRecord({k: v.detach().clone() for k, v in model.state_dict().items() if k in set(keys)})
+    layer_names = csv_list(config["train-layers"]) or (
+        task.layer_names()[1:] if algorithm.name == "selective-layer" else list(task.train_layers)
+    )  # selective-layer chooses among every layer above the (frozen) embeddings, as in the paper
+    layers = {name: task.trainable_keys(model, [name]) for name in layer_names}
+    keys = {k for layer_keys in layers.values() for k in layer_keys}
+    initial = ArrayRecord({k: v.detach().clone() for k, v in model.state_dict().items() if k in keys})
     test_set = task.load_data().test
 
     def central_evaluate(_round: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -75,7 +79,8 @@ def run_federation(
     if on_run_created:
         on_run_created(run_id)
     strategy = AlgorithmStrategy(
-        algorithm, settings, store=store, run_id=run_id, central_evaluate=central_evaluate, observer=observer
+        algorithm, settings, store=store, run_id=run_id, central_evaluate=central_evaluate, observer=observer,
+        layers=layers,
     )
     if stop_event is not None:
         strategy.stop_event = stop_event

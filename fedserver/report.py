@@ -36,8 +36,14 @@ def run_summary(store: RunStore, run_ref: str) -> dict[str, Any]:
                 "bytes_up": r.bytes_up,
                 "cumulative_bytes": cumulative,
                 "seconds": r.seconds,
+                "metrics": r.metrics,
             }
         )
+    selection = [
+        {"round": c.round, "site": c.site, "layers": c.details["layers"]}
+        for c in clients
+        if c.phase == "train" and c.status == "ok" and (c.details or {}).get("layers") is not None
+    ]
     problems = [
         {"round": c.round, "phase": c.phase, "node_id": c.node_id, "status": c.status, "error": c.error}
         for c in clients
@@ -66,6 +72,7 @@ def run_summary(store: RunStore, run_ref: str) -> dict[str, Any]:
         "checkpoints": store.checkpoint_rounds(run.id),
         "rounds": per_round,
         "client_problems": problems,
+        "selection": selection,
         "config": run.config,
         "store": store.url,
     }
@@ -134,6 +141,52 @@ def runs_table(runs: list[tuple[RunRow, str]], accuracies: dict[str, float | Non
 
 def write_summary(summary: dict[str, Any], path: pathlib.Path) -> None:
     path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def plot_selection(summary: dict[str, Any], path: pathlib.Path) -> bool:
+    """Heat maps of which layers were trained: clients per (round, layer), and per (site, layer)
+    the fraction of that site's rounds. Returns False (and writes nothing) if no run data says."""
+    if not summary.get("selection"):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = []
+    for entry in summary["selection"]:
+        layers.extend(layer for layer in entry["layers"] if layer not in layers)
+    layers.sort(key=lambda name: (name == "head", name))
+    rounds = sorted({e["round"] for e in summary["selection"]})
+    sites = sorted({e["site"] for e in summary["selection"]}, key=lambda n: (len(n), n))
+    per_round = np.zeros((len(rounds), len(layers)))
+    per_site = np.zeros((len(sites), len(layers)))
+    site_rounds = np.zeros(len(sites))
+    for e in summary["selection"]:
+        r, i = rounds.index(e["round"]), sites.index(e["site"])
+        site_rounds[i] += 1
+        for layer in e["layers"]:
+            per_round[r, layers.index(layer)] += 1
+            per_site[i, layers.index(layer)] += 1
+    per_site /= np.maximum(site_rounds, 1)[:, None]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.4 * max(len(rounds), len(sites)) + 3))
+    for ax, matrix, rows, title, label in (
+        (ax1, per_round, [str(r) for r in rounds], "clients training each layer, per round", "clients"),
+        (ax2, per_site, sites, "share of a site's rounds it trained each layer", "share of rounds"),
+    ):
+        image = ax.imshow(matrix, aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(layers)), [layer.replace("encoder.layer.", "L") for layer in layers], rotation=45)
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set_title(title)
+        fig.colorbar(image, ax=ax, label=label)
+    ax1.set_ylabel("round")
+    ax2.set_ylabel("site")
+    fig.suptitle(f"layer selection · {summary['strategy']} · run {summary['run_id']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def plot_run(summary: dict[str, Any], path: pathlib.Path) -> None:

@@ -91,7 +91,7 @@ class ClientRoundRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
     round: Mapped[int] = mapped_column(Integer)
-    phase: Mapped[str] = mapped_column(String(16))  # train | evaluate
+    phase: Mapped[str] = mapped_column(String(16))  # probe | train | evaluate
     node_id: Mapped[str] = mapped_column(String(24))  # uint64 node ids exceed SQL BIGINT
     site: Mapped[str] = mapped_column(String(200), default="")
     status: Mapped[str] = mapped_column(String(16))  # ok | rejected | failed | timeout
@@ -100,6 +100,7 @@ class ClientRoundRow(Base):
     bytes_down: Mapped[int] = mapped_column(Integer, default=0)
     bytes_up: Mapped[int] = mapped_column(Integer, default=0)
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    details: Mapped[dict] = mapped_column(JSON, default=dict)  # e.g. {"layers": [...]} it trained
 
 
 class CheckpointRow(Base):
@@ -125,6 +126,7 @@ class ClientRecord:
     bytes_up: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -220,7 +222,7 @@ class RunStore:
 
     def record_round(self, run_id: str, record: RoundRecord) -> None:
         """Write a round and its client rows atomically."""
-        phase_train = [c for c in record.clients if c.phase == "train"]
+        phase_train = [c for c in record.clients if c.phase == "train"]  # probe/evaluate rows are extra
         with self._session.begin() as session:
             session.add(
                 RoundRow(
@@ -256,6 +258,7 @@ class RunStore:
                         bytes_down=c.bytes_down,
                         bytes_up=c.bytes_up,
                         metrics={k: float(v) for k, v in c.metrics.items() if _finite_or_none(v) is not None},
+                        details=dict(c.details),
                     )
                 )
 

@@ -13,7 +13,7 @@ import hashlib
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Protocol
@@ -23,7 +23,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from aggregators.base import Algorithm, ClientId, GlobalState, Payload, PayloadError, Reply
+from aggregators.base import Algorithm, ClientId, GlobalState, Instruction, Payload, PayloadError, Reply
 from fedclient.wire import ARRAYS, CONFIG, array_record, from_recorddict, message_wire_bytes, to_recorddict
 from fedserver.store import ClientRecord, RoundRecord, RunStore, now
 
@@ -116,8 +116,10 @@ class AlgorithmStrategy(Strategy):
         run_id: str | None = None,
         central_evaluate: CentralEvaluate | None = None,
         observer: RoundObserver | None = None,
+        layers: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.algorithm = algorithm
+        self.layers = dict(layers) if layers else None
         self.settings = settings or StrategySettings()
         self.store = store
         self.run_id = run_id
@@ -181,14 +183,12 @@ class AlgorithmStrategy(Strategy):
         return sorted(rng.sample(sites, min(wanted, len(sites))), key=lambda site: site.name)
 
     # ---- Strategy API ------------------------------------------------------------------------
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        if not self.state:
-            self.state = self.algorithm.init_state(arrays.to_torch_state_dict())
-        sites = self._sample(grid, server_round, self.settings.fraction_train, "train")
-        plan = self.algorithm.plan(server_round, [site.client_id for site in sites], self.state)
-        encoded: dict[int, ArrayRecord] = {}  # instructions sharing one arrays dict share one record
+    def _messages(
+        self, plan: Mapping[ClientId, Instruction], config: ConfigRecord, message_type: str, server_round: int
+    ) -> list[Message]:
+        """One message per planned client; instructions sharing one arrays dict share one record."""
+        phase = message_type.split(".")[-1]
+        encoded: dict[int, ArrayRecord] = {}
         messages = []
         for client_id, instruction in plan.items():
             site = self._by_client[client_id]
@@ -200,12 +200,68 @@ class AlgorithmStrategy(Strategy):
             message = Message(
                 to_recorddict(parts, encoded.get(key)),
                 dst_node_id=site.node_id,
-                message_type="train",
+                message_type=message_type,
                 group_id=str(server_round),
             )
-            self._ledger.client("train", site).bytes_down = message_wire_bytes(message)
+            self._ledger.client(phase, site).bytes_down = message_wire_bytes(message)
             messages.append(message)
         return messages
+
+    def _decode(self, message: Message, phase: str) -> tuple[Site, Payload | None]:
+        """Account a reply's bytes and decode it; on error or a malformed reply, record why."""
+        site = self._sites[message.metadata.src_node_id]
+        record = self._ledger.client(phase, site)
+        record.bytes_up = message_wire_bytes(message)
+        if message.has_error():
+            record.status, record.error = "failed", f"{_who(site)}: {message.error.code}: {message.error.reason}"
+            log(WARNING, "%s failed: %s", _who(site), record.error)
+            return site, None
+        try:
+            payload = Payload.from_record(from_recorddict(message.content))
+        except PayloadError as err:
+            record.status, record.error = "rejected", f"{_who(site)}: {err}"
+            log(WARNING, "round %s: rejected the reply of %s: %s", message.metadata.group_id, _who(site), err)
+            return site, None
+        record.num_examples = payload.num_examples
+        record.metrics = {k: float(v) for k, v in payload.metrics.items()}
+        return site, payload
+
+    def _probe(
+        self, grid: Grid, server_round: int, sites: list[Site], config: ConfigRecord
+    ) -> tuple[set[ClientId], dict[ClientId, Payload]]:
+        """The algorithm's optional probe exchange (e.g. layer scores): who was asked, usable replies."""
+        plan = self.algorithm.probe(server_round, [site.client_id for site in sites], self.state)
+        if not plan:
+            return set(), {}
+        probes: dict[ClientId, Payload] = {}
+        messages = self._messages(plan, config, "query.probe", server_round)
+        for message in self._exchange(grid, messages, "probe", server_round):
+            site, payload = self._decode(message, "probe")
+            if payload is None:
+                continue
+            record = self._ledger.client("probe", site)
+            try:
+                self.algorithm.check_probe(site.client_id, payload)
+            except PayloadError as err:
+                record.status, record.error = "rejected", f"{_who(site)}: {err}"
+                continue
+            record.status = "ok"
+            probes[site.client_id] = payload
+        for client_id in plan:
+            if client_id not in probes:
+                self.algorithm.forget(client_id)
+        return set(plan), probes
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if not self.state:
+            self.state = self.algorithm.init_state(arrays.to_torch_state_dict(), self.layers)
+        sites = self._sample(grid, server_round, self.settings.fraction_train, "train")
+        asked, probes = self._probe(grid, server_round, sites, config)
+        clients = [s.client_id for s in sites if s.client_id in probes or s.client_id not in asked]  # drop failed
+        plan = self.algorithm.plan(server_round, clients, self.state, probes)
+        return self._messages(plan, config, "train", server_round)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -218,6 +274,11 @@ class AlgorithmStrategy(Strategy):
             log(WARNING, "round %s: rejected the reply of %s: %s", server_round, _who(site), reason)
         for client_id in result.accepted:
             self._ledger.client("train", self._by_client[client_id]).status = "ok"
+        for client_id, detail in result.details.items():
+            self._ledger.client("train", self._by_client[client_id]).details = dict(detail)
+        for (phase, node_id), record in self._ledger.clients.items():
+            if phase == "train" and record.status != "ok":
+                self.algorithm.forget(self._sites[node_id].client_id)
         if not result.accepted:
             log(WARNING, "round %s: no usable reply; the global model is unchanged", server_round)
             return None, MetricRecord(dict(result.metrics)) if result.metrics else None
@@ -226,23 +287,10 @@ class AlgorithmStrategy(Strategy):
 
     def _decode_train(self, replies: Iterable[Message]) -> Iterator[Reply]:
         for message in replies:
-            site = self._sites[message.metadata.src_node_id]
-            record = self._ledger.client("train", site)
-            record.bytes_up = message_wire_bytes(message)
-            if message.has_error():
-                record.status, record.error = "failed", f"{_who(site)}: {message.error.code}: {message.error.reason}"
-                log(WARNING, "%s failed: %s", _who(site), record.error)
-                continue
-            try:
-                payload = Payload.from_record(from_recorddict(message.content))
-            except PayloadError as err:
-                record.status, record.error = "rejected", f"{_who(site)}: {err}"
-                log(WARNING, "round %s: rejected the reply of %s: %s", message.metadata.group_id, _who(site), err)
-                continue
-            record.num_examples = payload.num_examples
-            record.metrics = {k: float(v) for k, v in payload.metrics.items()}
-            record.status = "pending"
-            yield Reply(site.client_id, payload)
+            site, payload = self._decode(message, "train")
+            if payload is not None:
+                self._ledger.client("train", site).status = "pending"
+                yield Reply(site.client_id, payload)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -332,7 +380,7 @@ class AlgorithmStrategy(Strategy):
         self.summary()
         train_config = train_config or ConfigRecord()
         evaluate_config = evaluate_config or ConfigRecord()
-        self.state = self.algorithm.init_state(initial_arrays.to_torch_state_dict())
+        self.state = self.algorithm.init_state(initial_arrays.to_torch_state_dict(), self.layers)
         arrays = initial_arrays
         result = Result()
         if self.central_evaluate:
@@ -367,6 +415,7 @@ class AlgorithmStrategy(Strategy):
                 seconds=time.perf_counter() - t0,
                 clients=list(self._ledger.clients.values()),
                 train_loss=(dict(train_metrics).get("train-loss") if train_metrics else None),
+                metrics=dict(train_metrics) if train_metrics else {},
                 central=central,
                 federated=dict(federated) if federated else {},
             )

@@ -72,10 +72,20 @@ def _validate_and_prepare(args: argparse.Namespace) -> tuple[dict[str, Any], pat
             "train-layers": args.train_layers,
             "checkpoint-every": args.checkpoint_every,
             "round-timeout": args.round_timeout,
+            "selection": args.selection,
+            "selection-lambda": args.selection_lambda,
+            "layer-scores": args.layer_scores,
+            "score-batches": args.score_batches,
+            "common-layers": args.common_layers,
+            "layer-budget": args.layer_budget,
         }
     )
     try:
         make_algorithm(args.strategy, config)
+        if args.layer_budget:
+            from fedclient.budget import draw_budget
+
+            draw_budget(args.layer_budget, args.seed, 0)
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from err
     unknown_layers = [layer for layer in csv_list(args.train_layers) if layer not in task.layer_names()]
@@ -112,7 +122,7 @@ def _default_out(root: pathlib.Path) -> pathlib.Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedserver.report import plot_run, rounds_table, run_summary, write_summary
+    from fedserver.report import plot_run, plot_selection, rounds_table, run_summary, write_summary
     from fedserver.store import RunStore
     from simulations.runner import SimulationSpec, run_simulation_spec
 
@@ -145,6 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     write_summary(summary, out / "summary.json")
     if summary["rounds"]:
         plot_run(summary, out / "plot.png")
+    has_selection = plot_selection(summary, out / "selection.png")
     console.print(rounds_table(summary))
     for problem in summary["client_problems"][:10]:
         console.print(f"[yellow]round {problem['round']} {problem['phase']} client {problem['node_id']}: "
@@ -161,6 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"final central accuracy [bold]{100 * (summary['final_central_accuracy'] or 0):.1f}%[/] "
         f"in {wall:.0f} s wall · run [bold]{run_id}[/]\n"
         f"wrote {out}/store.db, {out}/summary.json, {out}/plot.png"
+        + (f", {out}/selection.png (which site trained which layer)" if has_selection else "")
     )
     return 0
 
@@ -281,6 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=d["batch-size"], help="local mini-batch size")
     run.add_argument("--train-layers", default=d["train-layers"],
                      help="comma-separated layers to train and exchange, e.g. 'encoder.layer.5,head' (default: the task's)")
+    sel = run.add_argument_group("selective-layer (--strategy selective-layer)")
+    sel.add_argument("--selection", default=d["selection"],
+                     choices=("regulated", "client-top", "top", "bottom", "random", "full"),
+                     help="how layers are chosen: the paper's regulated problem P1, each client's own top layers, "
+                     "output-side, input-side, random, or every layer")
+    sel.add_argument("--selection-lambda", type=float, default=d["selection-lambda"],
+                     help="weight of the cross-client consistency penalty (scores are normalised per client)")
+    sel.add_argument("--layer-scores", choices=("fresh", "stale"), default=d["layer-scores"],
+                     help="fresh: a scoring exchange every round; stale: reuse each client's last scores")
+    sel.add_argument("--score-batches", type=int, default=d["score-batches"], help="batches per gradient score")
+    sel.add_argument("--common-layers", default=d["common-layers"], help="layers every client always trains")
+    sel.add_argument("--layer-budget", default=d["layer-budget"],
+                     help="simulated per-site budgets: N, uniform:LOW:HIGH or truncnorm:LOW:HIGH (default: all layers)")
     run.add_argument("--checkpoint-every", type=int, default=d["checkpoint-every"],
                      help="store the global model every N rounds (and after the last); 0 = never")
     run.add_argument("--round-timeout", type=float, default=d["round-timeout"], help="seconds to wait for replies per phase")
