@@ -93,3 +93,22 @@ def test_corrupt_replies_are_rejected_and_the_run_goes_on(tmp_path):
     _, state = store.load_checkpoint(run_id)
     assert all(v.isfinite().all() for v in state.values())
     assert all(r.central_loss is not None and math.isfinite(r.central_loss) for r in rounds.values())
+
+
+def test_selective_layer_with_different_budgets(tmp_path):
+    store, run_id = _simulate(tmp_path, build_client_app, strategy="selective-layer", **{"layer-budget": "uniform:0:1"})
+    assert store.get_run(run_id).status == "completed"
+    rows = store.client_rounds(run_id)
+    budgets = {c.site: int(c.metrics["layer-budget"]) for c in rows if c.phase == "probe"}
+    assert sorted(set(budgets.values())) == [0, 1]  # the sites really differ
+    trained = [c for c in rows if c.phase == "train"]
+    assert len(trained) == 6 and all(c.status == "ok" for c in trained)
+    for c in trained:
+        chosen = [layer for layer in c.details["layers"] if layer != "head"]
+        assert len(chosen) <= budgets[c.site]
+        if not chosen:  # head only: 5 classes x 384 + 5 floats, not the 1.8 M-parameter layer
+            assert c.bytes_up < 20_000
+        else:
+            assert c.bytes_up > 7_000_000
+    for r in store.rounds(run_id):
+        assert "selection-objective" in r.metrics and r.central_accuracy is not None
