@@ -68,40 +68,41 @@ def _check(scores: np.ndarray, budgets: np.ndarray, lam: float) -> tuple[np.ndar
     return scores, budgets
 
 
-def _layer_best_response(values: np.ndarray, lam: float, fixed: np.ndarray) -> tuple[np.ndarray, float]:
-    """max over S (respecting fixed: 1 in, 0 out, -1 free) of sum_{i in S} values_i - lam |S| (N-|S|)."""
-    n_clients = len(values)
-    forced = fixed == 1
-    free = np.flatnonzero(fixed == -1)
-    order = free[np.argsort(-values[free], kind="stable")]
-    base = values[forced].sum()
-    k0 = int(forced.sum())
-    sizes = k0 + np.arange(len(order) + 1)
-    gains = base + np.concatenate([[0.0], np.cumsum(values[order])]) - lam * sizes * (n_clients - sizes)
-    best = int(np.argmax(gains))
-    chosen = forced.copy()
-    chosen[order[:best]] = True
-    return chosen, float(gains[best])
+def _best_responses(values: np.ndarray, lam: float, fixed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For every layer at once: max over S of sum_{i in S} values_il - lam |S| (N-|S|), with S
+    containing the forced-in (fixed == 1) and none of the forced-out (fixed == 0) clients. For a
+    given size the best S is the forced-in plus the best free clients, so sorting solves it."""
+    n_clients, n_layers = values.shape
+    key = np.where(fixed == 1, np.inf, np.where(fixed == 0, -np.inf, values))
+    order = np.argsort(-key, axis=0, kind="stable")
+    ranked = np.take_along_axis(values, order, axis=0)
+    sizes = np.arange(n_clients + 1)[:, None]
+    gains = np.vstack([np.zeros((1, n_layers)), np.cumsum(ranked, axis=0)]) - lam * sizes * (n_clients - sizes)
+    low = (fixed == 1).sum(axis=0)
+    high = n_clients - (fixed == 0).sum(axis=0)
+    gains[(sizes < low) | (sizes > high)] = -np.inf
+    best = np.argmax(gains, axis=0)
+    chosen_sorted = np.arange(n_clients)[:, None] < best[None, :]
+    mask = np.zeros((n_clients, n_layers), dtype=bool)
+    np.put_along_axis(mask, order, chosen_sorted, axis=0)
+    return mask, gains[best, np.arange(n_layers)]
 
 
-def _relax(scores, budgets, lam, fixed, mu, iterations):
-    """Subgradient descent on the Lagrangian dual; returns (best bound, its mu, its relaxed mask)."""
-    n_clients, n_layers = scores.shape
+def _relax(scores, budgets, lam, fixed, mu, iterations, target):
+    """Minimise the Lagrangian dual D(mu) by projected subgradient steps with Polyak's step size
+    towards ``target`` (the best known objective); returns (best bound, its mu, its relaxed mask)."""
     best = (np.inf, mu, None)
-    step0 = max(1e-9, float(np.abs(scores).max(initial=0.0)) + lam * n_clients)
-    for it in range(iterations):
-        mask = np.zeros((n_clients, n_layers), dtype=bool)
-        value = float(mu @ budgets)
-        for layer in range(n_layers):
-            chosen, gain = _layer_best_response(scores[:, layer] - mu, lam, fixed[:, layer])
-            mask[:, layer] = chosen
-            value += gain
+    for _ in range(iterations):
+        mask, gains = _best_responses(scores - mu[:, None], lam, fixed)
+        value = float(mu @ budgets + gains.sum())
         if value < best[0]:
             best = (value, mu.copy(), mask)
-        excess = mask.sum(axis=1) - budgets  # subgradient of D is budgets - used
-        if not excess.any():
+        excess = mask.sum(axis=1) - budgets  # D's subgradient is budgets - used
+        norm = float(excess @ excess)
+        if norm == 0 or value <= target + 1e-12:
             break
-        mu = np.maximum(0.0, mu + step0 / (1 + it) * np.sign(excess) * (excess != 0))
+        step = max(value - target, 1e-9) / norm
+        mu = np.maximum(0.0, mu + step * excess)
     return best
 
 
@@ -120,6 +121,27 @@ def _repair(scores, budgets, lam, mask, fixed):
             mask[i, drop] = False
             counts[drop] -= 1
     return mask
+
+
+def _count_knapsack_bound(scores: np.ndarray, budgets: np.ndarray, lam: float) -> float:
+    """Upper bound: a layer picked by k clients is worth at most h_l(k) = (its k best scores) -
+    lam k (N-k), and the counts of any feasible selection add up to at most sum_i R_i; maximise
+    sum_l h_l(k_l) under that one constraint by dynamic programming over the total count."""
+    n_clients, n_layers = scores.shape
+    total = int(min(budgets.sum(), n_clients * n_layers))
+    sizes = np.arange(n_clients + 1)
+    best = np.full(total + 1, -np.inf)
+    best[0] = 0.0
+    for layer in range(n_layers):
+        column = np.sort(scores[:, layer])[::-1]
+        h = np.concatenate([[0.0], np.cumsum(column)]) - lam * sizes * (n_clients - sizes)
+        new = best.copy()  # k = 0
+        for k in range(1, n_clients + 1):
+            if k > total:
+                break
+            new[k:] = np.maximum(new[k:], best[:-k] + h[k])
+        best = new
+    return float(best.max())
 
 
 def _starting_points(scores: np.ndarray, budgets: np.ndarray) -> list[np.ndarray]:
@@ -170,7 +192,7 @@ def _local_search(scores, budgets, lam, mask, fixed, deadline):
 
 
 def solve_selection(
-    scores: np.ndarray, budgets: np.ndarray, lam: float, *, time_limit: float = 0.05, iterations: int = 60
+    scores: np.ndarray, budgets: np.ndarray, lam: float, *, time_limit: float = 0.05, iterations: int = 300
 ) -> Selection:
     """Solve P1 (see module docstring). ``time_limit`` seconds bound the branch and bound."""
     scores, budgets = _check(scores, budgets, lam)
@@ -201,7 +223,7 @@ def solve_selection(
         fixed, mu = stack.pop()
         if ((fixed == 1).sum(axis=1) > budgets).any():
             continue
-        bound, mu, relaxed = _relax(scores, budgets, lam, fixed, mu, iterations)
+        bound, mu, relaxed = _relax(scores, budgets, lam, fixed, mu, iterations, best_value)
         if root_bound is None:
             root_bound = bound
         if bound <= best_value + 1e-9:
@@ -228,5 +250,9 @@ def solve_selection(
             child = fixed.copy()
             child[i, layer] = value
             stack.append((child, mu.copy()))
-    upper = best_value if exhausted else max(best_value, float(root_bound))
+    if exhausted:
+        upper = best_value
+    else:  # the penalty is >= 0, so the lambda = 0 optimum (each client's top-R) bounds F too
+        top_r = sum(float(np.sort(np.maximum(scores[i], 0.0))[::-1][: budgets[i]].sum()) for i in range(n_clients))
+        upper = max(best_value, min(float(root_bound), top_r, _count_knapsack_bound(scores, budgets, lam)))
     return Selection(best_mask, best_value, upper, exhausted)
