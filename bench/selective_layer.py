@@ -79,7 +79,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--budget", default="uniform:1:3", help="per-site layer budgets for the selective arms")
-    parser.add_argument("--selection-lambda", type=float, default=0.01)
+    parser.add_argument("--selection-lambda", type=float, default=0.05)
     parser.add_argument("--arms", default="full,regulated,client-top,top,bottom,random")
     args = parser.parse_args()
 

@@ -26,7 +26,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "batch-size": 16,
     "train-layers": "",
     "selection": "regulated",
-    "selection-lambda": 0.01,
+    "selection-lambda": 0.05,
     "layer-scores": "fresh",
     "score-batches": 4,
     "common-layers": "head",

@@ -193,3 +193,19 @@ def test_simulated_budgets_follow_their_spec():
     assert {draw_budget("uniform:2:3", 1, p) for p in range(50)} == {2, 3}
     with pytest.raises(ValueError, match="not N, uniform"):
         draw_budget("lots", 0, 0)
+
+
+def test_stale_scores_probe_only_new_clients_and_ride_on_training_replies():
+    _, algorithm, state = _setup(layer_scores="stale")
+    instructions, caches = _client_round(algorithm, state, [1, 2], [2, 2])  # round 1: both new, probed
+    assert "score-layers" in instructions[1].config
+    replies = [Reply(c, algorithm.local(Stack(), Data(seed=c), instructions[c], caches[c])) for c in (1, 2)]
+    assert all(SCORES_KEY in r.payload.arrays for r in replies)  # scores for next time
+    result = algorithm.aggregate(1, state, iter(replies))
+    assert SCORES_KEY not in result.state
+    assert algorithm.probe(2, [1, 2], result.state) == {}  # known clients: no probe exchange
+    assert set(algorithm.probe(2, [1, 2, 3], result.state)) == {3}  # a newcomer is probed
+    fresh_algorithm = _setup(layer_scores="fresh")[1]
+    fresh_algorithm.init_state(state, {n: [k for k in state if k.startswith(n + ".")] for n in
+                                       [*(f"block.{i}" for i in range(N_LAYERS)), "head"]})
+    assert set(fresh_algorithm.probe(1, [1, 2], state)) == {1, 2}
