@@ -158,9 +158,11 @@ class Algorithm(ABC):
 
     def check_probe(self, client: ClientId, payload: Payload) -> None:
         """Validate (and take note of) a probe reply; raise PayloadError to drop the client."""
+        return None
 
     def forget(self, client: ClientId) -> None:
         """The coordinator lost track of ``client`` (it failed, timed out or was rejected)."""
+        return None
 
     @abstractmethod
     def plan(

@@ -35,7 +35,7 @@ from aggregators.base import (
     check_weight,
 )
 from aggregators.local_training import train_steps
-from aggregators.streaming import WeightedMeanPerKey
+from aggregators.streaming import WeightedMeanPerKey, WeightedMetricMeans
 
 
 def derive_seed(*parts: int) -> int:
@@ -100,7 +100,7 @@ class FedAvg(Algorithm):
     ) -> AggregateResult:
         mean = WeightedMeanPerKey()
         result = AggregateResult(state=state)
-        loss_sum = weight_sum = 0.0
+        losses = WeightedMetricMeans()
         for reply in replies:
             try:
                 weight = self._validate(reply, state)
@@ -109,12 +109,9 @@ class FedAvg(Algorithm):
                 continue
             mean.add(reply.payload.arrays, weight)
             result.accepted.append(reply.client)
-            if "train-loss" in reply.payload.metrics:
-                loss_sum += weight * float(reply.payload.metrics["train-loss"])
-                weight_sum += weight
+            losses.add(reply.payload.metrics, weight)
         result.state = {**state, **mean.means()}
-        if weight_sum:
-            result.metrics["train-loss"] = loss_sum / weight_sum
+        result.metrics.update(losses.means())
         return result
 
     @staticmethod

@@ -63,7 +63,7 @@ from aggregators.base import (
 from aggregators.fedavg import derive_seed
 from aggregators.layer_selection import objective, solve_selection
 from aggregators.local_training import set_trainable, to_device, train_steps
-from aggregators.streaming import WeightedMeanPerKey
+from aggregators.streaming import WeightedMeanPerKey, WeightedMetricMeans
 
 SELECTIONS = ("regulated", "client-top", "top", "bottom", "random", "full")
 SCORES_KEY = "layer-scores"
@@ -294,7 +294,7 @@ class SelectiveLayer(Algorithm):
     def aggregate(self, server_round: int, state: GlobalState, replies: Iterable[Reply]) -> AggregateResult:
         mean = WeightedMeanPerKey()
         result = AggregateResult(state=state)
-        loss_sum = weight_sum = 0.0
+        losses = WeightedMetricMeans()
         for reply in replies:
             try:
                 weight = self._validate(reply, state)
@@ -306,16 +306,13 @@ class SelectiveLayer(Algorithm):
             mean.add({k: v for k, v in reply.payload.arrays.items() if k != SCORES_KEY}, weight)
             result.accepted.append(reply.client)
             result.details[reply.client] = {"layers": self.assigned.get(reply.client, [])}
-            if "train-loss" in reply.payload.metrics:
-                loss_sum += weight * float(reply.payload.metrics["train-loss"])
-                weight_sum += weight
+            losses.add(reply.payload.metrics, weight)
         deltas = mean.means()
         result.state = {**state, **{k: state[k] + d for k, d in deltas.items()}}
         for name, keys in self.layers.items():
             if any(k in deltas for k in keys):
                 self.layer_version[name] = server_round
-        if weight_sum:
-            result.metrics["train-loss"] = loss_sum / weight_sum
+        result.metrics.update(losses.means())
         result.metrics["layers-changed"] = float(sum(v == server_round for v in self.layer_version.values()))
         if self.last_objective is not None:
             result.metrics["selection-objective"] = self.last_objective

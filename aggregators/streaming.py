@@ -40,3 +40,20 @@ class WeightedMeanPerKey:
     def means(self) -> dict[str, torch.Tensor]:
         """The weighted mean of every key folded so far, as float32."""
         return {k: (s / self._weights[k]).to(torch.float32) for k, s in self._sums.items()}
+
+
+class WeightedMetricMeans:
+    """Running weighted means of the named scalar metrics of replies (absent ones are skipped)."""
+
+    def __init__(self, names: tuple[str, ...] = ("train-loss",)) -> None:
+        self._sums = {name: 0.0 for name in names}
+        self._weights = {name: 0.0 for name in names}
+
+    def add(self, metrics: Mapping[str, float], weight: float) -> None:
+        for name in self._sums:
+            if name in metrics:
+                self._sums[name] += weight * float(metrics[name])
+                self._weights[name] += weight
+
+    def means(self) -> dict[str, float]:
+        return {name: self._sums[name] / w for name, w in self._weights.items() if w > 0}

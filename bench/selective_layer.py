@@ -57,7 +57,7 @@ def time_solver() -> str:
     lines = []
     for lam in (0.001, 0.01):
         times, gaps, exact = [], [], 0
-        for trial in range(5):
+        for _ in range(5):
             scores = rng.random((100, 48)) ** 3
             scores /= scores.sum(axis=1, keepdims=True)
             budgets = rng.integers(1, 7, 100)
@@ -104,7 +104,7 @@ def main() -> int:
             r = results[-1]
             print(f"  done {name}: accuracy {r['accuracy'][-1]:.3f}, up {r['up'] / 1e6:.1f} MB, {r['wall']:.0f} s", flush=True)
     base = next((r for r in results if r["arm"] == "full"), results[0])
-    print(f"\n| arm | layers/client | accuracy by round | final acc | Δ vs full (pts) | uplink MB | uplink vs full | downlink MB | wall s |")
+    print("\n| arm | layers/client | accuracy by round | final acc | Δ vs full (pts) | uplink MB | uplink vs full | downlink MB | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         label = "full FedAvg" if r["arm"] == "full" else ("proposed (regulated, P1)" if r["arm"] == "regulated" else r["arm"])
