@@ -87,15 +87,23 @@ def _num(value: float | None, digits: int = 4) -> str:
 
 
 def rounds_table(summary: dict[str, Any]) -> Table:
-    """Per-round table: accuracy, loss, clients, MB down/up, wall time."""
+    """Per-round table: accuracy, loss, clients, MB down/up, wall time (and the layer-selection
+    objective and layers trained per client, for selective strategies)."""
+    selective = any("selection-objective" in (r.get("metrics") or {}) for r in summary["rounds"])
+    layers_per_round: dict[int, list[int]] = {}
+    for entry in summary.get("selection", []):
+        layers_per_round.setdefault(entry["round"], []).append(len([x for x in entry["layers"] if x != "head"]))
     table = Table(title=f"run {summary['run_id']} · {summary['task']} · {summary['strategy']} · {summary['status']}")
-    for column in ("round", "central acc", "central loss", "train loss", "clients ok", "MB down", "MB up", "seconds"):
+    columns = ["round", "central acc", "central loss", "train loss", "clients ok", "MB down", "MB up", "seconds"]
+    if selective:
+        columns = ["round", "acc", "loss", "train loss", "ok", "MB down", "MB up", "s", "objective", "layers"]
+    for column in columns:
         table.add_column(column, justify="right")
+    blank = [""] * (len(columns) - 3)
     if summary["initial_central_accuracy"] is not None:
-        table.add_row("0", _pct(summary["initial_central_accuracy"]), _num(summary["initial_central_loss"]),
-                      "", "", "", "", "")
+        table.add_row("0", _pct(summary["initial_central_accuracy"]), _num(summary["initial_central_loss"]), *blank)
     for r in summary["rounds"]:
-        table.add_row(
+        row = [
             str(r["round"]),
             _pct(r["central_accuracy"]),
             _num(r["central_loss"]),
@@ -104,18 +112,17 @@ def rounds_table(summary: dict[str, Any]) -> Table:
             f"{r['bytes_down'] / 1e6:.2f}",
             f"{r['bytes_up'] / 1e6:.2f}",
             f"{r['seconds']:.1f}",
-        )
+        ]
+        if selective:
+            counts = layers_per_round.get(r["round"], [])
+            row += [_num((r.get("metrics") or {}).get("selection-objective")),
+                    f"{sum(counts) / len(counts):.2f}" if counts else "-"]
+        table.add_row(*row)
     table.add_section()
-    table.add_row(
-        "total",
-        _pct(summary["final_central_accuracy"]),
-        "",
-        "",
-        "",
-        f"{summary['total_bytes_down'] / 1e6:.2f}",
-        f"{summary['total_bytes_up'] / 1e6:.2f}",
-        f"{summary['round_seconds']:.1f}",
-    )
+    totals = ["total", _pct(summary["final_central_accuracy"]), "", "", "",
+              f"{summary['total_bytes_down'] / 1e6:.2f}", f"{summary['total_bytes_up'] / 1e6:.2f}",
+              f"{summary['round_seconds']:.1f}"]
+    table.add_row(*totals, *([""] * (len(columns) - len(totals))))
     return table
 
 

@@ -188,7 +188,7 @@ def _stores(args: argparse.Namespace) -> list[str]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from fedserver.report import runs_table
-    from fedserver.store import RunStore
+    from fedserver.store import RunStore, StoreError
 
     urls = _stores(args)
     if not urls:
@@ -196,7 +196,11 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     rows, accuracies = [], {}
     for url in urls:
-        store = RunStore(url)
+        try:
+            store = RunStore(url)
+        except StoreError as err:
+            err_console.print(f"[yellow]skipping[/] {err}")
+            continue
         for run in store.list_runs():
             rows.append((run, url.removeprefix("sqlite:///")))
             rounds = store.rounds(run.id)
@@ -214,15 +218,19 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     ref = args.run
     path = pathlib.Path(ref)
-    urls = [f"sqlite:///{(path / 'store.db').resolve()}"] if (path / "store.db").is_file() else _stores(args)
     found = []
-    for url in urls:
-        store = RunStore(url)
-        try:
-            run = store.get_run(path.name if (path / "store.db").is_file() else ref)
-        except StoreError:
-            continue
-        found.append((store, run))
+    if (path / "store.db").is_file():  # a run directory: its store holds that run
+        store = RunStore(f"sqlite:///{(path / 'store.db').resolve()}")
+        found = [(store, run) for run in store.list_runs()]
+        urls = [store.url]
+    else:
+        urls = _stores(args)
+        for url in urls:
+            try:
+                store = RunStore(url)
+                found.append((store, store.get_run(ref)))
+            except StoreError:
+                continue
     if not found:
         raise UsageError(f"no run '{ref}' in {len(urls)} store(s) under {args.runs_dir}/; `fedsim list` shows the runs")
     if len(found) > 1:
@@ -333,10 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedserver.store import StoreError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except UsageError as err:
+    except (UsageError, StoreError) as err:
         err_console.print(f"[red]error:[/] {err}")
         return 2
 
