@@ -9,7 +9,6 @@ leaves half a round behind.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,6 +31,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from aggregators.shared_randomness import state_hash
 
 SCHEMA_VERSION = 2  # 2: sites, per-client details, the initial evaluation
 
@@ -162,16 +163,6 @@ def _finite_or_none(value: Any) -> float | None:
     return value if value == value and abs(value) != float("inf") else None
 
 
-def state_checksum(state: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the keys, shapes and fp32 bytes of a global state (order-independent)."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key].detach().to("cpu", torch.float32).contiguous()
-        digest.update(f"{key}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()
-
-
 class RunStore:
     """Access to one run store (see module docstring)."""
 
@@ -266,7 +257,7 @@ class RunStore:
         """Store the global state after ``server_round`` as safetensors; return its checksum."""
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
         blob = save(tensors, metadata={"run": run_id, "round": str(server_round)})
-        checksum = state_checksum(tensors)
+        checksum = state_hash(tensors)
         with self._session.begin() as session:
             session.merge(
                 CheckpointRow(
@@ -337,7 +328,7 @@ class RunStore:
         if row is None:
             raise StoreError(f"run '{run_id}' has no checkpoint" + (f" for round {server_round}" if server_round else ""))
         state = load(row.data)
-        if state_checksum(state) != row.sha256:
+        if state_hash(state) != row.sha256:
             raise StoreError(f"checkpoint of run '{run_id}' round {row.round} is corrupt (checksum mismatch)")
         return row.round, state
 
