@@ -92,9 +92,16 @@ def _relax(scores, budgets, lam, fixed, mu, iterations, target):
     """Minimise the Lagrangian dual D(mu) by projected subgradient steps with Polyak's step size
     towards ``target`` (the best known objective); returns (best bound, its mu, its relaxed mask)."""
     best = (np.inf, mu, None)
+    stalled = 0
     for _ in range(iterations):
         mask, gains = _best_responses(scores - mu[:, None], lam, fixed)
         value = float(mu @ budgets + gains.sum())
+        if value < best[0] - 1e-4 * abs(best[0] if np.isfinite(best[0]) else value):
+            stalled = 0
+        else:
+            stalled += 1
+            if stalled >= 25:  # no real progress for a while: the bound has converged
+                break
         if value < best[0]:
             best = (value, mu.copy(), mask)
         excess = mask.sum(axis=1) - budgets  # D's subgradient is budgets - used
@@ -192,7 +199,7 @@ def _local_search(scores, budgets, lam, mask, fixed, deadline):
 
 
 def solve_selection(
-    scores: np.ndarray, budgets: np.ndarray, lam: float, *, time_limit: float = 0.05, iterations: int = 300
+    scores: np.ndarray, budgets: np.ndarray, lam: float, *, time_limit: float = 0.02, iterations: int = 300
 ) -> Selection:
     """Solve P1 (see module docstring). ``time_limit`` seconds bound the branch and bound."""
     scores, budgets = _check(scores, budgets, lam)
