@@ -312,24 +312,20 @@ class AlgorithmStrategy(Strategy):
         sums: dict[str, float] = {}
         total = 0
         for message in replies:
-            site = self._sites[message.metadata.src_node_id]
+            site, payload = self._decode(message, "evaluate")
+            if payload is None:
+                continue
             record = self._ledger.client("evaluate", site)
-            record.bytes_up = message_wire_bytes(message)
-            if message.has_error():
-                record.status, record.error = "failed", f"{_who(site)}: {message.error.code}: {message.error.reason}"
-                continue
             try:
-                metrics = from_recorddict(message.content).metrics
-                n = int(metrics["num-examples"])
-                values = {k: float(metrics[k]) for k in ("loss", "accuracy")}
-            except (PayloadError, KeyError, TypeError, ValueError) as err:
-                record.status, record.error = "rejected", f"{_who(site)}: malformed evaluation reply ({err})"
+                values = {k: float(payload.metrics[k]) for k in ("loss", "accuracy")}
+            except (KeyError, TypeError, ValueError) as err:
+                record.status, record.error = "rejected", f"{_who(site)}: malformed evaluation reply ({err!r})"
                 continue
-            record.status, record.num_examples, record.metrics = "ok", n, values
-            if n > 0:
-                total += n
+            record.status, record.metrics = "ok", values
+            if payload.num_examples > 0:
+                total += payload.num_examples
                 for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + n * v
+                    sums[k] = sums.get(k, 0.0) + payload.num_examples * v
         if not total:
             return None
         return MetricRecord({k: v / total for k, v in sums.items()})
