@@ -230,6 +230,26 @@ def check_array(client: ClientId, key: str, value: np.ndarray, expected: torch.T
         raise PayloadError(f"client {client}: '{key}' contains NaN or infinite values")
 
 
+def check_arrays(
+    client: ClientId,
+    arrays: Mapping[str, np.ndarray],
+    state: GlobalState,
+    *,
+    allowed: set[str] | None = None,
+    what: str = "arrays",
+) -> None:
+    """Raise :class:`PayloadError` unless ``arrays`` is non-empty, every key is in ``state`` (and
+    in ``allowed`` when given), and every array can stand in for its state tensor."""
+    if not arrays:
+        raise PayloadError(f"client {client}: reply carries no {what}")
+    for key, value in arrays.items():
+        if key not in state:
+            raise PayloadError(f"client {client}: unknown key '{key}'")
+        if allowed is not None and key not in allowed:
+            raise PayloadError(f"client {client}: sent '{key}', which is not in a layer it was assigned")
+        check_array(client, key, value, state[key])
+
+
 def check_weight(client: ClientId, num_examples: int) -> float:
     """The aggregation weight of a reply; refuses non-positive or non-finite counts."""
     weight = float(num_examples)

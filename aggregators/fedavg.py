@@ -31,10 +31,10 @@ from aggregators.base import (
     Payload,
     PayloadError,
     Reply,
-    check_array,
+    check_arrays,
     check_weight,
 )
-from aggregators.local_training import train_steps
+from aggregators.local_training import check_local_training, train_steps
 from aggregators.streaming import WeightedMeanPerKey, WeightedMetricMeans
 
 
@@ -54,12 +54,7 @@ class FedAvgConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.local_steps < 1:
-            raise ValueError(f"local-steps must be at least 1, got {self.local_steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch-size must be at least 1, got {self.batch_size}")
+        check_local_training(self.lr, self.local_steps, self.batch_size)
 
 
 class FedAvg(Algorithm):
@@ -117,14 +112,8 @@ class FedAvg(Algorithm):
     @staticmethod
     def _validate(reply: Reply, state: GlobalState) -> float:
         """Check a whole reply before any of it is folded; return its weight."""
-        payload = reply.payload
-        weight = check_weight(reply.client, payload.num_examples)
-        if not payload.arrays:
-            raise PayloadError(f"client {reply.client}: reply carries no arrays")
-        for key, value in payload.arrays.items():
-            if key not in state:
-                raise PayloadError(f"client {reply.client}: unknown key '{key}'")
-            check_array(reply.client, key, value, state[key])
+        weight = check_weight(reply.client, reply.payload.num_examples)
+        check_arrays(reply.client, reply.payload.arrays, state)
         return weight
 
     # ---- client half -------------------------------------------------------------------------

@@ -23,6 +23,16 @@ class TrainStats:
     seconds: float
 
 
+def check_local_training(lr: float, local_steps: int, batch_size: int) -> None:
+    """Refuse local-training hyper-parameters no optimizer can run with."""
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if local_steps < 1:
+        raise ValueError(f"local-steps must be at least 1, got {local_steps}")
+    if batch_size < 1:
+        raise ValueError(f"batch-size must be at least 1, got {batch_size}")
+
+
 def set_trainable(model: torch.nn.Module, trainable: Collection[str]) -> list[torch.nn.Parameter]:
     """Make exactly the parameters named in ``trainable`` require gradients; return them."""
     names = set(trainable)

@@ -57,12 +57,12 @@ from aggregators.base import (
     Payload,
     PayloadError,
     Reply,
-    check_array,
+    check_arrays,
     check_weight,
 )
 from aggregators.fedavg import derive_seed
 from aggregators.layer_selection import objective, solve_selection
-from aggregators.local_training import set_trainable, to_device, train_steps
+from aggregators.local_training import check_local_training, set_trainable, to_device, train_steps
 from aggregators.streaming import WeightedMeanPerKey, WeightedMetricMeans
 
 SELECTIONS = ("regulated", "client-top", "top", "bottom", "random", "full")
@@ -101,8 +101,7 @@ class SelectiveLayerConfig:
             raise ValueError(f"selection-lambda must be non-negative, got {self.selection_lambda}")
         if self.score_batches < 1:
             raise ValueError(f"score-batches must be at least 1, got {self.score_batches}")
-        if not self.lr > 0 or self.local_steps < 1 or self.batch_size < 1:
-            raise ValueError("lr must be positive, local-steps and batch-size at least 1")
+        check_local_training(self.lr, self.local_steps, self.batch_size)
 
 
 def layer_scores(
@@ -319,18 +318,10 @@ class SelectiveLayer(Algorithm):
         return result
 
     def _validate(self, reply: Reply, state: GlobalState) -> float:
-        payload = reply.payload
-        weight = check_weight(reply.client, payload.num_examples)
+        weight = check_weight(reply.client, reply.payload.num_examples)
         allowed = {k for name in self.assigned.get(reply.client, []) for k in self.layers[name]}
-        deltas = {k: v for k, v in payload.arrays.items() if k != SCORES_KEY}
-        if not deltas:
-            raise PayloadError(f"client {reply.client}: reply carries no layer deltas")
-        for key, value in deltas.items():
-            if key not in state:
-                raise PayloadError(f"client {reply.client}: unknown key '{key}'")
-            if key not in allowed:
-                raise PayloadError(f"client {reply.client}: sent '{key}', which is not in a layer it was assigned")
-            check_array(reply.client, key, value, state[key])
+        deltas = {k: v for k, v in reply.payload.arrays.items() if k != SCORES_KEY}
+        check_arrays(reply.client, deltas, state, allowed=allowed, what="layer deltas")
         return weight
 
     # ---- client half -------------------------------------------------------------------------
