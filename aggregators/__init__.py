@@ -12,9 +12,13 @@ from typing import Any
 
 from aggregators.base import Algorithm, Instruction, Payload, PayloadError, Reply
 from aggregators.fedavg import FedAvg
+from aggregators.ferret import Ferret
 from aggregators.selective_layer import SelectiveLayer
+from aggregators.zeroth_order import FedKSeed, FedKSeedPro, OneByte
 
-ALGORITHMS: dict[str, type[Algorithm]] = {FedAvg.name: FedAvg, SelectiveLayer.name: SelectiveLayer}
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    cls.name: cls for cls in (FedAvg, SelectiveLayer, Ferret, FedKSeed, FedKSeedPro, OneByte)
+}
 
 
 def make_algorithm(name: str, config: Mapping[str, Any] | None = None) -> Algorithm:
