@@ -38,7 +38,7 @@ import hashlib
 import math
 import os
 from abc import abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -54,7 +54,6 @@ from aggregators.base import (
     ConfigValue,
     GlobalState,
     Instruction,
-    Payload,
     Reply,
 )
 

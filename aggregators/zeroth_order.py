@@ -40,7 +40,7 @@ signed code needed 9 bits; this one is 8 bits.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -82,7 +82,7 @@ class ZerothOrderConfig:
 
     seed_pool: int = 1024
     zo_steps: int = 100
-    zo_lr: float = 1e-4
+    zo_lr: float = 2e-3
     zo_eps: float = 1e-3
     batch_size: int = 16
     seed: int = 0

@@ -23,11 +23,18 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from aggregators import Instruction, make_algorithm
+from aggregators.shared_randomness import WeightsMismatchError
 from fedclient.budget import draw_budget
 from fedclient.device import best_device
 from fedclient.runconfig import quiet_environment, resolve_run_config
 from fedclient.tasks import ClientData, PartitionSpec, evaluate_model, get_task
-from fedclient.wire import ARRAYS, array_record, from_recorddict, to_recorddict
+from fedclient.wire import (
+    ARRAYS,
+    array_record,
+    fatal_record,
+    from_recorddict,
+    to_recorddict,
+)
 
 quiet_environment()
 
@@ -124,7 +131,10 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             client_state["site.layer-budget"] = budget
         started = time.perf_counter()
         run = algorithm.local_probe if probe else algorithm.local
-        payload = run(model, data.train, instruction, client_state)
+        try:
+            payload = run(model, data.train, instruction, client_state)
+        except WeightsMismatchError as err:  # replaying would silently train a different model
+            return Message(fatal_record(f"{type(err).__name__}: {err}"), reply_to=msg)
         _save_client_state(context, client_state)
         payload.metrics.setdefault("train-seconds" if not probe else "probe-seconds", time.perf_counter() - started)
         payload.metrics["partition-id"] = int(context.node_config["partition-id"])

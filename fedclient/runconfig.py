@@ -38,7 +38,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "ferret-seeds": "round",
     "seed-pool": 1024,
     "zo-steps": 100,
-    "zo-lr": 0.0001,
+    "zo-lr": 0.002,
     "zo-eps": 0.001,
     "zo-block-size": 262144,
     "one-byte-low": 1e-06,

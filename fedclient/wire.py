@@ -13,6 +13,21 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from aggregators.base import PayloadError, RecordParts
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
+FATAL = "fatal"
+"""A reply holding only this ConfigRecord says the run cannot go on (e.g. diverged weights)."""
+
+
+def fatal_record(reason: str) -> RecordDict:
+    """The content of a reply that asks the coordinator to stop the run, saying why."""
+    return RecordDict({FATAL: ConfigRecord({"reason": reason})})
+
+
+def fatal_reason(content: RecordDict) -> str | None:
+    """The reason of a :func:`fatal_record` reply, else ``None``."""
+    record = content.get(FATAL) if FATAL in content else None
+    if isinstance(record, ConfigRecord):
+        return str(record.get("reason", "no reason given"))
+    return None
 
 
 def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -23,8 +23,24 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from aggregators.base import Algorithm, ClientId, GlobalState, Instruction, Payload, PayloadError, Reply
-from fedclient.wire import ARRAYS, CONFIG, array_record, from_recorddict, message_wire_bytes, to_recorddict
+from aggregators.base import (
+    Algorithm,
+    ClientId,
+    GlobalState,
+    Instruction,
+    Payload,
+    PayloadError,
+    Reply,
+)
+from fedclient.wire import (
+    ARRAYS,
+    CONFIG,
+    array_record,
+    fatal_reason,
+    from_recorddict,
+    message_wire_bytes,
+    to_recorddict,
+)
 from fedserver.store import ClientRecord, RoundRecord, RunStore, now
 
 CentralEvaluate = Callable[[int, GlobalState], dict[str, float]]
@@ -32,6 +48,11 @@ CentralEvaluate = Callable[[int, GlobalState], dict[str, float]]
 
 class RunStopped(RuntimeError):
     """The run was asked to stop (``AlgorithmStrategy.stop_event``) before it finished."""
+
+
+class RunAborted(RuntimeError):
+    """A client reported a condition under which the run must not go on (e.g. its copy of the
+    global weights diverged from the coordinator's)."""
 
 
 class RoundObserver(Protocol):
@@ -216,6 +237,10 @@ class AlgorithmStrategy(Strategy):
             record.status, record.error = "failed", f"{_who(site)}: {message.error.code}: {message.error.reason}"
             log(WARNING, "%s failed: %s", _who(site), record.error)
             return site, None
+        reason = fatal_reason(message.content)
+        if reason is not None:
+            record.status, record.error = "failed", f"{_who(site)}: {reason}"
+            raise RunAborted(f"{_who(site)} stopped the run: {reason}")
         try:
             payload = Payload.from_record(from_recorddict(message.content))
         except PayloadError as err:

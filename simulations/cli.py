@@ -32,6 +32,12 @@ class UsageError(Exception):
     """Bad command-line input; the message says what to do instead."""
 
 
+SHARED_RANDOMNESS_KEYS = (
+    "server-lr", "hash-every", "ferret-bases", "ferret-block-size", "ferret-seeds",
+    "seed-pool", "zo-steps", "zo-lr", "zo-eps",
+)
+
+
 # ---- fedsim run ---------------------------------------------------------------------------------
 def _validate_and_prepare(args: argparse.Namespace) -> tuple[dict[str, Any], pathlib.Path]:
     from aggregators import make_algorithm
@@ -78,6 +84,7 @@ def _validate_and_prepare(args: argparse.Namespace) -> tuple[dict[str, Any], pat
             "score-batches": args.score_batches,
             "common-layers": args.common_layers,
             "layer-budget": args.layer_budget,
+            **{key: getattr(args, key.replace("-", "_")) for key in SHARED_RANDOMNESS_KEYS},
         }
     )
     try:
@@ -286,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     run.add_argument("--task", default=d["task"], help="model + data; `fedsim tasks` lists them")
-    run.add_argument("--strategy", default=d["strategy"], help="aggregation algorithm")
+    run.add_argument("--strategy", default=d["strategy"],
+                     help="aggregation algorithm: fedavg, selective-layer, ferret, fedkseed, fedkseed-pro or one-byte")
     run.add_argument("--clients", type=int, default=10, help="number of virtual clients (partitions)")
     run.add_argument("--fraction", type=float, default=d["fraction-train"], help="fraction of clients sampled to train each round")
     run.add_argument("--fraction-evaluate", type=float, default=d["fraction-evaluate"],
@@ -314,6 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--common-layers", default=d["common-layers"], help="layers every client always trains")
     sel.add_argument("--layer-budget", default=d["layer-budget"],
                      help="simulated per-site budgets: N, uniform:LOW:HIGH or truncnorm:LOW:HIGH (default: all layers)")
+    seeds = run.add_argument_group("shared randomness (--strategy ferret, fedkseed, fedkseed-pro, one-byte)")
+    seeds.add_argument("--hash-every", type=int, default=d["hash-every"],
+                       help="compare every client's copy of the global weights with the server's every N rounds "
+                       "(a mismatch stops the run)")
+    seeds.add_argument("--ferret-bases", type=int, default=d["ferret-bases"],
+                       help="Ferret: random bases K per client and round = fp32 coefficients uploaded (4 bytes each)")
+    seeds.add_argument("--ferret-block-size", type=int, default=d["ferret-block-size"],
+                       help="Ferret: weights per projection block; generation costs K x block size numbers")
+    seeds.add_argument("--ferret-seeds", choices=("round", "client"), default=d["ferret-seeds"],
+                       help="Ferret: bases shared by a round's clients (cheap replay) or one set per client (the paper)")
+    seeds.add_argument("--server-lr", type=float, default=d["server-lr"], help="Ferret: server step on the aggregate")
+    seeds.add_argument("--seed-pool", type=int, default=d["seed-pool"], help="FedKSeed/one-byte: seeds K in the pool")
+    seeds.add_argument("--zo-steps", type=int, default=d["zo-steps"],
+                       help="FedKSeed/one-byte: zeroth-order estimates (two forward passes each) per client and round")
+    seeds.add_argument("--zo-lr", type=float, default=d["zo-lr"], help="FedKSeed/one-byte: SGD step on the estimates")
+    seeds.add_argument("--zo-eps", type=float, default=d["zo-eps"], help="FedKSeed/one-byte: perturbation size epsilon")
     run.add_argument("--checkpoint-every", type=int, default=d["checkpoint-every"],
                      help="store the global model every N rounds (and after the last); 0 = never")
     run.add_argument("--round-timeout", type=float, default=d["round-timeout"], help="seconds to wait for replies per phase")

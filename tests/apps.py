@@ -44,3 +44,29 @@ def corrupting_client_app(config: dict) -> ClientApp:
         return honest(msg, context)
 
     return app
+
+
+def diverging_client_app(config: dict) -> ClientApp:
+    """fedtune's ClientApp, except that partition 1 perturbs its copy of the global weights before
+    round 3 (as a site with a different BLAS might): the weights-hash check must stop the run."""
+    from aggregators.shared_randomness import HELD_VECTOR
+    from fedclient.app import CLIENT_STATE_ARRAYS
+
+    honest = build_client_app(config)
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        rnd = int(msg.content["config"]["server-round"])
+        if rnd == 3 and int(context.node_config["partition-id"]) == 1:
+            record = context.state[CLIENT_STATE_ARRAYS]
+            vector = record[HELD_VECTOR].numpy().copy()
+            vector[0] += 1e-3
+            record[HELD_VECTOR] = Array(vector)
+        return honest(msg, context)
+
+    @app.query("identify")
+    def identify(msg: Message, context: Context) -> Message:
+        return honest(msg, context)
+
+    return app

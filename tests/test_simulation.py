@@ -112,3 +112,46 @@ def test_selective_layer_with_different_budgets(tmp_path):
             assert c.bytes_up > 7_000_000
     for r in store.rounds(run_id):
         assert "selection-objective" in r.metrics and r.central_accuracy is not None
+
+
+@pytest.mark.parametrize(
+    "strategy, max_up",
+    [("ferret", 64_000), ("fedkseed", 4_000), ("fedkseed-pro", 4_000), ("one-byte", 4_000)],
+)
+def test_shared_randomness_methods_run_on_flower_and_keep_clients_in_sync(tmp_path, strategy, max_up):
+    """2 of 3 clients per round for 3 rounds, so some client skips a round and catches up from the
+    ledger; every instruction carries the weights hash, so any divergence would fail the run."""
+    store, run_id = _simulate(tmp_path, build_client_app, rounds=3, strategy=strategy, **{
+        "fraction-train": 0.67, "fraction-evaluate": 0.0, "zo-steps": 4, "seed-pool": 256, "zo-lr": 1e-3,
+    })
+    run = store.get_run(run_id)
+    assert run.status == "completed", run.error
+    trained = [c for c in store.client_rounds(run_id) if c.phase == "train"]
+    assert len(trained) == 6 and all(c.status == "ok" for c in trained)
+    by_round: dict[int, set[str]] = {}
+    for c in store.client_rounds(run_id):
+        by_round.setdefault(c.round, set()).add(c.site)
+    skipped_and_returned = {
+        site for site in by_round[3] if site not in by_round[2] and site in by_round[1]
+    } | {site for site in by_round[3] if site not in by_round[1] or site not in by_round[2]}
+    assert skipped_and_returned, "the sampling never made a client skip a round"
+    for c in trained:
+        assert c.bytes_up < max_up, (c.site, c.bytes_up)
+        assert c.bytes_down < 200_000  # never the 7 MB of weights
+    rounds = store.rounds(run_id)
+    assert all(r.central_accuracy is not None for r in rounds)
+    assert store.load_checkpoint(run_id)[1]  # the server's replayed weights are checkpointed
+
+
+def test_a_client_whose_weights_diverge_stops_the_run_with_a_clear_error(tmp_path):
+    from fedserver.strategy import RunAborted
+    from tests.apps import diverging_client_app
+
+    with pytest.raises(RunAborted, match="WeightsMismatchError"):
+        _simulate(tmp_path, diverging_client_app, rounds=3, strategy="ferret", **{"fraction-evaluate": 0.0})
+    store = RunStore(f"sqlite:///{tmp_path / 'store.db'}")
+    (run,) = store.list_runs()
+    run_id = run.id
+    assert run.status == "failed"
+    assert "site 'partition-1'" in run.error and "WeightsMismatchError" in run.error
+    assert [r.round for r in store.rounds(run_id)] == [1, 2]  # completed rounds are kept
