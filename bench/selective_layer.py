@@ -16,27 +16,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-from fedclient.runconfig import quiet_environment  # noqa: E402
-
-quiet_environment()
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
+from bench.common import add_federation_arguments, run_arms, simulate_arm  # noqa: E402
 
 
 def run_arm(name: str, overrides: dict, common: dict, clients: int, tmp: str) -> dict:
-    from rich.console import Console
-
-    from fedclient.runconfig import resolve_run_config
-    from fedserver.store import RunStore
-    from simulations.runner import SimulationSpec, run_simulation_spec
-
-    config = resolve_run_config({}, {**common, **overrides, "store": f"sqlite:///{tmp}/{name}.db", "checkpoint-every": 0})
-    result = run_simulation_spec(SimulationSpec(config=config, num_clients=clients), Console(quiet=True))
-    store = RunStore(config["store"])
-    rows = store.client_rounds(result.run_id)
-    rounds = store.rounds(result.run_id)
+    store, run_id, wall = simulate_arm(name, {**common, **overrides}, clients, tmp)
+    rows = store.client_rounds(run_id)
+    rounds = store.rounds(run_id)
     trained = [len([layer for layer in c.details.get("layers", []) if layer != "head"]) for c in rows if c.phase == "train"]
     return {
         "arm": name,
@@ -44,7 +33,7 @@ def run_arm(name: str, overrides: dict, common: dict, clients: int, tmp: str) ->
         "up": sum(c.bytes_up for c in rows),
         "down": sum(c.bytes_down for c in rows),
         "layers_per_client": (sum(trained) / len(trained)) if trained and any(trained) else None,
-        "wall": result.wall_seconds,
+        "wall": wall,
     }
 
 
@@ -74,10 +63,7 @@ def time_solver() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="minilm-bbc")
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--alpha", type=float, default=0.3)
+    add_federation_arguments(parser, rounds=5, alpha=0.3)
     parser.add_argument("--budget", default="uniform:1:3", help="per-site layer budgets for the selective arms")
     parser.add_argument("--selection-lambda", type=float, default=0.05)
     parser.add_argument("--arms", default="full,regulated,client-top,top,bottom,random")
@@ -94,15 +80,13 @@ def main() -> int:
         **{sel: {"strategy": "selective-layer", "selection": sel, "layer-budget": args.budget,
                  "selection-lambda": args.selection_lambda} for sel in ("regulated", "client-top", "top", "bottom", "random")},
     }
-    print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
     print(f"{args.task}, {args.clients} clients, Dirichlet({args.alpha}), {args.rounds} rounds, all clients every round; "
           f"trainable: {all_layers}; selective arms: budgets {args.budget}, lambda {args.selection_lambda}")
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in args.arms.split(","):
-            results.append(run_arm(name, arms[name], common, args.clients, tmp))
-            r = results[-1]
-            print(f"  done {name}: accuracy {r['accuracy'][-1]:.3f}, up {r['up'] / 1e6:.1f} MB, {r['wall']:.0f} s", flush=True)
+    results = run_arms(
+        args.arms.split(","),
+        lambda name, tmp: run_arm(name, arms[name], common, args.clients, tmp),
+        lambda r: f"accuracy {r['accuracy'][-1]:.3f}, up {r['up'] / 1e6:.1f} MB, {r['wall']:.0f} s",
+    )
     base = next((r for r in results if r["arm"] == "full"), results[0])
     print("\n| arm | layers/client | accuracy by round | final acc | Δ vs full (pts) | uplink MB | uplink vs full | downlink MB | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -1,0 +1,46 @@
+"""Helpers shared by the benchmarks that compare arms on Flower's simulation engine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+from fedclient.runconfig import quiet_environment  # noqa: E402
+
+quiet_environment()
+
+
+def add_federation_arguments(parser: argparse.ArgumentParser, *, rounds: int, alpha: float) -> None:
+    """``--task``, ``--clients``, ``--rounds``, ``--alpha`` with this benchmark's defaults."""
+    parser.add_argument("--task", default="minilm-bbc")
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--alpha", type=float, default=alpha)
+
+
+def simulate_arm(name: str, overrides: dict, clients: int, tmp: str):
+    """Run one arm through fedtune's simulation runner; return (store, run id, wall seconds)."""
+    from rich.console import Console
+
+    from fedclient.runconfig import resolve_run_config
+    from fedserver.store import RunStore
+    from simulations.runner import SimulationSpec, run_simulation_spec
+
+    config = resolve_run_config({}, {**overrides, "store": f"sqlite:///{tmp}/{name}.db", "checkpoint-every": 0})
+    result = run_simulation_spec(SimulationSpec(config=config, num_clients=clients), Console(quiet=True))
+    return RunStore(config["store"]), result.run_id, result.wall_seconds
+
+
+def run_arms(names: list[str], run_one, describe) -> list[dict]:
+    """``run_one(name, tmp)`` for every arm in a shared temporary directory, printing
+    ``describe(result)`` as each finishes; return the results in order."""
+    import tempfile
+
+    print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            results.append(run_one(name, tmp))
+            print(f"  done {name}: {describe(results[-1])}", flush=True)
+    return results
