@@ -13,11 +13,12 @@ from typing import Any
 from aggregators.base import Algorithm, Instruction, Payload, PayloadError, Reply
 from aggregators.fedavg import FedAvg
 from aggregators.ferret import Ferret
+from aggregators.rank_based import RankBased
 from aggregators.selective_layer import SelectiveLayer
 from aggregators.zeroth_order import FedKSeed, FedKSeedPro, OneByte
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (FedAvg, SelectiveLayer, Ferret, FedKSeed, FedKSeedPro, OneByte)
+    cls.name: cls for cls in (FedAvg, SelectiveLayer, Ferret, FedKSeed, FedKSeedPro, OneByte, RankBased)
 }
 
 

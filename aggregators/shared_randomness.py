@@ -58,7 +58,7 @@ from aggregators.base import (
 )
 
 MANIFEST_VERSION = 2
-DISTRIBUTIONS = ("normal", "rademacher", "truncated-normal")
+DISTRIBUTIONS = ("normal", "uniform", "rademacher", "truncated-normal")
 
 
 @dataclass(frozen=True)
@@ -165,6 +165,8 @@ def seeded_noise(
     shape = (numel,) if rows is None else (int(rows), numel)
     if distribution == "normal":
         return torch.randn(shape, generator=generator, dtype=torch.float32)
+    if distribution == "uniform":
+        return torch.rand(shape, generator=generator, dtype=torch.float32).mul_(2).sub_(1)
     if distribution == "rademacher":
         return torch.randint(0, 2, shape, generator=generator, dtype=torch.int8).to(torch.float32).mul_(2).sub_(1)
     if distribution == "truncated-normal":
