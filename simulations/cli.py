@@ -32,9 +32,9 @@ class UsageError(Exception):
     """Bad command-line input; the message says what to do instead."""
 
 
-SHARED_RANDOMNESS_KEYS = (
+METHOD_KEYS = (  # run-config keys set by one flag each, named alike (--zo-steps -> zo-steps)
     "server-lr", "hash-every", "ferret-bases", "ferret-block-size", "ferret-seeds",
-    "seed-pool", "zo-steps", "zo-lr", "zo-eps",
+    "seed-pool", "zo-steps", "zo-lr", "zo-eps", "frl-mode", "frl-sparsity", "frl-lr",
 )
 
 
@@ -84,7 +84,7 @@ def _validate_and_prepare(args: argparse.Namespace) -> tuple[dict[str, Any], pat
             "score-batches": args.score_batches,
             "common-layers": args.common_layers,
             "layer-budget": args.layer_budget,
-            **{key: getattr(args, key.replace("-", "_")) for key in SHARED_RANDOMNESS_KEYS},
+            **{key: getattr(args, key.replace("-", "_")) for key in METHOD_KEYS},
         }
     )
     try:
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--task", default=d["task"], help="model + data; `fedsim tasks` lists them")
     run.add_argument("--strategy", default=d["strategy"],
-                     help="aggregation algorithm: fedavg, selective-layer, ferret, fedkseed, fedkseed-pro or one-byte")
+                     help="aggregation algorithm: fedavg, selective-layer, ferret, fedkseed, fedkseed-pro, one-byte or frl")
     run.add_argument("--clients", type=int, default=10, help="number of virtual clients (partitions)")
     run.add_argument("--fraction", type=float, default=d["fraction-train"], help="fraction of clients sampled to train each round")
     run.add_argument("--fraction-evaluate", type=float, default=d["fraction-evaluate"],
@@ -338,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="FedKSeed/one-byte: zeroth-order estimates (two forward passes each) per client and round")
     seeds.add_argument("--zo-lr", type=float, default=d["zo-lr"], help="FedKSeed/one-byte: SGD step on the estimates")
     seeds.add_argument("--zo-eps", type=float, default=d["zo-eps"], help="FedKSeed/one-byte: perturbation size epsilon")
+    frl = run.add_argument_group("rank-based (--strategy frl)")
+    frl.add_argument("--frl-mode", choices=("finetune", "original"), default=d["frl-mode"],
+                     help="masks over the pretrained weights, or over FRL's random signed constants")
+    frl.add_argument("--frl-sparsity", type=float, default=d["frl-sparsity"], help="fraction of edges each mask keeps")
+    frl.add_argument("--frl-lr", type=float, default=d["frl-lr"], help="SGD learning rate of the scores (x 0.999 per round)")
     run.add_argument("--checkpoint-every", type=int, default=d["checkpoint-every"],
                      help="store the global model every N rounds (and after the last); 0 = never")
     run.add_argument("--round-timeout", type=float, default=d["round-timeout"], help="seconds to wait for replies per phase")

@@ -155,3 +155,17 @@ def test_a_client_whose_weights_diverge_stops_the_run_with_a_clear_error(tmp_pat
     assert run.status == "failed"
     assert "site 'partition-1'" in run.error and "WeightsMismatchError" in run.error
     assert [r.round for r in store.rounds(run_id)] == [1, 2]  # completed rounds are kept
+
+
+def test_frl_runs_on_flower_with_bit_packed_rankings(tmp_path):
+    store, run_id = _simulate(tmp_path, build_client_app, strategy="frl", **{"fraction-evaluate": 0.0})
+    assert store.get_run(run_id).status == "completed"
+    trained = [c for c in store.client_rounds(run_id) if c.phase == "train"]
+    assert len(trained) == 6 and all(c.status == "ok" for c in trained)
+    # tiny: 4 attention matrices of 147 456 edges (18 bits each) + 2 FFN matrices of 589 824 (20 bits)
+    # + the 1 920-edge head (11 bits) = 4.28 MB of rankings, vs 7.1 MB of fp32 weights for FedAvg
+    rankings = 4 * 147_456 * 18 // 8 + 2 * 589_824 * 20 // 8 + 1_920 * 11 // 8
+    for c in trained:
+        assert rankings < c.bytes_up < rankings * 1.01
+        assert c.bytes_down < 5_000 if c.round == 1 else rankings < c.bytes_down < rankings * 1.01
+    assert all(r.central_accuracy is not None for r in store.rounds(run_id))

@@ -1,0 +1,170 @@
+"""FRL (rank-based) vs FedAvg and Flower's robust rules, clean and under poisoning.
+
+One invocation, one process: a federation on a real dataset (default ``minilm-bbc``, 10 clients,
+Dirichlet 0.5) is run for each arm with the same partition, seeds and rounds. Honest clients run
+fedtune's client halves; a fixed, seeded subset of clients is malicious:
+
+* against FRL, the rank-reversal attack of the paper: the attackers train honestly, sum their
+  edge positions, and all submit that aggregate ranking reversed;
+* against dense updates, the scaling attack (send w + 1e5·Δ, Δ the attacker's honest update) and
+  sign flipping (send w − 10·Δ).
+
+Dense updates are aggregated by fedtune's FedAvg or by Flower's own robust strategies
+(``FedMedian``, ``Krum``, ``FedTrimmedAvg`` from ``flwr.serverapp.strategy``, called on real
+Flower ``Message`` replies). Prints central accuracy per arm and attacker fraction and the uplink
+bytes per client per round (the arrays each honest client sends).
+
+Usage::
+
+    python bench/rank_based.py                               # 5 rounds, 0/10/20 % attackers
+    python bench/rank_based.py --rounds 3 --rules fedavg,fedmedian
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
+from bench.common import add_federation_arguments  # noqa: E402
+
+SCALE, FLIP = 1e5, 10.0
+
+
+def flower_rule(name: str, malicious: int):
+    """One of Flower's robust strategies, configured for ``malicious`` attackers."""
+    from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum
+
+    if name == "fedmedian":
+        return FedMedian()
+    if name == "krum":
+        return Krum(num_malicious_nodes=max(malicious, 1))
+    if name == "trimmed-mean":
+        return FedTrimmedAvg(beta=0.2)
+    raise ValueError(name)
+
+
+def aggregate_with_flower(rule, server_round: int, updates: list[tuple[dict, int]]):
+    """Call a Flower strategy's ``aggregate_train`` on real reply Messages built from ``updates``."""
+    import numpy as np
+    import torch
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    replies = []
+    for node, (arrays, examples) in enumerate(updates, start=1):
+        content = RecordDict({
+            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": examples}),
+        })
+        query = Message(RecordDict(), dst_node_id=node, message_type="train", group_id=str(server_round))
+        replies.append(Message(content, reply_to=query))
+    record, _ = rule.aggregate_train(server_round, replies)
+    return {k: torch.from_numpy(np.array(v.numpy(), dtype=np.float32)) for k, v in record.items()}
+
+
+def run_arm(rule: str, attack_fraction: float, args, shared) -> dict:
+    """One federation; return its accuracy per round and the honest uplink per client-round."""
+    import numpy as np
+    import torch
+
+    from aggregators import make_algorithm
+    from aggregators.base import Payload, Reply
+    from aggregators.rank_based import RANK_PREFIX, pack_ranking, positions, unpack_ranking, vote
+    from fedclient.tasks import evaluate_model
+
+    task, datas, test, model, keys = shared
+    n = args.clients
+    malicious = set(np.random.default_rng(7).permutation(n)[: round(attack_fraction * n)].tolist())
+    strategy = "frl" if rule == "frl" else "fedavg"
+    server = make_algorithm(strategy, {"local-steps": args.local_steps, "seed": 0})
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys}
+    state = server.init_state(initial)
+    pristine = {k: v.clone() for k, v in model.state_dict().items()}
+    accuracy, uplink = [], []
+    for server_round in range(1, args.rounds + 1):
+        plan = server.plan(server_round, list(range(n)), state)
+        honest_replies, attacker_payloads = [], []
+        for client in range(n):
+            model.load_state_dict(pristine)
+            payload = make_algorithm(strategy).local(model, datas[client], plan[client], {})
+            (attacker_payloads if client in malicious else honest_replies).append((client, payload))
+            if client not in malicious:
+                uplink.append(sum(a.nbytes for a in payload.arrays.values()))
+        replies = [Reply(c, p) for c, p in honest_replies]
+        if attacker_payloads and rule == "frl":  # rank reversal: the attackers' aggregate, reversed
+            reversed_rankings = {}
+            for key in server.shapes:
+                size = int(np.prod(server.shapes[key]))
+                total = sum(positions(unpack_ranking(p.arrays[RANK_PREFIX + key], size)) for _, p in attacker_payloads)
+                reversed_rankings[RANK_PREFIX + key] = pack_ranking(vote(total)[::-1].copy(), size)
+            replies += [Reply(c, Payload(dict(reversed_rankings), p.num_examples)) for c, p in attacker_payloads]
+        elif attacker_payloads:
+            for client, p in attacker_payloads:
+                poisoned = {}
+                for key, value in p.arrays.items():
+                    current = state[key].numpy()
+                    delta = value - current
+                    poisoned[key] = (current + SCALE * delta if args.attack == "scaling" else current - FLIP * delta)
+                replies.append(Reply(client, Payload({k: v.astype(np.float32) for k, v in poisoned.items()},
+                                                     p.num_examples)))
+        if rule in ("frl", "fedavg"):
+            state = server.aggregate(server_round, state, iter(replies)).state
+        else:
+            updates = [(r.payload.arrays, r.payload.num_examples) for r in replies]
+            state = {**state, **aggregate_with_flower(flower_rule(rule, len(malicious)), server_round, updates)}
+        model.load_state_dict(pristine)
+        model.load_state_dict({k: torch.nan_to_num(v, nan=0.0, posinf=1e30, neginf=-1e30) for k, v in state.items()},
+                              strict=False)
+        accuracy.append(evaluate_model(model, test)["accuracy"])
+    return {"accuracy": accuracy, "uplink": sum(uplink) / len(uplink)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_federation_arguments(parser, rounds=5, alpha=0.5)
+    parser.add_argument("--rules", default="fedavg,fedmedian,krum,trimmed-mean,frl")
+    parser.add_argument("--fractions", default="0,0.1,0.2", help="attacker fractions")
+    parser.add_argument("--attack", choices=("scaling", "sign-flip"), default="scaling",
+                        help="the attack on dense updates (FRL always faces rank reversal)")
+    parser.add_argument("--local-steps", type=int, default=4)
+    args = parser.parse_args()
+
+    import torch
+
+    from fedclient.tasks import PartitionSpec, get_task
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    task = get_task(args.task)
+    model = task.build_model()
+    keys = task.trainable_keys(model)
+    datas = [task.client_data(PartitionSpec("dirichlet", args.clients, args.alpha, 0), i).train
+             for i in range(args.clients)]
+    shared = (task, datas, task.load_data().test, model, keys)
+    fractions = [float(f) for f in args.fractions.split(",")]
+    print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
+    print(f"{args.task}, {args.clients} clients, Dirichlet({args.alpha}), {args.rounds} rounds, {args.local_steps} local "
+          f"steps; trained: {', '.join(task.train_layers)}; dense attack: {args.attack}")
+    rows = []
+    for rule in args.rules.split(","):
+        for fraction in fractions:
+            started = time.perf_counter()
+            result = run_arm(rule, fraction, args, shared)
+            rows.append((rule, fraction, result))
+            print(f"  done {rule} at {100 * fraction:.0f}% attackers: accuracy {result['accuracy'][-1]:.3f} "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+    print(f"\n| rule | attack | {' | '.join(f'{100 * f:.0f}% attackers' for f in fractions)} | uplink per client-round |")
+    print(f"|---|---|{'---|' * len(fractions)}---|")
+    for rule in args.rules.split(","):
+        results = [r for name, _, r in rows if name == rule]
+        attack = "rank reversal" if rule == "frl" else args.attack
+        cells = " | ".join(f"{r['accuracy'][-1]:.3f}" for r in results)
+        print(f"| {rule} | {attack} | {cells} | {results[0]['uplink'] / 1e6:.2f} MB |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
