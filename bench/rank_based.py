@@ -73,10 +73,16 @@ def run_arm(rule: str, attack_fraction: float, args, shared) -> dict:
 
     from aggregators import make_algorithm
     from aggregators.base import Payload, Reply
-    from aggregators.rank_based import RANK_PREFIX, pack_ranking, positions, unpack_ranking, vote
+    from aggregators.rank_based import (
+        RANK_PREFIX,
+        pack_ranking,
+        positions,
+        unpack_ranking,
+        vote,
+    )
     from fedclient.tasks import evaluate_model
 
-    task, datas, test, model, keys = shared
+    datas, test, model, keys = shared
     n = args.clients
     malicious = set(np.random.default_rng(7).permutation(n)[: round(attack_fraction * n)].tolist())
     strategy = "frl" if rule == "frl" else "fedavg"
@@ -143,7 +149,7 @@ def main() -> int:
     keys = task.trainable_keys(model)
     datas = [task.client_data(PartitionSpec("dirichlet", args.clients, args.alpha, 0), i).train
              for i in range(args.clients)]
-    shared = (task, datas, task.load_data().test, model, keys)
+    shared = (datas, task.load_data().test, model, keys)
     fractions = [float(f) for f in args.fractions.split(",")]
     print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
     print(f"{args.task}, {args.clients} clients, Dirichlet({args.alpha}), {args.rounds} rounds, {args.local_steps} local "
