@@ -140,6 +140,9 @@ class Algorithm(ABC):
     """
 
     name: ClassVar[str]
+    default_layers: ClassVar[str] = "task"
+    """Which layers the federation trains when the run config names none: ``task`` (the task's
+    own choice), ``above-embeddings`` (every layer but the embeddings) or ``output`` (the last)."""
 
     # ---- server half -------------------------------------------------------------------------
     def init_state(

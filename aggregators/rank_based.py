@@ -16,7 +16,9 @@ Kaiming-uniform, :math:`U(-1/\sqrt{\text{fan\_in}}, 1/\sqrt{\text{fan\_in}})`, d
 sorted values are the layer's fixed *codebook* :math:`c_l`.
 
 **Round.** Client :math:`u` rebuilds :math:`S_l` from the global ranking :math:`R_g` (below),
-trains the scores for ``local-steps`` SGD steps (momentum 0.9, weight decay 1e-4 as in the paper),
+trains the scores for ``local-steps`` SGD steps (momentum 0.9, weight decay 1e-4 and the lr decay
+0.999 per round as in the paper; ``frl-lr`` 4, not the paper's 0.4 for Conv8 on CIFAR-10: on
+``minilm-bbc`` with masks over the head, 3 rounds reached 0.41 at 0.4, 0.83 at 4, 0.82 at 15 and 50),
 and sends :math:`R_{u,l} = \operatorname{argsort}(S_{u,l})` (ascending, stable), a permutation of
 the edge ids packed in :math:`\lceil\log_2 n_l\rceil` bits per edge. The server votes:
 
@@ -78,9 +80,9 @@ SCORE_SLOT, WEIGHT_SLOT = 0, 1  # the index slots of the seeded draws (initial s
 class RankBasedConfig:
     """Hyper-parameters (run-config keys: ``frl-mode``, ``frl-sparsity``, ``frl-lr``, ``local-steps``...)."""
 
-    frl_mode: str = "finetune"
+    frl_mode: str = "original"
     frl_sparsity: float = 0.5
-    frl_lr: float = 0.4
+    frl_lr: float = 4.0
     local_steps: int = 4
     batch_size: int = 16
     seed: int = 0
@@ -198,6 +200,7 @@ class RankBased(Algorithm):
 
     name = "frl"
     config_class = RankBasedConfig
+    default_layers = "output"  # masks over the head; half-pruning pretrained encoder layers costs accuracy
 
     def __init__(self, config: RankBasedConfig | None = None) -> None:
         self.config = config or RankBasedConfig()

@@ -146,6 +146,7 @@ class SelectiveLayer(Algorithm):
 
     name = "selective-layer"
     config_class = SelectiveLayerConfig
+    default_layers = "above-embeddings"  # it chooses among every layer above the embeddings, as in the paper
 
     def __init__(self, config: SelectiveLayerConfig | None = None) -> None:
         self.config = config or SelectiveLayerConfig()

@@ -44,3 +44,8 @@ def run_arms(names: list[str], run_one, describe) -> list[dict]:
             results.append(run_one(name, tmp))
             print(f"  done {name}: {describe(results[-1])}", flush=True)
     return results
+
+
+def size_text(num_bytes: float) -> str:
+    """Bytes as MB from 1 MB up, else KB."""
+    return f"{num_bytes / 1e6:.2f} MB" if num_bytes >= 1e6 else f"{num_bytes / 1e3:.1f} KB"

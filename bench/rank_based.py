@@ -28,7 +28,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-from bench.common import add_federation_arguments  # noqa: E402
+from bench.common import add_federation_arguments, size_text  # noqa: E402
 
 SCALE, FLIP = 1e5, 10.0
 
@@ -66,7 +66,7 @@ def aggregate_with_flower(rule, server_round: int, updates: list[tuple[dict, int
     return {k: torch.from_numpy(np.array(v.numpy(), dtype=np.float32)) for k, v in record.items()}
 
 
-def run_arm(rule: str, attack_fraction: float, args, shared) -> dict:
+def run_arm(rule: str, attack: str, attack_fraction: float, args, shared) -> dict:
     """One federation; return its accuracy per round and the honest uplink per client-round."""
     import numpy as np
     import torch
@@ -86,7 +86,9 @@ def run_arm(rule: str, attack_fraction: float, args, shared) -> dict:
     n = args.clients
     malicious = set(np.random.default_rng(7).permutation(n)[: round(attack_fraction * n)].tolist())
     strategy = "frl" if rule == "frl" else "fedavg"
-    server = make_algorithm(strategy, {"local-steps": args.local_steps, "seed": 0})
+    server = make_algorithm(strategy, {"local-steps": args.local_steps, "seed": 0, "frl-mode": args.frl_mode,
+                                       "frl-lr": args.frl_lr, "frl-sparsity": args.frl_sparsity})
+    keys = keys[strategy]
     initial = {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys}
     state = server.init_state(initial)
     pristine = {k: v.clone() for k, v in model.state_dict().items()}
@@ -114,7 +116,7 @@ def run_arm(rule: str, attack_fraction: float, args, shared) -> dict:
                 for key, value in p.arrays.items():
                     current = state[key].numpy()
                     delta = value - current
-                    poisoned[key] = (current + SCALE * delta if args.attack == "scaling" else current - FLIP * delta)
+                    poisoned[key] = current + SCALE * delta if attack == "scaling" else current - FLIP * delta
                 replies.append(Reply(client, Payload({k: v.astype(np.float32) for k, v in poisoned.items()},
                                                      p.num_examples)))
         if rule in ("frl", "fedavg"):
@@ -134,9 +136,13 @@ def main() -> int:
     add_federation_arguments(parser, rounds=5, alpha=0.5)
     parser.add_argument("--rules", default="fedavg,fedmedian,krum,trimmed-mean,frl")
     parser.add_argument("--fractions", default="0,0.1,0.2", help="attacker fractions")
-    parser.add_argument("--attack", choices=("scaling", "sign-flip"), default="scaling",
-                        help="the attack on dense updates (FRL always faces rank reversal)")
+    parser.add_argument("--attacks", default="scaling,sign-flip",
+                        help="attacks on dense updates: scaling, sign-flip (FRL always faces rank reversal)")
     parser.add_argument("--local-steps", type=int, default=4)
+    parser.add_argument("--frl-layers", default="head", help="layers whose weight matrices FRL masks")
+    parser.add_argument("--frl-mode", choices=("finetune", "original"), default="original")
+    parser.add_argument("--frl-lr", type=float, default=0.4)
+    parser.add_argument("--frl-sparsity", type=float, default=0.5)
     args = parser.parse_args()
 
     import torch
@@ -146,29 +152,39 @@ def main() -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     task = get_task(args.task)
     model = task.build_model()
-    keys = task.trainable_keys(model)
+    keys = {"fedavg": task.trainable_keys(model), "frl": task.trainable_keys(model, args.frl_layers.split(","))}
     datas = [task.client_data(PartitionSpec("dirichlet", args.clients, args.alpha, 0), i).train
              for i in range(args.clients)]
     shared = (datas, task.load_data().test, model, keys)
     fractions = [float(f) for f in args.fractions.split(",")]
     print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
     print(f"{args.task}, {args.clients} clients, Dirichlet({args.alpha}), {args.rounds} rounds, {args.local_steps} local "
-          f"steps; trained: {', '.join(task.train_layers)}; dense attack: {args.attack}")
+          f"steps; dense rules train {', '.join(task.train_layers)}; FRL masks {args.frl_layers} ({args.frl_mode}, "
+          f"keeps {args.frl_sparsity:.0%}, lr {args.frl_lr}); dense attacks: {args.attacks}")
     rows = []
     for rule in args.rules.split(","):
-        for fraction in fractions:
-            started = time.perf_counter()
-            result = run_arm(rule, fraction, args, shared)
-            rows.append((rule, fraction, result))
-            print(f"  done {rule} at {100 * fraction:.0f}% attackers: accuracy {result['accuracy'][-1]:.3f} "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
-    print(f"\n| rule | attack | {' | '.join(f'{100 * f:.0f}% attackers' for f in fractions)} | uplink per client-round |")
-    print(f"|---|---|{'---|' * len(fractions)}---|")
+        attacks = ["rank reversal"] if rule == "frl" else args.attacks.split(",")
+        for attack in attacks:
+            for fraction in fractions:
+                if fraction == 0 and attack != attacks[0]:
+                    continue  # the clean run is the same for every attack
+                started = time.perf_counter()
+                result = run_arm(rule, attack, fraction, args, shared)
+                rows.append((rule, attack, fraction, result))
+                print(f"  done {rule}, {attack}, {100 * fraction:.0f}% attackers: accuracy by round "
+                      f"{' '.join(f'{a:.3f}' for a in result['accuracy'])} ({time.perf_counter() - started:.0f} s)",
+                      flush=True)
+    clean = {rule: r for rule, _, fraction, r in rows if fraction == 0}
+    attacked = [f for f in fractions if f > 0]
+    print(f"\n| rule | attack | clean | {' | '.join(f'{100 * f:.0f}% attackers' for f in attacked)} "
+          f"| uplink per client-round |")
+    print(f"|---|---|---|{'---|' * len(attacked)}---|")
     for rule in args.rules.split(","):
-        results = [r for name, _, r in rows if name == rule]
-        attack = "rank reversal" if rule == "frl" else args.attack
-        cells = " | ".join(f"{r['accuracy'][-1]:.3f}" for r in results)
-        print(f"| {rule} | {attack} | {cells} | {results[0]['uplink'] / 1e6:.2f} MB |")
+        for attack in sorted({a for name, a, _, _ in rows if name == rule}):
+            cells = [f"{r['accuracy'][-1]:.3f}" for name, a, f, r in rows if name == rule and a == attack and f > 0]
+            base = clean.get(rule)
+            print(f"| {rule} | {attack} | {base['accuracy'][-1]:.3f} | {' | '.join(cells)} | "
+                  f"{size_text(base['uplink'])} |" if base else f"| {rule} | {attack} | | {' | '.join(cells)} | |")
     return 0
 
 

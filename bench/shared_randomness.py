@@ -21,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-from bench.common import add_federation_arguments, run_arms, simulate_arm  # noqa: E402
+from bench.common import add_federation_arguments, run_arms, simulate_arm, size_text  # noqa: E402
 
 ARMS = {
     "fedavg": {"strategy": "fedavg"},
@@ -120,16 +120,12 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['arm']} | {' '.join(f'{a:.3f}' for a in r['accuracy'])} | {r['accuracy'][-1]:.3f} | "
-              f"{100 * (r['accuracy'][-1] - base['accuracy'][-1]):+.1f} | {_size(r['up'])} | "
-              f"1/{base['up'] / r['up']:,.0f} | {_size(r['down'])} | {r['round_seconds']:.1f} |")
+              f"{100 * (r['accuracy'][-1] - base['accuracy'][-1]):+.1f} | {size_text(r['up'])} | "
+              f"1/{base['up'] / r['up']:,.0f} | {size_text(r['down'])} | {r['round_seconds']:.1f} |")
     print("\nreplay and generation costs:")
     for line in time_replay(args.task):
         print("  " + line)
     return 0
-
-
-def _size(num_bytes: float) -> str:
-    return f"{num_bytes / 1e6:.2f} MB" if num_bytes >= 1e6 else f"{num_bytes / 1e3:.1f} KB"
 
 
 if __name__ == "__main__":

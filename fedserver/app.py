@@ -54,9 +54,9 @@ def run_federation(
         seed=int(config["seed"]),
     )
     model = task.build_model()
-    layer_names = csv_list(config["train-layers"]) or (
-        task.layer_names()[1:] if algorithm.name == "selective-layer" else list(task.train_layers)
-    )  # selective-layer chooses among every layer above the (frozen) embeddings, as in the paper
+    defaults = {"task": list(task.train_layers), "above-embeddings": task.layer_names()[1:],
+                "output": task.layer_names()[-1:]}
+    layer_names = csv_list(config["train-layers"]) or defaults[algorithm.default_layers]
     layers = {name: task.trainable_keys(model, [name]) for name in layer_names}
     keys = {k for layer_keys in layers.values() for k in layer_keys}
     initial = ArrayRecord({k: v.detach().clone() for k, v in model.state_dict().items() if k in keys})

@@ -158,7 +158,9 @@ def test_a_client_whose_weights_diverge_stops_the_run_with_a_clear_error(tmp_pat
 
 
 def test_frl_runs_on_flower_with_bit_packed_rankings(tmp_path):
-    store, run_id = _simulate(tmp_path, build_client_app, strategy="frl", **{"fraction-evaluate": 0.0})
+    store, run_id = _simulate(tmp_path, build_client_app, strategy="frl", **{
+        "fraction-evaluate": 0.0, "train-layers": "encoder.layer.0,head", "frl-mode": "finetune",
+    })
     assert store.get_run(run_id).status == "completed"
     trained = [c for c in store.client_rounds(run_id) if c.phase == "train"]
     assert len(trained) == 6 and all(c.status == "ok" for c in trained)
