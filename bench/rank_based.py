@@ -29,6 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 from bench.common import add_federation_arguments, size_text  # noqa: E402
+from fedclient.runconfig import DEFAULT_RUN_CONFIG  # noqa: E402
 
 SCALE, FLIP = 1e5, 10.0
 
@@ -140,9 +141,9 @@ def main() -> int:
                         help="attacks on dense updates: scaling, sign-flip (FRL always faces rank reversal)")
     parser.add_argument("--local-steps", type=int, default=4)
     parser.add_argument("--frl-layers", default="head", help="layers whose weight matrices FRL masks")
-    parser.add_argument("--frl-mode", choices=("finetune", "original"), default="original")
-    parser.add_argument("--frl-lr", type=float, default=0.4)
-    parser.add_argument("--frl-sparsity", type=float, default=0.5)
+    parser.add_argument("--frl-mode", choices=("finetune", "original"), default=DEFAULT_RUN_CONFIG["frl-mode"])
+    parser.add_argument("--frl-lr", type=float, default=DEFAULT_RUN_CONFIG["frl-lr"])
+    parser.add_argument("--frl-sparsity", type=float, default=DEFAULT_RUN_CONFIG["frl-sparsity"])
     args = parser.parse_args()
 
     import torch
