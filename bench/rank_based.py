@@ -83,16 +83,15 @@ def run_arm(rule: str, attack: str, attack_fraction: float, args, shared) -> dic
     )
     from fedclient.tasks import evaluate_model
 
-    datas, test, model, keys = shared
+    datas, test, model, keys, pristine = shared
     n = args.clients
     malicious = set(np.random.default_rng(7).permutation(n)[: round(attack_fraction * n)].tolist())
     strategy = "frl" if rule == "frl" else "fedavg"
     server = make_algorithm(strategy, {"local-steps": args.local_steps, "seed": 0, "frl-mode": args.frl_mode,
                                        "frl-lr": args.frl_lr, "frl-sparsity": args.frl_sparsity})
     keys = keys[strategy]
-    initial = {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys}
+    initial = {k: v.clone() for k, v in pristine.items() if k in keys}  # never the previous arm's model
     state = server.init_state(initial)
-    pristine = {k: v.clone() for k, v in model.state_dict().items()}
     accuracy, uplink = [], []
     for server_round in range(1, args.rounds + 1):
         plan = server.plan(server_round, list(range(n)), state)
@@ -156,7 +155,8 @@ def main() -> int:
     keys = {"fedavg": task.trainable_keys(model), "frl": task.trainable_keys(model, args.frl_layers.split(","))}
     datas = [task.client_data(PartitionSpec("dirichlet", args.clients, args.alpha, 0), i).train
              for i in range(args.clients)]
-    shared = (datas, task.load_data().test, model, keys)
+    pristine = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    shared = (datas, task.load_data().test, model, keys, pristine)
     fractions = [float(f) for f in args.fractions.split(",")]
     print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
     print(f"{args.task}, {args.clients} clients, Dirichlet({args.alpha}), {args.rounds} rounds, {args.local_steps} local "
