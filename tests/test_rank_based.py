@@ -109,7 +109,7 @@ def test_kept_edges_are_the_top_of_the_vote_not_both_extremes():
     rankings = [np.arange(n)] * 3  # every client: edge 0 lowest, edge 9 highest
     global_ranking = vote(sum(positions(r) for r in rankings))
     assert sorted(kept_edges(global_ranking, 0.5).tolist()) == [5, 6, 7, 8, 9]
-    server = RankBased(RankBasedConfig(frl_sparsity=0.5))
+    server = RankBased(RankBasedConfig(frl_sparsity=0.5, frl_mode="finetune"))  # W = the given ones
     state = server.init_state({"w": torch.ones(2, 5)})
     reply = Reply(1, Payload({"rank/w": pack_ranking(np.arange(n), n)}, 3))
     result = server.aggregate(1, state, iter([reply]))
