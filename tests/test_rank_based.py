@@ -173,3 +173,13 @@ def test_config_errors_name_the_setting():
         RankBasedConfig(frl_mode="random")
     with pytest.raises(ValueError, match="frl-sparsity"):
         RankBasedConfig(frl_sparsity=0.0)
+
+
+def test_original_mode_masks_seeded_signed_constants_and_keeps_the_given_fraction():
+    server = RankBased(RankBasedConfig(frl_mode="original", frl_sparsity=0.25))
+    state = server.init_state({"w": torch.ones(4, 8)})
+    values = state["w"].reshape(-1)
+    assert int((values != 0).sum()) == 8  # 25 % of 32 edges
+    torch.testing.assert_close(values[values != 0].abs(), torch.full((8,), (2 / 8) ** 0.5))
+    again = RankBased(RankBasedConfig(frl_mode="original", frl_sparsity=0.25)).init_state({"w": torch.ones(4, 8)})
+    assert torch.equal(again["w"], state["w"])  # every party derives the same weights and scores
