@@ -207,7 +207,6 @@ class RankBased(Algorithm):
         self.shapes: dict[str, tuple[int, int]] = {}
         self.weights: dict[str, torch.Tensor] = {}
         self.codebooks: dict[str, torch.Tensor] = {}
-        self.ranking: dict[str, np.ndarray] = {}
         self.packed_ranking: dict[str, np.ndarray] = {}
 
     # ---- server half -------------------------------------------------------------------------
@@ -217,9 +216,9 @@ class RankBased(Algorithm):
         if not self.shapes:
             raise ValueError("frl needs at least one weight matrix among the trained parameters")
         self.weights = self._frozen({k: state[k] for k in self.shapes}, self.config.frl_mode, self.config.seed)
-        self.codebooks = {k: torch.sort(v).values for k, v in initial_scores(self.shapes, self.config.seed).items()}
-        self.ranking, self.packed_ranking = {}, {}
         scores = initial_scores(self.shapes, self.config.seed)
+        self.codebooks = {k: torch.sort(v).values for k, v in scores.items()}
+        self.packed_ranking = {}
         return {**state, **{k: self._effective(k, scores[k]) for k in self.shapes}}
 
     @staticmethod
@@ -266,7 +265,6 @@ class RankBased(Algorithm):
         new_state = dict(state)
         for key, total in totals.items():
             ranking = vote(total)
-            self.ranking[key] = ranking
             self.packed_ranking[key] = pack_ranking(ranking, len(ranking))
             new_state[key] = self._effective(key, scores_from_ranking(ranking, self.codebooks[key]))
         result.state = new_state

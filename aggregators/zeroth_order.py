@@ -182,12 +182,6 @@ class FedKSeed(ReplayAlgorithm):
             return {}
         return {PROBABILITIES: pro_probabilities(self.abs_sums, self.counts).astype(np.float32)}
 
-    def probabilities(self) -> np.ndarray:
-        """The seed distribution clients sample from (uniform unless Pro)."""
-        if self.pro:
-            return pro_probabilities(self.abs_sums, self.counts)
-        return np.full(self.config.seed_pool, 1.0 / self.config.seed_pool)
-
     def round_entry(
         self, server_round: int, state: GlobalState, replies: Iterable[Reply], result: AggregateResult
     ) -> dict[str, np.ndarray]:
@@ -276,9 +270,7 @@ class FedKSeed(ReplayAlgorithm):
         run_seed, pool, steps = int(cfg["noise-seed"]), int(cfg["seed-pool"]), int(cfg["zo-steps"])
         lr, eps = float(cfg["zo-lr"]), float(cfg["zo-eps"])
         seed = int(cfg["seed"])
-        if self.one_byte:
-            indices = _keyed_indices(seed, pool, steps)
-        elif PROBABILITIES in instruction.arrays:
+        if PROBABILITIES in instruction.arrays:  # FedKSeed-Pro
             p = np.asarray(instruction.arrays[PROBABILITIES], dtype=np.float64)
             if p.shape != (pool,) or not np.isfinite(p).all() or (p < 0).any():
                 raise ValueError(f"seed probabilities must be {pool} finite non-negative numbers")

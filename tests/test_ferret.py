@@ -69,6 +69,7 @@ def test_uplink_is_the_coefficients_only_and_clients_stay_hash_equal_with_the_se
         held = torch.from_numpy(client_state[HELD_VECTOR])
         # clients hold the weights of round 2 (synced at the start of round 3); the server is at round 3
         assert held.numel() == server.manifest.numel
+    assert clients[1][HELD_VECTOR].tobytes() == clients[2][HELD_VECTOR].tobytes()
     assert server.num_coefficients == int(bases_per_block(server.manifest, 40).sum())
     initial = toy_state(ToyModel())
     assert state_hash(state) != state_hash(initial)  # training moved the weights

@@ -10,6 +10,7 @@ from aggregators import make_algorithm
 from aggregators.base import Payload, Reply
 from aggregators.selective_layer import SCORES_KEY, SITE_BUDGET, SelectiveLayer, SelectiveLayerConfig, SyncError, layer_scores
 from fedclient.budget import draw_budget
+from tests.toy import ToyData
 
 N_LAYERS = 4
 
@@ -32,23 +33,13 @@ class Stack(torch.nn.Module):
         return {**{f"block.{i}": f"block.{i}." for i in range(N_LAYERS)}, "head": "head."}
 
 
-class Data:
+class Data(ToyData):
+    """6 random features, random labels (ToyData's batching)."""
+
     def __init__(self, n=40, seed=0):
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randn(n, 6, generator=g)
         self.y = torch.randint(0, 3, (n,), generator=g)
-
-    @property
-    def num_examples(self):
-        return len(self.y)
-
-    def batches(self, batch_size, seed):
-        g = torch.Generator().manual_seed(seed)
-        while True:
-            order = torch.randperm(len(self.y), generator=g)
-            for s in range(0, len(order), batch_size):
-                idx = order[s : s + batch_size]
-                yield {"x": self.x[idx]}, self.y[idx]
 
 
 def _setup(**config):
