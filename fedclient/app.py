@@ -27,7 +27,13 @@ from aggregators.shared_randomness import WeightsMismatchError
 from fedclient.budget import draw_budget
 from fedclient.device import best_device
 from fedclient.runconfig import quiet_environment, resolve_run_config
-from fedclient.tasks import ClientData, PartitionSpec, evaluate_model, get_task
+from fedclient.tasks import (
+    ClientData,
+    PartitionSpec,
+    SiteDataError,
+    evaluate_model,
+    get_task,
+)
 from fedclient.wire import (
     ARRAYS,
     array_record,
@@ -60,7 +66,10 @@ def _fresh_model(task_name: str, device: torch.device) -> torch.nn.Module:
 
 
 def site_data(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> ClientData:
-    """This site's training and evaluation data, from the run config and the node config."""
+    """This site's training and evaluation data: its own files when the node config names a
+    ``data-dir`` (``fedclient start --data``), else its share of the task's built-in corpus."""
+    if data_dir := node_config.get("data-dir"):
+        return get_task(str(config["task"])).site_client_data(str(data_dir), int(config["seed"]))
     missing = [k for k in ("partition-id", "num-partitions") if k not in node_config]
     if missing:
         raise ValueError(
@@ -128,7 +137,10 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         algorithm = make_algorithm(str(instruction.config["strategy"]), {"codec": instruction.config.get("codec", "")},
                                    wrap=LocalPrivacy if private else None)
         device = best_device(str(context.node_config.get("device", "auto")))
-        data = site_data(config, context.node_config)
+        try:
+            data = site_data(config, context.node_config)
+        except SiteDataError as err:  # this site cannot take part until its files are fixed
+            return Message(refusal_record(f"site data: {err}"), reply_to=msg)
         model = _fresh_model(str(config["task"]), device)
         client_state = _load_client_state(context)
         budget = site_layer_budget(config, context.node_config)
@@ -147,7 +159,8 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         _save_client_state(context, client_state)
         if not private:  # timings depend on the data: withheld under local DP
             payload.metrics.setdefault("train-seconds" if not probe else "probe-seconds", time.perf_counter() - started)
-        payload.metrics["partition-id"] = int(context.node_config["partition-id"])
+        if "partition-id" in context.node_config:
+            payload.metrics["partition-id"] = int(context.node_config["partition-id"])
         return Message(to_recorddict(payload.to_record()), reply_to=msg)
 
     @app.train()

@@ -1,5 +1,7 @@
 """``fedclient``: the partner site's command line.
 
+``fedclient check-data DIR --task T`` validates a site's own labelled text (CSV/JSONL with
+``text`` and ``label``) before it is used with ``fedclient start --data DIR``.
 ``fedclient keys PATH`` creates this site's key pair (send PATH.pub to the coordinator's operator;
 the private key never leaves the site). ``fedclient start`` starts this site's SuperNode against a
 coordinator (TLS + node authentication over gRPC). ``fedclient doctor`` checks this site can take
@@ -11,12 +13,15 @@ Examples::
 
     fedclient keys site/site.key
     fedclient start --superlink coordinator.example.org:9092 --ca ca.crt --key site/site.key \
-        --partition-id 0 --num-partitions 2 --device cuda:0
+        --data site/data --device cuda:0
+    fedclient check-data site/data --task minilm-bbc
+    fedclient doctor --superlink coordinator.example.org:9092 --ca ca.crt --key site/site.key --data site/data
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
 import platform
 import sys
 import time
@@ -30,7 +35,8 @@ quiet_environment()
 console = Console()
 
 
-def doctor(task_names: list[str], superlink: str = "", ca: str = "", key: str = "") -> int:
+def doctor(task_names: list[str], superlink: str = "", ca: str = "", key: str = "", data: str = "",
+           time_server: str = "") -> int:
     import flwr
     import torch
     import transformers
@@ -52,6 +58,14 @@ def doctor(task_names: list[str], superlink: str = "", ca: str = "", key: str = 
         table.add_row("device", "ok", f"CUDA: {names}")
     else:
         table.add_row("device", "ok", f"CPU ({torch.get_num_threads()} threads); no CUDA device found")
+    for index in range(torch.cuda.device_count() if device.type == "cuda" else 0):
+        free, total = torch.cuda.mem_get_info(index)
+        table.add_row(f"cuda:{index} memory", "ok" if free > 1 << 30 else "warn",
+                      f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
+    available = _available_memory()
+    if available is not None:
+        table.add_row("memory", "ok" if available > 2 << 30 else "warn", f"{available / 2**30:.1f} GiB available")
+    ok &= _check_clock(table, time_server, ca)
     if superlink:
         import pathlib
 
@@ -76,6 +90,16 @@ def doctor(task_names: list[str], superlink: str = "", ca: str = "", key: str = 
         except ValueError as err:
             ok = False
             table.add_row("site key", "[red]fail[/]", str(err))
+    if data:
+        from fedclient.tasks import SiteDataError, read_site_corpus
+
+        for name in task_names or ["minilm-bbc"]:
+            try:
+                corpus = read_site_corpus(data, get_task(name).load_data().classes)
+                table.add_row(f"data for {name}", "ok", f"{data}: {len(corpus)} rows in {len(corpus.rows_per_file)} file(s)")
+            except (SiteDataError, MissingDataError) as err:
+                ok = False
+                table.add_row(f"data for {name}", "[red]fail[/]", str(err))
     for name in task_names or list(TASKS):
         started = time.perf_counter()
         try:
@@ -91,6 +115,81 @@ def doctor(task_names: list[str], superlink: str = "", ca: str = "", key: str = 
             table.add_row(f"task {name}", "[red]fail[/]", str(err))
     console.print(table)
     return 0 if ok else 1
+
+
+def _available_memory() -> int | None:
+    try:
+        lines = pathlib.Path("/proc/meminfo").read_text(encoding="ascii").splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")), None)
+
+
+def _check_clock(table: Table, time_server: str, ca: str) -> bool:
+    """Rows for the clock checks of :mod:`fedclient.clock`; False if one fails."""
+    import pathlib
+
+    from fedclient.clock import (
+        certificate_window_problem,
+        judge_offset,
+        kernel_clock_synchronised,
+        time_server_offset,
+    )
+
+    ok = True
+    synchronised = kernel_clock_synchronised()
+    table.add_row("clock", "ok" if synchronised else "warn",
+                  {True: "synchronised (NTP)", False: "not synchronised by NTP/chrony: authentication fails if it "
+                   "drifts > 5 s ahead of the coordinator", None: "synchronisation status unknown"}[synchronised])
+    if time_server:
+        try:
+            offset = time_server_offset(time_server)
+            problem = judge_offset(offset)
+            table.add_row("clock offset", "[red]fail[/]" if problem else "ok",
+                          problem or f"{offset:+.3f} s against {time_server}")
+            ok = problem is None
+        except ValueError as err:
+            table.add_row("clock offset", "warn", str(err))
+    if ca:
+        problem = certificate_window_problem(pathlib.Path(ca))
+        if problem:
+            table.add_row("clock vs CA", "[red]fail[/]", problem)
+            ok = False
+    return ok
+
+
+def check_data(directory: str, task_name: str) -> int:
+    """Validate a site's data directory against a task's classes and summarise it."""
+    from fedclient.tasks import (
+        MissingDataError,
+        SiteDataError,
+        get_task,
+        read_site_corpus,
+    )
+
+    try:
+        task = get_task(task_name)
+        corpus = read_site_corpus(directory, task.load_data().classes)
+    except (SiteDataError, MissingDataError, ValueError) as err:
+        console.print(f"[red]error:[/] {err}")
+        return 2
+    console.print(f"{directory}: {len(corpus)} labelled rows, valid for task {task_name}")
+    table = Table()
+    table.add_column("file")
+    table.add_column("rows", justify="right")
+    for name, rows in corpus.rows_per_file.items():
+        table.add_row(name, str(rows))
+    console.print(table)
+    classes = Table(title="rows per class")
+    classes.add_column("class")
+    classes.add_column("rows", justify="right")
+    for name, rows in corpus.class_counts().items():
+        classes.add_row(name, str(rows) if rows else "[yellow]0[/]")
+    console.print(classes)
+    train, evaluate = corpus.split_rows(seed=0)
+    console.print(f"{len(train)} rows to train on, {len(evaluate)} for local evaluation "
+                  "(rows marked split=eval, else 10% of the rest)")
+    return 0
 
 
 def keys(path: str, force: bool) -> int:
@@ -122,6 +221,17 @@ def start(args: argparse.Namespace) -> int:
     )
 
     node_config: dict = {"partition-id": args.partition_id, "num-partitions": args.num_partitions}
+    if args.data:
+        from fedclient.tasks import SiteDataError, read_site_corpus
+
+        data = pathlib.Path(args.data).expanduser().resolve()
+        try:  # the format now; the labels against the run's task when a run asks for training
+            corpus = read_site_corpus(data, None)
+        except SiteDataError as err:
+            console.print(f"[red]error:[/] {err}")
+            return 2
+        node_config = {"data-dir": str(data)}
+        console.print(f"site data: {len(corpus)} rows from {data}")
     if args.site_name:
         node_config["site-name"] = args.site_name
     if args.device:
@@ -132,7 +242,7 @@ def start(args: argparse.Namespace) -> int:
         if getattr(args, key) is not None:
             node_config[key.replace("_", "-")] = getattr(args, key)
     try:
-        if args.partition_id < 0 or args.partition_id >= args.num_partitions:
+        if not args.data and args.partition_id < 0 or args.partition_id >= args.num_partitions:
             raise ValueError(f"--partition-id must be in 0..{args.num_partitions - 1}, got {args.partition_id}")
         check_reachable(args.superlink)
         command = supernode_command(superlink=args.superlink, ca=pathlib.Path(args.ca), key=pathlib.Path(args.key),
@@ -187,6 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--superlink", default="", help="also check the coordinator's Fleet API HOST:PORT is reachable")
     check.add_argument("--ca", default="", help="... and that its certificate verifies with this CA file")
     check.add_argument("--key", default="", help="also check this site's private key")
+    check.add_argument("--data", default="", help="also check this data directory against each --task's classes")
+    check.add_argument("--time-server", default="", help="also measure this clock's offset against an NTP server "
+                       "HOST[:PORT]; Flower refuses sites > 5 s ahead of the coordinator")
+    validate = sub.add_parser("check-data", help="validate a data directory (CSV/JSONL with text,label) for a task",
+                              description="Validate a site's data directory and summarise it. Format: *.csv files with "
+                              "a header naming columns text and label, and/or *.jsonl files of objects with text and "
+                              "label; labels are the task's class names; an optional split column (train/eval) fixes "
+                              "the local evaluation rows.")
+    validate.add_argument("directory", help="the directory holding the site's *.csv / *.jsonl files")
+    validate.add_argument("--task", default="minilm-bbc", help="the task whose classes the labels must name")
     make_keys = sub.add_parser("keys", help="create this site's key pair (OpenSSH ECDSA P-384)")
     make_keys.add_argument("path", help="private key file to create (PATH.pub gets the public key)")
     make_keys.add_argument("--force", action="store_true", help="replace an existing key (re-enrol afterwards)")
@@ -195,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--superlink", required=True, help="the coordinator's Fleet API, HOST:PORT")
     run.add_argument("--ca", required=True, help="the coordinator's CA certificate (ca.crt)")
     run.add_argument("--key", required=True, help="this site's private key (from `fedclient keys`)")
+    run.add_argument("--data", default="", help="this site's own labelled text: a directory of CSV/JSONL files "
+                     "with text,label (see `fedclient check-data`); without it the site uses a share of the task's "
+                     "built-in corpus (--partition-id/--num-partitions)")
     run.add_argument("--partition-id", type=int, default=0, help="which share of a built-in task's data this site uses")
     run.add_argument("--num-partitions", type=int, default=1, help="how many shares the built-in task is split into")
     run.add_argument("--site-name", default="", help="how this site names itself to the coordinator")
@@ -213,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         return keys(args.path, args.force)
     if args.command == "start":
         return start(args)
-    return doctor(args.task, args.superlink, args.ca, args.key)
+    if args.command == "check-data":
+        return check_data(args.directory, args.task)
+    return doctor(args.task, args.superlink, args.ca, args.key, args.data, args.time_server)
 
 
 if __name__ == "__main__":

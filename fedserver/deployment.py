@@ -191,7 +191,7 @@ def stop(deployment: Deployment, grace: float = 10.0) -> bool:
 
 
 def _processes_mentioning(*needles: str) -> list[int]:
-    table = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=False).stdout
+    table = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True, check=False).stdout
     found = []
     for line in table.splitlines():
         pid, _, args = line.strip().partition(" ")

@@ -42,7 +42,7 @@ def no_stray_ray_processes():
     import os
 
     yield
-    table = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    table = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
     children: dict[int, list[tuple[int, str]]] = {}
     for line in table.splitlines():
         pid, ppid, args = line.split(None, 2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from fedclient.tasks.data import MissingDataError, load_bbc_news, load_drug_reviews
 from fedclient.tasks.partition import SCHEMES, PartitionSpec
+from fedclient.tasks.site_data import SiteCorpus, SiteDataError, read_site_corpus
 from fedclient.tasks.text import ClientData, TextTask, evaluate_model
 
 BBC_LICENCE = "BBC News article text (c) BBC, for non-commercial and research purposes only"
@@ -61,4 +62,16 @@ def get_task(name: str) -> TextTask:
     return TASKS[name]
 
 
-__all__ = ["TASKS", "SCHEMES", "ClientData", "MissingDataError", "PartitionSpec", "TextTask", "evaluate_model", "get_task"]
+__all__ = [
+    "SCHEMES",
+    "TASKS",
+    "ClientData",
+    "MissingDataError",
+    "PartitionSpec",
+    "SiteCorpus",
+    "SiteDataError",
+    "TextTask",
+    "evaluate_model",
+    "get_task",
+    "read_site_corpus",
+]

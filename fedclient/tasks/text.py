@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import pathlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from fedclient.tasks.data import Corpus, TokenizedDataset, package_dir
 from fedclient.tasks.partition import PartitionSpec, partition_indices
+from fedclient.tasks.site_data import SiteDataError, read_site_corpus
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -161,6 +163,18 @@ class TextTask:
 
     def partition_sizes(self, spec: PartitionSpec) -> list[int]:
         return [len(p) for p in _partitions(self, spec)]
+
+    def site_client_data(self, directory: str | pathlib.Path, seed: int, eval_fraction: float = 0.1) -> ClientData:
+        """A site's own labelled text from ``directory`` (format: :mod:`fedclient.tasks.site_data`),
+        tokenized as this task tokenizes its corpus; raises ``SiteDataError`` naming what is wrong."""
+        corpus = read_site_corpus(directory, self.load_data().classes)
+        encoded = tokenizer()(list(corpus.texts), padding="max_length", truncation=True, max_length=self.max_length,
+                              return_tensors="pt")
+        rows = TokenizedDataset(encoded["input_ids"], encoded["attention_mask"], torch.as_tensor(corpus.labels))
+        train, evaluate = corpus.split_rows(seed, eval_fraction)
+        if len(train) == 0:
+            raise SiteDataError(f"every row in {directory} is marked split=eval; nothing is left to train on")
+        return ClientData(train=rows.subset(train), evaluate=rows.subset(evaluate))
 
 
 @functools.lru_cache(maxsize=8)
