@@ -161,6 +161,9 @@ class AlgorithmStrategy(Strategy):
         self._ledger = _RoundLedger()
         self._sites: dict[int, Site] = {}  # by node id
         self._by_client: dict[ClientId, Site] = {}
+        # who each message in flight went to: a reply the SuperLink writes itself (the node went
+        # offline) comes from the SuperLink's node id, not the site's
+        self._recipients: dict[str, int] = {}
         self.stop_event = threading.Event()  # set it to end the run at the next wait
 
     def _pause(self, seconds: float) -> None:
@@ -247,7 +250,7 @@ class AlgorithmStrategy(Strategy):
 
     def _decode(self, message: Message, phase: str) -> tuple[Site, Payload | None]:
         """Account a reply's bytes and decode it; on error or a malformed reply, record why."""
-        site = self._sites[message.metadata.src_node_id]
+        site = self._sites[self._recipients.pop(message.metadata.reply_to_message_id, message.metadata.src_node_id)]
         record = self._ledger.client(phase, site)
         record.bytes_up = message_wire_bytes(message)
         if message.has_error():
@@ -391,7 +394,9 @@ class AlgorithmStrategy(Strategy):
         """Push ``messages`` and yield replies as they arrive, until all came or the timeout."""
         if not messages:
             return
-        pending = set(grid.push_messages(messages))
+        message_ids = list(grid.push_messages(messages))
+        self._recipients.update(zip(message_ids, (m.metadata.dst_node_id for m in messages), strict=True))
+        pending = set(message_ids)
         total = len(pending)
         del messages
         deadline = time.monotonic() + self.settings.round_timeout
@@ -408,6 +413,8 @@ class AlgorithmStrategy(Strategy):
         if pending:
             log(WARNING, "round %s: %d %s replies missing after %.0f s", server_round, len(pending), phase,
                 self.settings.round_timeout)
+        for message_id in pending:
+            self._recipients.pop(message_id, None)
 
     def start(
         self,

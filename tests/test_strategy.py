@@ -141,3 +141,39 @@ def test_a_stop_request_ends_waiting_for_clients_at_once(flower_identity):
     with pytest.raises(RunStopped):
         strategy._sample(IdentifyingGrid([1, 2]), 1, 1.0, "train")  # 2 of 5 nodes: would wait 120 s
     assert time.monotonic() - started < 5
+
+
+class _OneNodeGoesOffline(IdentifyingGrid):
+    """Node 2's train message is answered by the SuperLink itself, as Flower 1.39 does once the
+    node misses its heartbeats (src_node_id is the SuperLink's, not the site's)."""
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        if messages[0].metadata.message_type == "query.identify":
+            return super().push_messages(messages)
+        from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = f"m{message.metadata.dst_node_id}"
+            if message.metadata.dst_node_id == 2:
+                reply = create_message_error_unavailable_res_message(message.metadata, "node_unavail")
+            else:
+                reply = Message(_content({"w": [2.0, 2.0]}), reply_to=message)
+            self._replies[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+
+def test_a_reply_written_by_the_superlink_for_an_offline_node_is_charged_to_that_site(flower_identity):
+    strategy = AlgorithmStrategy(FedAvg())
+    initial = ArrayRecord({"w": torch.zeros(2)})
+    strategy.state = strategy.algorithm.init_state(initial.to_torch_state_dict())
+    grid = _OneNodeGoesOffline([1, 2, 3])
+    messages = list(strategy.configure_train(1, initial, ConfigRecord(), grid))
+    arrays, _ = strategy.aggregate_train(1, strategy._exchange(grid, messages, "train", 1))
+    np.testing.assert_allclose(arrays["w"].numpy(), [2.0, 2.0])
+    status = {c.node_id: (c.status, c.error) for c in strategy._ledger.clients.values()}
+    assert status[1][0] == status[3][0] == "ok"
+    assert status[2][0] == "failed" and "(node 2)" in status[2][1]
+    assert strategy._recipients == {}  # nothing left behind
