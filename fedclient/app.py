@@ -13,6 +13,7 @@ the task and partitioning come from the run config.
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -57,6 +58,18 @@ def _model(task_name: str, device: str) -> tuple[torch.nn.Module, dict[str, torc
     model = get_task(task_name).build_model().to(device)
     pristine = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return model, pristine
+
+
+def _seconds_since_process_start() -> float | None:
+    """Age of this process (Linux), or None where /proc cannot say."""
+    import os
+
+    try:
+        fields = open("/proc/self/stat", encoding="ascii").read().rsplit(")", 1)[1].split()  # noqa: SIM115
+        uptime = float(open("/proc/uptime", encoding="ascii").read().split()[0])  # noqa: SIM115
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
 def _fresh_model(task_name: str, device: torch.device) -> torch.nn.Module:
@@ -148,6 +161,9 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             client_state["site.layer-budget"] = budget
         client_state.update({SITE_PREFIX + k: context.node_config[k] for k in SITE_KEYS if k in context.node_config})
         started = time.perf_counter()
+        # In deployment every message gets a new ClientApp process: its age now is the start-up cost
+        # (interpreter, imports, data, model) that bench/deployment_latency.py reports
+        startup = _seconds_since_process_start() if sys.argv[0].endswith("flwr-clientapp") else None
         run = algorithm.local_probe if probe else algorithm.local
         try:
             payload = run(model, data.train, instruction, client_state)
@@ -159,6 +175,8 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         _save_client_state(context, client_state)
         if not private:  # timings depend on the data: withheld under local DP
             payload.metrics.setdefault("train-seconds" if not probe else "probe-seconds", time.perf_counter() - started)
+            if startup is not None:
+                payload.metrics["startup-seconds"] = startup
         if "partition-id" in context.node_config:
             payload.metrics["partition-id"] = int(context.node_config["partition-id"])
         return Message(to_recorddict(payload.to_record()), reply_to=msg)

@@ -246,7 +246,8 @@ def start(args: argparse.Namespace) -> int:
             raise ValueError(f"--partition-id must be in 0..{args.num_partitions - 1}, got {args.partition_id}")
         check_reachable(args.superlink)
         command = supernode_command(superlink=args.superlink, ca=pathlib.Path(args.ca), key=pathlib.Path(args.key),
-                                    node_config=node_config, runtime_port=args.port, max_retries=args.max_retries)
+                                    node_config=node_config, runtime_port=args.port, max_retries=args.max_retries,
+                                   poll_interval=args.poll_interval)
     except ValueError as err:
         console.print(f"[red]error:[/] {err}")
         return 2
@@ -331,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's runtime API")
     run.add_argument("--home", default=".fedclient", help="FLWR_HOME of this SuperNode")
     run.add_argument("--max-retries", type=int, default=None, help="give up after N failed connection attempts")
+    run.add_argument("--poll-interval", type=float, default=None,
+                     help="shorten the SuperNode's fixed 3 s idle wait and 0.5 s reply poll to this many seconds "
+                     "(faster rounds, more PullMessages calls; see fedclient/fast_supernode.py); default: Flower's")
     args = parser.parse_args(argv)
     if args.command == "keys":
         return keys(args.path, args.force)

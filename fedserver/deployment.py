@@ -182,21 +182,32 @@ def stop(deployment: Deployment, grace: float = 10.0) -> bool:
     pid = running_pid(deployment)
     if pid is None:
         return False
+    # the SuperExec the SuperLink spawns, and the ServerApp that one spawns, run in sessions of their
+    # own; Flower names each one's parent with --parent-pid (sites' SuperNodes on this machine do not
+    # descend from the SuperLink and are left alone)
+    spawned = _spawned_by(pid)
     stop_group(pid, grace)
-    # the SuperExec the SuperLink spawns runs in its own session (with the ServerApp under it)
-    for child in _processes_mentioning(str(deployment.directory), f"127.0.0.1:{deployment.control_port}"):
+    for child in spawned:
         stop_group(child, grace)
     deployment.pid_file.unlink(missing_ok=True)
     return True
 
 
-def _processes_mentioning(*needles: str) -> list[int]:
+def _spawned_by(pid: int) -> list[int]:
+    """Processes Flower started on behalf of ``pid`` (``--parent-pid PID``), transitively."""
     table = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True, check=False).stdout
-    found = []
+    parents: dict[int, int] = {}
     for line in table.splitlines():
-        pid, _, args = line.strip().partition(" ")
-        if pid.isdigit() and int(pid) != os.getpid() and any(n in args for n in needles) and "flower-" in args:
-            found.append(int(pid))
+        child, _, args = line.strip().partition(" ")
+        words = args.split()
+        if child.isdigit() and "--parent-pid" in words[:-1]:
+            parent = words[words.index("--parent-pid") + 1]
+            if parent.isdigit():
+                parents[int(child)] = int(parent)
+    found, frontier = [], {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier and child not in found}
+        found.extend(sorted(frontier))
     return found
 
 

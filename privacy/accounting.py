@@ -29,11 +29,13 @@ import pathlib
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from dp_accounting.pld import privacy_loss_distribution as pld
-from dp_accounting.pld import privacy_loss_mechanism
+
+if TYPE_CHECKING:  # dp-accounting (and the SciPy it loads) costs ~1 s: imported where it is used, so
+    # a ClientApp process, started anew for every message, pays for it only when privacy is on
+    from dp_accounting.pld import privacy_loss_distribution as pld
 
 MECHANISMS = ("gaussian", "laplace", "randomized-response")
 VALUE_DISCRETIZATION = 1e-4
@@ -66,6 +68,8 @@ class Release:
 
 @functools.lru_cache(maxsize=256)
 def _single(release: Release, interval: float = VALUE_DISCRETIZATION) -> pld.PrivacyLossDistribution:
+    from dp_accounting.pld import privacy_loss_distribution as pld
+
     if release.mechanism == "gaussian":
         one = pld.from_gaussian_mechanism(release.parameter, sensitivity=1.0, value_discretization_interval=interval)
     elif release.mechanism == "laplace":
@@ -110,6 +114,8 @@ def _epsilon(counts: tuple[tuple[Release, int], ...], delta: float) -> float:
         return 0.0 if not gaussian else gaussian_epsilon(1 / math.sqrt(precision), delta)
     total = composed(r for r, times in others for _ in range(times))
     if gaussian:
+        from dp_accounting.pld import privacy_loss_distribution as pld
+
         total = total.compose(pld.from_gaussian_mechanism(1 / math.sqrt(precision), sensitivity=1.0,
                                                           value_discretization_interval=VALUE_DISCRETIZATION))
     return float(total.get_epsilon_for_delta(delta))
@@ -151,6 +157,8 @@ def gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
     evaluation of the closed-form δ(ε) of Balle & Wang (ICML 2018), here dp-accounting's
     ``GaussianPrivacyLoss.get_delta_for_epsilon``, inverted by bisection (no discretization).
     """
+    from dp_accounting.pld import privacy_loss_mechanism
+
     loss = privacy_loss_mechanism.GaussianPrivacyLoss(noise_multiplier, sensitivity=1.0)
     if loss.get_delta_for_epsilon(0.0) <= delta:
         return 0.0

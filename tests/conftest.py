@@ -8,6 +8,14 @@ from fedclient.runconfig import QUIET_ENVIRONMENT  # noqa: E402  (imports only o
 
 os.environ.update(QUIET_ENVIRONMENT)  # forced, not defaults: tests must never reach the network
 
+if "FEDTUNE_CACHE_DIR" not in os.environ:  # the ClientApp cache (fedclient/tasks/cache.py): one per session
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["FEDTUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedtune-cache-")
+    atexit.register(shutil.rmtree, os.environ["FEDTUNE_CACHE_DIR"], ignore_errors=True)
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -229,7 +229,8 @@ def test_a_killed_coordinator_resumes_without_repeating_rounds(tmp_path: pathlib
         first.kill()
         (run,) = store.list_runs()
         done = {r.round: r.started_at for r in store.rounds(run.id)}
-        assert len(done) >= 2 and run.status == "running"
+        # SIGKILL leaves it "running"; a SIGTERM reaching the ServerApp first records "failed": both resume
+        assert len(done) >= 2 and run.status in ("running", "failed"), (run.status, run.error)
         dep.start(coord)
         try:
             result = dep.submit(coord, {**config, "resume": run.id}, timeout=300)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import os
 
 import numpy as np
 
@@ -42,7 +41,11 @@ def partition_indices(
 ) -> list[np.ndarray]:
     """Row indices of each client's share of a training set with ``labels`` (and ``groups``)."""
     from datasets import Dataset, disable_progress_bars
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+    )
 
     disable_progress_bars()
     n = len(labels)

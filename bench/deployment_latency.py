@@ -1,0 +1,167 @@
+"""Round wall time of ``tiny`` over Flower's Deployment Engine on loopback vs the same rounds in
+simulation, where the deployment's extra time goes, and what fedtune's settings change.
+
+One invocation runs, in order, with the same run config (``tiny``, FedAvg, N sites, every site
+trains every round, central evaluation on the coordinator):
+
+- ``simulation``: fedtune on Flower's simulation engine (Ray; ClientApps stay warm in actors);
+- ``stock``: the Deployment Engine as Flower ships it (TLS + node auth on 127.0.0.1): SuperExec task
+  poll 1 s, SuperNode idle wait 3 s, and no fedtune cache, so each message's new ClientApp process
+  re-tokenizes the corpus and re-partitions it;
+- ``cached``: fedtune's defaults: the ClientApp's on-disk cache (fedclient/tasks/cache.py, warm)
+  and ``fedclient start``'s SuperExec task poll of 0.1 s;
+- ``fast-poll``: ``cached`` plus ``fedclient start --poll-interval 0.2`` (the SuperNode's fixed
+  3 s / 0.5 s waits shortened; fedclient/fast_supernode.py).
+
+Per arm it prints the mean round time over rounds 2..N (round 1 also pays the FAB install), the
+ClientApp start-up measured inside each ClientApp (process start to first training step:
+interpreter, imports, data, model), the training time itself, and the remainder of the round beyond
+simulation, i.e. time spent waiting in Flower's polling and transport. Ratios are against the
+simulation arm of the same invocation.
+
+Usage::
+
+    python bench/deployment_latency.py                 # 2 sites, 4 rounds, all arms
+    python bench/deployment_latency.py --arms simulation,cached --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
+from bench.common import simulate_arm
+
+ARMS = ("simulation", "stock", "cached", "fast-poll")
+SETTINGS = {
+    "stock": {"FEDTUNE_CACHE_DIR": "off", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"},
+    "cached": {},
+    "fast-poll": {},
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _config(args: argparse.Namespace) -> dict:
+    return {"task": "tiny", "strategy": "fedavg", "num-server-rounds": args.rounds, "local-steps": args.local_steps,
+            "min-train-nodes": args.sites, "checkpoint-every": 0}
+
+
+def _rounds_summary(arm: str, store, run_id: str) -> dict:
+    rounds = store.rounds(run_id)
+    clients = [c for c in store.client_rounds(run_id) if c.phase == "train" and c.status == "ok"]
+    steady = [r.seconds for r in rounds[1:]] or [rounds[0].seconds]
+
+    def metric(name: str, rows) -> float:
+        values = [c.metrics.get(name) for c in rows if c.metrics.get(name) is not None]
+        return statistics.mean(values) if values else float("nan")
+
+    later = [c for c in clients if c.round > 1] or clients
+    return {"arm": arm, "first": rounds[0].seconds, "steady": statistics.mean(steady),
+            "startup": metric("startup-seconds", later), "train": metric("train-seconds", later),
+            "accuracy": rounds[-1].central_accuracy}
+
+
+def simulation_arm(args: argparse.Namespace, tmp: str) -> dict:
+    store, run_id, _wall = simulate_arm("simulation", _config(args), args.sites, tmp)
+    return _rounds_summary("simulation", store, run_id)
+
+
+def deployment_arm(arm: str, args: argparse.Namespace, tmp: str) -> dict:
+    from fedclient.keys import create_site_keys
+    from fedserver import deployment as dep
+    from fedserver.store import RunStore
+
+    root = pathlib.Path(tmp) / arm
+    coord = dep.init(root / "coord", ["127.0.0.1"], fleet_port=_free_port(), control_port=_free_port(),
+                     fleet_host="127.0.0.1")
+    env = {**os.environ, "PYTHONPATH": str(dep.app_directory()), **SETTINGS[arm]}
+    if arm != "stock":  # warm the site cache as the site's first message of any run would
+        env.setdefault("FEDTUNE_CACHE_DIR", str(pathlib.Path(tmp) / "site-cache"))
+        warm = ("from fedclient.tasks import PartitionSpec, get_task; "
+                f"get_task('tiny').client_data(PartitionSpec('dirichlet', {args.sites}, 0.5, 0), 0)")
+        subprocess.run([sys.executable, "-c", warm], env=env, check=True)
+    sites = []
+    try:
+        dep.start(coord)
+        for index in range(args.sites):
+            name = f"site-{index}"
+            private, public = create_site_keys(root / name / "site.key")
+            dep.enrol(coord, name, public)
+            command = [sys.executable, "-m", "fedclient.cli", "start", "--superlink", coord.fleet_address,
+                       "--ca", str(coord.tls / "ca.crt"), "--key", str(private), "--partition-id", str(index),
+                       "--num-partitions", str(args.sites), "--site-name", name, "--port", str(_free_port()),
+                       "--home", str(root / name / "home")]
+            if arm == "fast-poll":
+                command += ["--poll-interval", "0.2"]
+            with open(root / f"{name}.log", "w") as log:
+                sites.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                              start_new_session=True))
+        deadline = time.monotonic() + 90
+        while sum(n["status"] == "online" for n in dep.status(coord)["nodes"]) < args.sites:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{arm}: the sites did not come online; see {root}/*.log")
+            time.sleep(1)
+        result = dep.submit(coord, _config(args), timeout=900)
+        if result.returncode != 0:
+            raise RuntimeError(f"{arm}: flwr run failed:\n{result.stderr[-2000:]}")
+        store = RunStore(coord.store_url)
+        (run,) = store.list_runs()
+        return _rounds_summary(arm, store, run.id)
+    finally:
+        for process in sites:
+            dep.stop_group(process.pid, grace=5)
+        dep.stop(coord)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
+    parser.add_argument("--sites", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--local-steps", type=int, default=2)
+    args = parser.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        parser.error(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+    print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}; "
+          f"tiny, FedAvg, {args.sites} sites, {args.rounds} rounds, {args.local_steps} local steps")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arm in arms:
+            started = time.perf_counter()
+            results.append(simulation_arm(args, tmp) if arm == "simulation" else deployment_arm(arm, args, tmp))
+            print(f"  done {arm} in {time.perf_counter() - started:.0f} s", flush=True)
+    baseline = next((r["steady"] for r in results if r["arm"] == "simulation"), None)
+    print("\n| arm | round 1 (s) | rounds 2.. mean (s) | × simulation | ClientApp start-up (s) | training (s) | "
+          "waiting in Flower (s) | share waiting | central acc |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        ratio = f"{r['steady'] / baseline:.1f}×" if baseline else "–"
+        if r["arm"] == "simulation" or baseline is None:
+            waiting = share = "–"
+        else:
+            startup = r["startup"] if r["startup"] == r["startup"] else 0.0
+            extra = max(r["steady"] - baseline - startup, 0.0)
+            waiting, share = f"{extra:.1f}", f"{extra / r['steady']:.0%}"
+        startup_text = f"{r['startup']:.1f}" if r["startup"] == r["startup"] else "–"
+        print(f"| {r['arm']} | {r['first']:.1f} | {r['steady']:.1f} | {ratio} | {startup_text} | {r['train']:.2f} | "
+              f"{waiting} | {share} | {r['accuracy']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
