@@ -203,7 +203,10 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.query("identify")
     def identify(msg: Message, context: Context) -> Message:
-        return Message(RecordDict({"site": ConfigRecord({"name": site_name(context.node_config)})}), reply_to=msg)
+        device = best_device(str(context.node_config.get("device", "auto")))
+        described = f"{device} {torch.cuda.get_device_name(device)}" if device.type == "cuda" else str(device)
+        return Message(RecordDict({"site": ConfigRecord({"name": site_name(context.node_config), "device": described})}),
+                       reply_to=msg)
 
     return app
 

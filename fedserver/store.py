@@ -115,6 +115,18 @@ class CheckpointRow(Base):
     data: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class RunRequestRow(Base):
+    """An operator's request to a running run (``stop``), honoured by the coordinator at its next wait.
+    A table of its own, so stores written before it existed gain it without a schema change."""
+
+    __tablename__ = "run_requests"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    requested_at: Mapped[dt.datetime] = mapped_column()
+    requested_by: Mapped[str] = mapped_column(String(200), default="")
+
+
 @dataclass
 class ClientRecord:
     """One client's part in one phase of a round."""
@@ -282,6 +294,29 @@ class RunStore:
                 raise StoreError(f"no run '{run_id}' in {self.url}")
             run.status, run.error, run.finished_at = status, error, now()
 
+    def request_stop(self, run_ref: str, requested_by: str = "") -> RunRow:
+        """Ask a running run to stop; its coordinator ends it within about a second of its next wait,
+        keeping every finished round. Refused for a run that is not running."""
+        run = self.get_run(run_ref)
+        if run.status != "running":
+            raise StoreError(f"run '{run.id}' is {run.status}, not running; nothing to stop")
+        with self._session.begin() as session:
+            session.add(RunRequestRow(run_id=run.id, kind="stop", requested_at=now(), requested_by=requested_by))
+        return run
+
+    def stop_requested(self, run_id: str) -> str | None:
+        """Who asked ``run_id`` to stop (after it last (re)started), or None."""
+        with self._session() as session:
+            run = session.get(RunRow, run_id)
+            if run is None:
+                return None
+            row = session.scalars(
+                select(RunRequestRow).where(RunRequestRow.run_id == run_id, RunRequestRow.kind == "stop",
+                                            RunRequestRow.requested_at >= run.created_at)
+                .order_by(RunRequestRow.requested_at.desc())
+            ).first()
+            return None if row is None else (row.requested_by or "an operator")
+
     def resume_run(self, run_id: str, num_rounds: int) -> tuple[int, dict[str, torch.Tensor]]:
         """Reopen a run that stopped or failed (e.g. its coordinator was killed) from its latest
         checkpoint: the run is ``running`` again with ``num_rounds`` planned; rounds recorded after
@@ -300,6 +335,7 @@ class RunStore:
             session.execute(delete(RoundRow).where(RoundRow.run_id == run.id, RoundRow.round > done))
             row = session.get(RunRow, run.id)
             row.status, row.error, row.finished_at, row.num_rounds = "running", None, None, num_rounds
+            session.execute(delete(RunRequestRow).where(RunRequestRow.run_id == run.id))
         return done, state
 
     # ---- reading -----------------------------------------------------------------------------

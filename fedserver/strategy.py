@@ -111,6 +111,7 @@ class Site:
     node_id: int
     client_id: ClientId
     name: str
+    device: str = ""  # what the site trains on, as it reported it (e.g. "cuda:0 NVIDIA H100")
 
 
 def stable_client_id(name: str) -> ClientId:
@@ -128,7 +129,8 @@ class _RoundLedger:
         """The record of ``site`` in ``phase``; "timeout" until its reply arrives."""
         key = (phase, site.node_id)
         if key not in self.clients:
-            self.clients[key] = ClientRecord(node_id=site.node_id, site=site.name, phase=phase, status="timeout")
+            self.clients[key] = ClientRecord(node_id=site.node_id, site=site.name, phase=phase, status="timeout",
+                                             details={"device": site.device} if site.device else {})
         return self.clients[key]
 
 
@@ -165,11 +167,23 @@ class AlgorithmStrategy(Strategy):
         # offline) comes from the SuperLink's node id, not the site's
         self._recipients: dict[str, int] = {}
         self.stop_event = threading.Event()  # set it to end the run at the next wait
+        self._next_stop_check = 0.0
 
     def _pause(self, seconds: float) -> None:
-        """Sleep while waiting on clients; raise RunStopped as soon as a stop is requested."""
+        """Sleep while waiting on clients; raise RunStopped as soon as a stop is requested, here
+        (``stop_event``) or through the store (``RunStore.request_stop``, checked at most once a second)."""
         if self.stop_event.wait(seconds):
             raise RunStopped("the run was stopped before it finished")
+        self._check_stop_request()
+
+    def _check_stop_request(self) -> None:
+        if self.store is None or not self.run_id or time.monotonic() < self._next_stop_check:
+            return
+        self._next_stop_check = time.monotonic() + 1.0
+        requested_by = self.store.stop_requested(self.run_id)
+        if requested_by is not None:
+            self.stop_event.set()
+            raise RunStopped(f"stopped by {requested_by} before it finished")
 
     # ---- sites and sampling ------------------------------------------------------------------
     def _identify(self, grid: Grid, node_ids: list[int]) -> None:
@@ -179,6 +193,7 @@ class AlgorithmStrategy(Strategy):
             return
         queries = [Message(RecordDict(), dst_node_id=n, message_type="query.identify") for n in unknown]
         names: dict[int, str] = {}
+        devices: dict[int, str] = {}
         deadline = time.monotonic() + min(self.settings.round_timeout, self.settings.wait_for_nodes)
         pending = set(grid.push_messages(queries))
         while pending and time.monotonic() < deadline:
@@ -186,6 +201,7 @@ class AlgorithmStrategy(Strategy):
                 pending.discard(reply.metadata.reply_to_message_id)
                 if reply.has_content() and "site" in reply.content.config_records:
                     names[reply.metadata.src_node_id] = str(reply.content["site"].get("name", ""))
+                    devices[reply.metadata.src_node_id] = str(reply.content["site"].get("device", ""))[:200]
             if pending:
                 self._pause(0.05)
         for node_id in unknown:
@@ -194,7 +210,7 @@ class AlgorithmStrategy(Strategy):
             if client_id in self._by_client:
                 log(WARNING, "two clients call themselves '%s'; node %s keeps its node id", name, node_id)
                 name, client_id = f"{name}@node-{node_id}", stable_client_id(f"{name}@node-{node_id}")
-            site = Site(node_id, client_id, name)
+            site = Site(node_id, client_id, name, devices.get(node_id, ""))
             self._sites[node_id] = site
             self._by_client[client_id] = site
 
@@ -327,7 +343,7 @@ class AlgorithmStrategy(Strategy):
         for client_id in result.accepted:
             self._ledger.client("train", self._by_client[client_id]).status = "ok"
         for client_id, detail in result.details.items():
-            self._ledger.client("train", self._by_client[client_id]).details = dict(detail)
+            self._ledger.client("train", self._by_client[client_id]).details.update(detail)
         for (phase, node_id), record in self._ledger.clients.items():
             if phase == "train" and record.status != "ok":
                 self.algorithm.forget(self._sites[node_id].client_id)
@@ -446,6 +462,8 @@ class AlgorithmStrategy(Strategy):
         for server_round in range(first_round, num_rounds + 1):
             started, t0 = now(), time.perf_counter()
             self._ledger = _RoundLedger()
+            self._next_stop_check = 0.0
+            self._check_stop_request()
             if self.observer:
                 self.observer.round_started(server_round, num_rounds)
             try:
