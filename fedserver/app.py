@@ -46,6 +46,7 @@ def run_federation(
     observer: RoundObserver | None = None,
     on_run_created: Callable[[str], None] | None = None,
     stop_event: threading.Event | None = None,
+    flower_run_id: int | None = None,
 ) -> ServerRun:
     """Run one federated fine-tuning job on ``grid`` as ``config`` (a resolved run config) says."""
     task = get_task(str(config["task"]))
@@ -90,6 +91,8 @@ def run_federation(
             name=str(config["run-name"]),
             num_clients=num_clients,
         )
+    if flower_run_id is not None:  # the console stops a deployment's run with `flwr stop <this id>`
+        store.annotate_run(run_id, {"flower-run-id": str(flower_run_id)})
     if on_run_created:
         on_run_created(run_id)
     if privacy:
@@ -176,7 +179,7 @@ def build_server_app(
         config = resolve_run_config(context.run_config, overrides)
         run_federation(
             grid, config, num_clients=num_clients, observer=observer, on_run_created=on_run_created,
-            stop_event=stop_event,
+            stop_event=stop_event, flower_run_id=context.run_id,
         )
 
     return app

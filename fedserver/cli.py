@@ -101,6 +101,48 @@ def deployment_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def console_command(args: argparse.Namespace) -> int:
+    import ipaddress
+    import secrets
+
+    import uvicorn
+
+    from fedserver.console import create_app
+    from fedserver.deployment import Deployment, DeploymentError
+    from fedserver.store import StoreError
+
+    deployment = None
+    try:
+        if args.directory:
+            deployment = Deployment.load(args.directory)
+        store_url = deployment.store_url if deployment else args.store
+        loopback = args.host in ("localhost",) or (_is_ip(args.host) and ipaddress.ip_address(args.host).is_loopback)
+        token = args.token
+        if not loopback and not token:
+            token = secrets.token_urlsafe(24)
+            console.print(f"[yellow]{args.host} is not a loopback address: the console requires a token[/]\n"
+                          f"  open http://{args.host}:{args.port}/?token={token}")
+        app = create_app(store_url, deployment=deployment, token=token,
+                         log_dir=(deployment.directory if deployment else pathlib.Path.cwd()) / "console-logs")
+    except (DeploymentError, StoreError, RuntimeError) as err:
+        err_console.print(f"[red]error:[/] {err}")
+        return 2
+    console.print(f"fedtune console on http://{args.host}:{args.port}/ over {store_url}"
+                  + (f" (deployment {deployment.directory})" if deployment else " (runs start on the simulation engine)"))
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     from fedserver.deployment import DeploymentError
     from fedserver.report import run_summary, runs_table, summary_tables
@@ -141,7 +183,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--rounds", type=int, default=DEFAULT_RUN_CONFIG["num-server-rounds"])
     run.add_argument("--task", default=DEFAULT_RUN_CONFIG["task"])
     run.add_argument("--run-config", action="append", default=[], help="extra run config, e.g. 'codec=\"q8\"'")
+    web = sub.add_parser("console", help="serve the web console (runs, rounds, sites; start and stop runs)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         description="Serve the operator console. Given a deployment DIR it shows that deployment's "
+                         "store and sites and starts runs on its SuperLink; without one it serves --store and starts "
+                         "runs on the simulation engine. Binds 127.0.0.1; any other --host needs a token (one is "
+                         "generated and printed if --token is not given).")
+    web.add_argument("directory", nargs="?", default="", help="a deployment directory (from `fedserver init`)")
+    web.add_argument("--host", default="127.0.0.1", help="address to bind")
+    web.add_argument("--port", type=int, default=8080, help="port to bind")
+    web.add_argument("--token", default=None, help="token required from browsers and API clients")
     args = parser.parse_args(argv)
+    if args.command == "console":
+        return console_command(args)
     if args.command in ("init", "start", "stop", "status", "enrol", "run"):
         try:
             return deployment_command(args)

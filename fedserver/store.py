@@ -166,7 +166,7 @@ class RoundRecord:
 
 
 def now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def _finite_or_none(value: Any) -> float | None:
@@ -294,6 +294,14 @@ class RunStore:
                 raise StoreError(f"no run '{run_id}' in {self.url}")
             run.status, run.error, run.finished_at = status, error, now()
 
+    def annotate_run(self, run_id: str, values: Mapping[str, Any]) -> None:
+        """Add ``values`` to a run's stored config (e.g. the Flower run id that now executes it)."""
+        with self._session.begin() as session:
+            run = session.get(RunRow, run_id)
+            if run is None:
+                raise StoreError(f"no run '{run_id}' in {self.url}")
+            run.config = {**run.config, **values}
+
     def request_stop(self, run_ref: str, requested_by: str = "") -> RunRow:
         """Ask a running run to stop; its coordinator ends it within about a second of its next wait,
         keeping every finished round. Refused for a run that is not running."""
@@ -368,6 +376,12 @@ class RunStore:
             query = query.where(ClientRoundRow.round == server_round)
         with self._session() as session:
             return list(session.scalars(query.order_by(ClientRoundRow.round, ClientRoundRow.id)))
+
+    def checkpoint_size(self, run_id: str) -> int | None:
+        """Bytes of the run's latest checkpoint (fp32 safetensors), or None without one."""
+        with self._session() as session:
+            return session.scalars(select(CheckpointRow.num_bytes).where(CheckpointRow.run_id == run_id)
+                                   .order_by(CheckpointRow.round.desc())).first()
 
     def checkpoint_rounds(self, run_id: str) -> list[int]:
         with self._session() as session:

@@ -177,3 +177,22 @@ def test_a_reply_written_by_the_superlink_for_an_offline_node_is_charged_to_that
     assert status[1][0] == status[3][0] == "ok"
     assert status[2][0] == "failed" and "(node 2)" in status[2][1]
     assert strategy._recipients == {}  # nothing left behind
+
+
+def test_a_stop_requested_through_the_store_ends_waiting_within_a_second(tmp_path, flower_identity):
+    import threading
+    import time
+
+    from fedserver.strategy import RunStopped
+
+    store = RunStore(f"sqlite:///{tmp_path / 's.db'}")
+    run_id = store.create_run(task="unit", strategy="fedavg", num_rounds=3, config={})
+    strategy = AlgorithmStrategy(FedAvg(), StrategySettings(min_available_nodes=5), store=store, run_id=run_id)
+    threading.Timer(0.3, store.request_stop, args=(run_id, "operator ana")).start()
+    started = time.monotonic()
+    with pytest.raises(RunStopped, match="stopped by operator ana"):
+        strategy._sample(IdentifyingGrid([1, 2]), 1, 1.0, "train")  # 2 of 5 nodes: would wait 120 s
+    assert time.monotonic() - started < 3
+    store.finish_run(run_id, "stopped", "test")
+    with pytest.raises(Exception, match="not running"):
+        store.request_stop(run_id)

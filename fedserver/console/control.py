@@ -1,0 +1,146 @@
+"""Starting and stopping runs from the console.
+
+A console over a deployment (``fedserver console DIR``) submits runs to its SuperLink with
+``flwr run`` (as ``fedserver run`` does); a console over a bare store (``--store URL``) starts them
+on the simulation engine with ``fedsim run --store URL``. Stopping asks the run's coordinator through
+the store (``RunStore.request_stop``: it ends at its next wait, keeping every finished round and
+recording ``stopped``); on a deployment, if the ServerApp has not ended within
+``FLOWER_STOP_AFTER_S``, Flower's own ``flwr stop`` ends it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aggregators import ALGORITHMS
+from aggregators.compression import Codec
+from fedclient.tasks import TASKS
+from fedserver.store import RunStore, StoreError
+
+DP_MECHANISMS = ("off", "gaussian", "laplace")
+FLOWER_STOP_AFTER_S = 20.0
+
+
+class FormError(ValueError):
+    """A field of the new-run form is invalid; the message names it and what is allowed."""
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """The new-run form, validated."""
+
+    task: str = "tiny"
+    strategy: str = "fedavg"
+    rounds: int = 3
+    clients: int = 3
+    codec: str = ""
+    dp: str = "off"
+    dp_epsilon: float = 8.0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise FormError(f"task '{self.task}' is unknown; choose one of {', '.join(sorted(TASKS))}")
+        if self.strategy not in ALGORITHMS:
+            raise FormError(f"strategy '{self.strategy}' is unknown; choose one of {', '.join(sorted(ALGORITHMS))}")
+        if not 1 <= self.rounds <= 10_000:
+            raise FormError(f"rounds must be between 1 and 10000, got {self.rounds}")
+        if not 1 <= self.clients <= 1_000:
+            raise FormError(f"clients must be between 1 and 1000, got {self.clients}")
+        if self.codec:
+            try:
+                Codec.parse(self.codec)
+            except ValueError as err:
+                raise FormError(f"codec: {err}") from err
+        if self.dp not in DP_MECHANISMS:
+            raise FormError(f"dp must be one of {', '.join(DP_MECHANISMS)}, got '{self.dp}'")
+        if not self.dp_epsilon > 0:
+            raise FormError(f"dp-epsilon must be positive, got {self.dp_epsilon}")
+        if len(self.name) > 100 or any(ch in self.name for ch in "\"'\\\n"):
+            raise FormError("name must be at most 100 characters without quotes, backslashes or newlines")
+
+    def run_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {"task": self.task, "strategy": self.strategy, "num-server-rounds": self.rounds,
+                                  "dp": self.dp, "dp-epsilon": self.dp_epsilon}
+        if self.codec:
+            config["codec"] = self.codec
+        if self.name:
+            config["run-name"] = self.name
+        return config
+
+
+class RunControl:
+    """Starts runs (deployment or simulation) and stops them; keeps a log file per launch."""
+
+    def __init__(self, store: RunStore, deployment=None, log_dir: pathlib.Path | None = None) -> None:
+        self.store = store
+        self.deployment = deployment
+        self.log_dir = log_dir or pathlib.Path.cwd() / "console-logs"
+        self.launched: list[subprocess.Popen] = []
+
+    @property
+    def engine(self) -> str:
+        return "deployment" if self.deployment is not None else "simulation"
+
+    def start(self, request: RunRequest) -> dict[str, Any]:
+        """Launch the run in the background; it appears in the store once its coordinator starts."""
+        name = request.name or f"console-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
+        request = RunRequest(**{**request.__dict__, "name": name})
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        if self.deployment is not None:
+            from fedserver import deployment as dep
+
+            config = {"store": self.deployment.store_url, **request.run_config(), "min-train-nodes": 1}
+            command = [dep.flower_command("flwr"), "run", str(dep.app_directory()), dep.CONNECTION,
+                       "--run-config", dep.run_config_text(config)]
+            env, cwd = dep.environment(self.deployment.flwr_home), self.deployment.directory
+        else:
+            command = [sys.executable, "-m", "simulations.cli", "run", "--task", request.task, "--strategy",
+                       request.strategy, "--rounds", str(request.rounds), "--clients", str(request.clients),
+                       "--store", self.store.url, "--name", name, "--dp", request.dp,
+                       "--dp-epsilon", str(request.dp_epsilon), "--out", str(self.log_dir / name)]
+            if request.codec:
+                command += ["--codec", request.codec]
+            env, cwd = None, None
+        with open(log_path, "w") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                       start_new_session=True)
+        self.launched.append(process)
+        return {"name": name, "engine": self.engine, "log": str(log_path), "pid": process.pid}
+
+    def stop(self, run_ref: str, requested_by: str = "console") -> dict[str, Any]:
+        """Ask a running run to stop (StoreError if unknown or not running)."""
+        run = self.store.request_stop(run_ref, requested_by=requested_by)
+        flower_run = run.config.get("flower-run-id")
+        if self.deployment is not None and flower_run:
+            threading.Thread(target=self._flower_stop_if_still_running, args=(run.id, str(flower_run)),
+                             daemon=True).start()
+        return {"id": run.id, "status": "stopping"}
+
+    def _flower_stop_if_still_running(self, run_id: str, flower_run: str) -> None:
+        from fedserver import deployment as dep
+
+        deadline = time.monotonic() + FLOWER_STOP_AFTER_S
+        while time.monotonic() < deadline:
+            if self.store.get_run(run_id).status != "running":
+                return
+            time.sleep(1)
+        dep.flwr_cli(self.deployment, "stop", flower_run, dep.CONNECTION)
+        try:
+            if self.store.get_run(run_id).status == "running":
+                self.store.finish_run(run_id, "stopped", "stopped by the console with `flwr stop`")
+        except StoreError:
+            pass
+
+    def close(self) -> None:
+        """Nothing the console launched outlives it unnoticed: wait briefly, then leave them be
+        (runs keep going; they are recorded in the store)."""
+        self.launched = [p for p in self.launched if p.poll() is None]
