@@ -70,7 +70,7 @@ def test_bad_replies_are_rejected_naming_the_client_and_the_round_completes(tmp_
             _content({"w": [4.0, 4.0, 4.0]}, n=30),  # good
         ],
     )
-    arrays, metrics = strategy.aggregate_train(1, iter(replies))
+    arrays, _ = strategy.aggregate_train(1, iter(replies))
     np.testing.assert_allclose(arrays["w"].numpy(), [3.25, 3.25, 3.25])  # (10*1 + 30*4) / 40
     clients = {c.node_id: c for c in strategy._ledger.clients.values()}
     assert clients[101].status == clients[105].status == "ok"
@@ -151,7 +151,9 @@ class _OneNodeGoesOffline(IdentifyingGrid):
         messages = list(messages)
         if messages[0].metadata.message_type == "query.identify":
             return super().push_messages(messages)
-        from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+        from flwr.server.superlink.linkstate.utils import (
+            create_message_error_unavailable_res_message,
+        )
 
         ids = []
         for message in messages:

@@ -58,5 +58,7 @@ function poll(render, isLive) {
 
 const plotConfig = { displaylogo: false, responsive: true };
 function chart(id, traces, layout) {
-  Plotly.react(id, traces, { margin: { t: 36, r: 16, b: 44, l: 60 }, legend: { orientation: "h" }, ...layout }, plotConfig);
+  if (layout.title) layout.title = { x: 0.02, xanchor: "left", ...layout.title };
+  Plotly.react(id, traces, { margin: { t: 36, r: 60, b: 44, l: 60 }, legend: { orientation: "h", y: -0.2 },
+                             autosize: true, ...layout }, plotConfig);
 }
