@@ -300,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--task", default=d["task"], help="model + data; `fedsim tasks` lists them")
     run.add_argument("--strategy", default=d["strategy"],
-                     help="aggregation algorithm: fedavg, selective-layer, ferret, fedkseed, fedkseed-pro, one-byte or frl")
+                     help="aggregation algorithm: fedavg, selective-layer, ferret, fedkseed, fedkseed-pro, "
+                     "one-byte, frl, scallion or scafcom (`fedsim tasks` lists them)")
     run.add_argument("--clients", type=int, default=10, help="number of virtual clients (partitions)")
     run.add_argument("--fraction", type=float, default=d["fraction-train"], help="fraction of clients sampled to train each round")
     run.add_argument("--fraction-evaluate", type=float, default=d["fraction-evaluate"],

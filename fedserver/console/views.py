@@ -168,10 +168,13 @@ def sites_overview(deployment) -> list[dict[str, Any]]:
     rows = []
     for name, info in sorted(enrolled.items()):
         node = live.get(str(info.get("node-id")), {})
-        heartbeat = next((node[k] for k in ("last-heartbeat", "online-until", "last-activated-at", "activated-at")
-                          if node.get(k)), None)
+        online = node.get("status") == "online"
+        # Flower 1.39's Control API reports when a node came online or went offline, not its heartbeat
+        # times; a node is online while its 30 s heartbeats arrive (offline after two are missed)
         rows.append({"site": name, "node_id": info.get("node-id"), "fingerprint": info.get("fingerprint"),
-                     "enrolled_at": info.get("enrolled-at") or info.get("date"),
-                     "status": node.get("status", "coordinator stopped" if not reachable else "unknown"),
-                     "connected": node.get("status") == "online", "last_heartbeat": heartbeat})
+                     "enrolled_at": info.get("enrolled-at"),
+                     "status": node.get("status", "coordinator stopped" if not reachable else "never connected"),
+                     "connected": online, "online_since": node.get("online-at") or None,
+                     "offline_since": node.get("offline-at") or None,
+                     "last_heartbeat": "within the last 60 s" if online else (node.get("offline-at") or None)})
     return rows
