@@ -204,7 +204,7 @@ def keys(path: str, force: bool) -> int:
         return 2
     console.print(f"private key {private} (mode 600: it never leaves this site)")
     console.print(f"public key  {public}  {fingerprint(public)}")
-    console.print(f"send {public} to the coordinator's operator: `fedserver enrol DIR SITE --public-key {public.name}`")
+    console.print(f"send {public} to the coordinator's operator: `fedserver enrol DIR SITE --public-key {public}`")
     return 0
 
 
@@ -254,7 +254,7 @@ def start(args: argparse.Namespace) -> int:
     home = pathlib.Path(args.home)
     home.mkdir(parents=True, exist_ok=True)
     console.print(f"starting the SuperNode: {' '.join(command)}")
-    refused = False
+    refused = stopped_here = False
 
     def terminate(_signum: int, _frame: object) -> None:  # run the cleanup below on SIGTERM too
         raise KeyboardInterrupt
@@ -271,7 +271,7 @@ def start(args: argparse.Namespace) -> int:
                 if refused or process.poll() is not None:
                     break
         except KeyboardInterrupt:
-            pass
+            stopped_here = True
         finally:
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 try:
@@ -284,6 +284,9 @@ def start(args: argparse.Namespace) -> int:
         console.print("[red]error:[/] the coordinator refused this site (Flower exit code 305): is its public key "
                       "enrolled (`fedserver enrol`)? Is --ca the coordinator's CA?")
         return 3
+    if stopped_here:
+        console.print("stopped the SuperNode")
+        return 0
     if returncode != 0:
         console.print(f"[red]error:[/] the SuperNode exited with code {returncode}; its log is above")
     return returncode
