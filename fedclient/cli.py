@@ -192,6 +192,32 @@ def check_data(directory: str, task_name: str) -> int:
     return 0
 
 
+def index(directory: str, encoder_weights: str) -> int:
+    """Build or update the site's vector store for encrypted search."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeRemainingColumn,
+    )
+
+    from fedclient.vector_store import VectorStore, VectorStoreError
+
+    store = VectorStore(directory)
+    try:
+        with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn(), console=console, transient=True) as progress:
+            task = progress.add_task("embedding documents", total=None)
+            report = store.build(encoder_weights, progress=lambda done, total: progress.update(task, completed=done,
+                                                                                             total=total))
+    except VectorStoreError as err:
+        console.print(f"[red]error:[/] {err}")
+        return 2
+    console.print(f"indexed {report.total} documents in {store.path} with {report.encoder}: {report.added} added, "
+                  f"{report.changed} changed, {report.removed} removed, {report.unchanged} unchanged")
+    return 0
+
+
 def keys(path: str, force: bool) -> int:
     import pathlib
 
@@ -238,6 +264,12 @@ def start(args: argparse.Namespace) -> int:
         node_config["device"] = args.device
     if args.layer_budget is not None:
         node_config["layer-budget"] = args.layer_budget
+    if args.search_index:
+        node_config["search-index"] = str(pathlib.Path(args.search_index).expanduser().resolve())
+    if args.querier_key:
+        node_config["search-querier-key"] = str(pathlib.Path(args.querier_key).expanduser().resolve())
+    if args.query_budget is not None:
+        node_config["query-budget"] = args.query_budget
     for key in ("dp_epsilon", "dp_delta", "clip", "dp_noise_multiplier", "dp_ledger"):
         if getattr(args, key) is not None:
             node_config[key.replace("_", "-")] = getattr(args, key)
@@ -332,13 +364,28 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--clip", type=float, default=None, help="this site's own clip norm (only tightens)")
     run.add_argument("--dp-noise-multiplier", type=float, default=None, help="this site's minimum noise multiplier")
     run.add_argument("--dp-ledger", default=None, help="file keeping this site's privacy ledger across runs")
+    run.add_argument("--search-index", default="", help="answer encrypted searches over this directory's vector "
+                     "store (built with `fedclient index DIR`)")
+    run.add_argument("--querier-key", default="", help="the querier public key this site trusts for searches "
+                     "(the coordinator's querier.key.pub)")
+    run.add_argument("--query-budget", type=int, default=None, help="encrypted queries the querier may ask in total "
+                     "(default 64: every answer reveals all scores, see the README's leakage note)")
     run.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's runtime API")
     run.add_argument("--home", default=".fedclient", help="FLWR_HOME of this SuperNode")
     run.add_argument("--max-retries", type=int, default=None, help="give up after N failed connection attempts")
     run.add_argument("--poll-interval", type=float, default=None,
                      help="shorten the SuperNode's fixed 3 s idle wait and 0.5 s reply poll to this many seconds "
                      "(faster rounds, more PullMessages calls; see fedclient/fast_supernode.py); default: Flower's")
+    build_index = sub.add_parser("index", help="build or update this site's vector store for encrypted search",
+                                 description="Embed the documents in DIR (*.txt: one document per file, id = path; "
+                                 "*.jsonl: objects with id and text) with MiniLM and keep the vectors in "
+                                 "DIR/.fedtune-index. Re-running embeds only new or changed documents.")
+    build_index.add_argument("directory", help="the directory of the site's documents")
+    build_index.add_argument("--encoder-weights", default="", help="use a finished run's fine-tuned encoder: the "
+                             "file `fedserver export RUN --out FILE.safetensors` wrote")
     args = parser.parse_args(argv)
+    if args.command == "index":
+        return index(args.directory, args.encoder_weights)
     if args.command == "keys":
         return keys(args.path, args.force)
     if args.command == "start":

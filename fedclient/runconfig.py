@@ -60,6 +60,15 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "store": "sqlite:///fedtune-runs.db",
     "run-name": "",
     "resume": "",
+    "mode": "train",
+    "query": "",
+    "k": 10,
+    "he-backend": "auto",
+    "search-row-bound": 10000,
+    "search-identity": "",
+    "search-index-root": "",
+    "search-querier-key": "",
+    "query-budget": 64,
 }
 
 # Flower must not reach for the internet (telemetry, update checks, per-run `uv sync` of a

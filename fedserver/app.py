@@ -177,6 +177,13 @@ def build_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = resolve_run_config(context.run_config, overrides)
+        if str(config["mode"]) == "search":
+            from fedserver.search import run_search
+
+            run_search(grid, config, min_sites=max(1, num_clients))
+            return
+        if str(config["mode"]) != "train":
+            raise ValueError(f"mode must be 'train' or 'search', got '{config['mode']}'")
         run_federation(
             grid, config, num_clients=num_clients, observer=observer, on_run_created=on_run_created,
             stop_event=stop_event, flower_run_id=context.run_id,

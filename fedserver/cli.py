@@ -101,6 +101,39 @@ def deployment_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def search_command(args: argparse.Namespace) -> int:
+    """``flwr run`` the fedtune app in search mode on the deployment; its log shows the hits."""
+    from fedserver import deployment as dep
+    from fedserver.store import RunStore
+
+    try:
+        coord = dep.Deployment.load(args.directory)
+        if not 1 <= args.k <= 1000:
+            raise dep.DeploymentError(f"--k must be in 1..1000, got {args.k}")
+        identity = coord.directory / "querier.key"
+        from privacy.vector_search import QuerierIdentity
+
+        QuerierIdentity.load_or_create(identity)
+        config = {"mode": "search", "query": args.query.replace('"', "'"), "k": args.k, "he-backend": args.backend,
+                  "search-row-bound": args.row_bound, "search-identity": str(identity.resolve())}
+        result = dep.submit(coord, config, stream=True)
+    except dep.DeploymentError as err:
+        err_console.print(f"[red]error:[/] {err}")
+        return 2
+    hits = [line.split("search hit", 1)[1] for line in result.stdout.splitlines() if "search hit" in line]
+    problems = [line for line in result.stdout.splitlines() if "did not answer" in line]
+    for line in hits:
+        console.print("hit" + line)
+    for line in problems:
+        console.print(f"[yellow]{line.strip()}[/]")
+    if result.returncode != 0 or not hits:
+        err_console.print(f"[red]error:[/] the search run failed:\n{result.stderr[-2000:] or result.stdout[-2000:]}")
+        return 1
+    searches = RunStore(coord.store_url).searches()
+    console.print(f"query {searches[-1].query_id}: {len(hits)} hits; recorded in {coord.store_url}")
+    return 0
+
+
 def console_command(args: argparse.Namespace) -> int:
     import ipaddress
     import secrets
@@ -183,6 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--rounds", type=int, default=DEFAULT_RUN_CONFIG["num-server-rounds"])
     run.add_argument("--task", default=DEFAULT_RUN_CONFIG["task"])
     run.add_argument("--run-config", action="append", default=[], help="extra run config, e.g. 'codec=\"q8\"'")
+    find = sub.add_parser("search", help="one encrypted top-k query across the sites' document stores",
+                          description="Embed the query with MiniLM, encrypt it under a fresh CKKS key epoch (the secret "
+                          "key stays here) and ask every site of the deployment; sites score all their rows under "
+                          "encryption; the global top-k and the winning documents' ids are printed. Sites must trust "
+                          "DIR/querier.key.pub (fedclient start --querier-key).")
+    find.add_argument("directory", help="the deployment directory")
+    find.add_argument("query", help="the query text")
+    find.add_argument("--k", type=int, default=10, help="how many documents to return")
+    find.add_argument("--backend", default="auto", choices=("auto", "pyfhel", "tenseal"), help="CKKS library")
+    find.add_argument("--row-bound", type=int, default=10_000, help="public bound on rows per site (results are "
+                      "padded to it so their size does not reveal a site's row count)")
     web = sub.add_parser("console", help="serve the web console (runs, rounds, sites; start and stop runs)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                          description="Serve the operator console. Given a deployment DIR it shows that deployment's "
@@ -196,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "console":
         return console_command(args)
+    if args.command == "search":
+        return search_command(args)
     if args.command in ("init", "start", "stop", "status", "enrol", "run"):
         try:
             return deployment_command(args)

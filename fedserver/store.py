@@ -9,6 +9,7 @@ leaves half a round behind.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -125,6 +126,24 @@ class RunRequestRow(Base):
     kind: Mapped[str] = mapped_column(String(16))
     requested_at: Mapped[dt.datetime] = mapped_column()
     requested_by: Mapped[str] = mapped_column(String(200), default="")
+
+
+class SearchRow(Base):
+    """One site's part in one encrypted search query (the query text is kept only as a hash)."""
+
+    __tablename__ = "searches"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    query_id: Mapped[str] = mapped_column(String(32), index=True)
+    querier: Mapped[str] = mapped_column(String(64))
+    text_sha256: Mapped[str] = mapped_column(String(64))
+    k: Mapped[int] = mapped_column(Integer)
+    site: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(Text)  # "ok" or the site's refusal
+    created_at: Mapped[dt.datetime] = mapped_column()
+    hits: Mapped[list] = mapped_column(JSON, default=list)  # this site's hits: row, score, document id
+    bytes_up: Mapped[int] = mapped_column(Integer, default=0)  # whole query, all sites
+    bytes_down: Mapped[int] = mapped_column(Integer, default=0)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 @dataclass
@@ -293,6 +312,23 @@ class RunStore:
             if run is None:
                 raise StoreError(f"no run '{run_id}' in {self.url}")
             run.status, run.error, run.finished_at = status, error, now()
+
+    def record_search(self, *, query_id: str, querier: str, text: str, k: int, sites: Mapping[str, str],
+                      hits: list[dict[str, Any]], bytes_up: int, bytes_down: int, seconds: float) -> None:
+        """One encrypted query: a row per site with its status and its share of the hits."""
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        with self._session.begin() as session:
+            for site, status in sites.items():
+                session.add(SearchRow(query_id=query_id, querier=querier, text_sha256=digest, k=k, site=site,
+                                      status=status, created_at=now(), bytes_up=bytes_up, bytes_down=bytes_down,
+                                      seconds=seconds, hits=[h for h in hits if h.get("site") == site]))
+
+    def searches(self, query_id: str | None = None) -> list[SearchRow]:
+        query = select(SearchRow)
+        if query_id is not None:
+            query = query.where(SearchRow.query_id == query_id)
+        with self._session() as session:
+            return list(session.scalars(query.order_by(SearchRow.id)))
 
     def annotate_run(self, run_id: str, values: Mapping[str, Any]) -> None:
         """Add ``values`` to a run's stored config (e.g. the Flower run id that now executes it)."""

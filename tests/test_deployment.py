@@ -67,7 +67,7 @@ def _kill_site(needle: str) -> int:
     killed = 0
     for line in table.splitlines():
         pid, _, args = line.strip().partition(" ")
-        if needle in args and ("flower-" in args or "flwr-" in args or "fedclient.cli" in args):
+        if needle in args and any(name in args for name in ("flower-", "flwr-", "fedclient.cli", "fedclient.fast_supernode")):
             try:
                 os.kill(int(pid), signal.SIGKILL)
                 killed += 1
@@ -124,7 +124,7 @@ def test_enrolled_sites_train_over_tls_survive_a_killed_site_and_refuse_an_unenr
         command = _fedclient(
             "start", "--superlink", f"127.0.0.1:{fleet}", "--ca", str(coord.tls / "ca.crt"),
             "--key", str(sites[name][0]), *data, "--site-name", name, "--port", str(port),
-            "--home", str(tmp_path / name / "home"), "--max-retries", "3",
+            "--home", str(tmp_path / name / "home"), "--max-retries", "3", "--poll-interval", "0.2",
         )
         log = open(tmp_path / name / "site.log", "a")  # noqa: SIM115 (closed with the process)
         processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -217,7 +217,7 @@ def test_a_killed_coordinator_resumes_without_repeating_rounds(tmp_path: pathlib
             command = _fedclient(
                 "start", "--superlink", f"127.0.0.1:{fleet}", "--ca", str(coord.tls / "ca.crt"), "--key", str(private),
                 "--partition-id", str(index), "--num-partitions", "2", "--site-name", name,
-                "--port", str(_free_port()), "--home", str(tmp_path / name / "home"),
+                "--port", str(_free_port()), "--home", str(tmp_path / name / "home"), "--poll-interval", "0.2",
             )
             log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
             processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,

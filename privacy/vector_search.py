@@ -1,0 +1,507 @@
+"""Encrypted top-k vector search across sites (federated retrieval; FRAG's setting, Zhao,
+arXiv 2410.13272), following the protocol of ../shared/research/he.md §4, mode A.
+
+Roles. The **querier** holds the only CKKS secret key and an Ed25519 identity the sites trust. Each
+**site** holds plaintext, L2-normalised embeddings of its documents and never sees a query in the
+clear. The coordinator only routes messages (Flower ``query.search`` messages through the SuperLink).
+
+Flow.
+1. Key epoch: the querier makes a CKKS context, secret key, public key and only the rotation keys the
+   packing needs, and signs ``SHA-256(backend ‖ parameters ‖ epoch ‖ expiry ‖ public parts)``. A
+   site accepts a bundle only if the signature verifies under a querier key it trusts and the epoch
+   has not expired, and stores it by digest; later queries name the digest.
+2. Query: the querier encrypts the normalised query once (replicated, padded layout; he.md §3.1),
+   signs ``(query id, key digest, k, row bound, SHA-256(ciphertext))`` and sends it to every site.
+3. Each site checks the signature, the key epoch and its **query budget for that querier** (charged
+   before any computation; a refusal names the budget), scores every row with the baby-step/
+   giant-step diagonal method (Pyfhel) or TenSEAL's product, adds a fresh encryption of zero, and
+   pads its result to ``ceil(row bound / rows per ciphertext)`` ciphertexts so the number of
+   ciphertexts does not reveal its row count.
+4. The querier decrypts, merges the global top-k over (site, row) and asks **every** site for
+   exactly k rows (its winners plus random other rows as padding), so a site cannot tell from the
+   request how many of its rows won. Sites answer with document ids.
+
+What leaks (stated plainly, he.md §4.4):
+- To the querier: every score of every row of every site for each query, to ~1e-7. With about 384
+  linearly independent queries a querier can solve for a site's vectors. The query budget is the
+  only defence here and it must be far below 384 **in total** over the life of a site's data (the
+  default is 64). Padding rows score exactly −2, so the querier also learns each site's row count.
+- To each site: nothing about the query's content (IND-CPA of CKKS under the querier's key), but the
+  querier's identity, when it queries, and which of its rows the querier fetched (k of them, winners
+  hidden among padding rows, but a site that sees the documents' use elsewhere could tell).
+- To the coordinator / network: message sizes and timing only; result sizes depend on the row bound,
+  not on a site's row count.
+- The fresh zero re-randomises each result but is not noise flooding: result noise still depends
+  on the site's data (not circuit-private in the formal sense). Semi-honest model; a querier can
+  craft queries (e.g. a basis vector reads one coordinate of every row).
+FRAG's "multiplicative caching" is not used: it is not IND-CPA (he.md §1.4).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import pathlib
+import secrets
+import struct
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from privacy.he_backends import (
+    PADDING_SCORE,
+    BackendError,
+    CkksBackend,
+    CkksParameters,
+    choose_backend,
+    chunks_for,
+)
+
+DEFAULT_QUERY_BUDGET = 64
+DEFAULT_EPOCH_SECONDS = 24 * 3600
+DEFAULT_ROW_BOUND = 10_000
+_BUNDLE_MAGIC = b"FTKB1"
+
+
+class SearchError(ValueError):
+    """A search message cannot be used (bad signature, unknown or expired keys, empty store, ...)."""
+
+
+class QueryRefused(SearchError):
+    """The site refuses the query: the querier's budget at this site is spent."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode())
+
+
+# ---- identities ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QuerierIdentity:
+    """The querier's long-term Ed25519 signing key; sites pin its public key."""
+
+    private_key: Ed25519PrivateKey
+
+    @classmethod
+    def generate(cls) -> QuerierIdentity:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load_or_create(cls, path: pathlib.Path) -> QuerierIdentity:
+        """The identity in ``path`` (PEM), created with mode 0600 if absent; ``path``.pub gets the public key."""
+        if path.exists():
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            if not isinstance(key, Ed25519PrivateKey):
+                raise SearchError(f"{path} is not an Ed25519 private key")
+            return cls(key)
+        identity = cls.generate()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pem = identity.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption())
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(pem)
+        path.with_suffix(path.suffix + ".pub").write_bytes(identity.public_pem())
+        return identity
+
+    @property
+    def public_bytes(self) -> bytes:
+        return self.private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    def public_pem(self) -> bytes:
+        return self.private_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.public_bytes)
+
+    def sign(self, digest: bytes) -> bytes:
+        return self.private_key.sign(digest)
+
+
+def fingerprint(public_key: bytes) -> str:
+    return "ed25519:" + hashlib.sha256(public_key).hexdigest()[:16]
+
+
+def load_trusted_key(path: pathlib.Path) -> bytes:
+    """A querier public key (PEM, as ``QuerierIdentity`` writes it) as raw bytes."""
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise SearchError(f"cannot read the querier's public key {path} ({err})") from err
+    if not isinstance(key, Ed25519PublicKey):
+        raise SearchError(f"{path} is not an Ed25519 public key")
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _verify(public_key: bytes, signature: bytes, digest: bytes, what: str) -> None:
+    try:
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature, digest)
+    except (InvalidSignature, ValueError) as err:
+        raise SearchError(f"{what}: the querier's signature does not verify (tampered or forged)") from err
+
+
+# ---- key epochs --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KeyBundle:
+    """The public half of a querier's key epoch, signed: what a site stores and evaluates with."""
+
+    backend: str
+    params: CkksParameters
+    epoch: str
+    expires_at: float
+    querier: bytes
+    parts: Mapping[str, bytes]
+    signature: bytes = b""
+
+    def digest(self) -> bytes:
+        header = json.dumps({"backend": self.backend, "params": self.params.as_dict(), "epoch": self.epoch,
+                             "expires_at": self.expires_at, "querier": _b64(self.querier)}, sort_keys=True)
+        h = hashlib.sha256(header.encode())
+        for name in sorted(self.parts):
+            h.update(name.encode() + struct.pack(">Q", len(self.parts[name])))
+            h.update(hashlib.sha256(self.parts[name]).digest())
+        return h.digest()
+
+    @property
+    def key_id(self) -> str:
+        return self.digest().hex()
+
+    def to_bytes(self) -> bytes:
+        names = sorted(self.parts)
+        header = json.dumps({"backend": self.backend, "params": self.params.as_dict(), "epoch": self.epoch,
+                             "expires_at": self.expires_at, "querier": _b64(self.querier),
+                             "signature": _b64(self.signature),
+                             "parts": [[n, len(self.parts[n])] for n in names]}).encode()
+        return b"".join([_BUNDLE_MAGIC, struct.pack(">I", len(header)), header, *(self.parts[n] for n in names)])
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> KeyBundle:
+        try:
+            if data[:5] != _BUNDLE_MAGIC:
+                raise ValueError("not a fedtune key bundle")
+            (length,) = struct.unpack(">I", data[5:9])
+            header = json.loads(data[9:9 + length])
+            offset, parts = 9 + length, {}
+            for name, size in header["parts"]:
+                parts[str(name)] = data[offset:offset + int(size)]
+                if len(parts[name]) != int(size):
+                    raise ValueError("truncated")
+                offset += int(size)
+            if offset != len(data):
+                raise ValueError("trailing bytes")
+            return cls(str(header["backend"]), CkksParameters.from_dict(header["params"]), str(header["epoch"]),
+                       float(header["expires_at"]), _unb64(header["querier"]), parts, _unb64(header["signature"]))
+        except (ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError) as err:
+            raise SearchError(f"unreadable key bundle ({err})") from err
+
+    def verify(self, trusted: Sequence[bytes], now: float | None = None) -> None:
+        if self.querier not in trusted:
+            raise SearchError(f"key bundle from querier {fingerprint(self.querier)}, which this site does not trust")
+        _verify(self.querier, self.signature, self.digest(), "key bundle")
+        if (now or time.time()) > self.expires_at:
+            raise SearchError(f"key epoch {self.epoch} expired at {time.strftime('%Y-%m-%d %H:%M', time.gmtime(self.expires_at))} UTC")
+
+
+@dataclass
+class KeyEpoch:
+    """The querier's side of an epoch: the private context (secret key) plus the signed bundle."""
+
+    backend: CkksBackend
+    private: Any
+    bundle: KeyBundle
+
+    @classmethod
+    def create(cls, identity: QuerierIdentity, backend: CkksBackend | str = "auto",
+               lifetime_seconds: float = DEFAULT_EPOCH_SECONDS) -> KeyEpoch:
+        backend = choose_backend(backend) if isinstance(backend, str) else backend
+        private = backend.create_keys()
+        unsigned = KeyBundle(backend.name, backend.params, secrets.token_hex(8), time.time() + lifetime_seconds,
+                             identity.public_bytes, backend.public_parts(private))
+        bundle = KeyBundle(**{**unsigned.__dict__, "signature": identity.sign(unsigned.digest())})
+        return cls(backend, private, bundle)
+
+
+# ---- messages ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EncryptedQuery:
+    """One encrypted query, signed by the querier."""
+
+    query_id: str
+    key_id: str
+    k: int
+    row_bound: int
+    ciphertext: bytes
+    querier: bytes
+    signature: bytes = b""
+
+    def digest(self) -> bytes:
+        return hashlib.sha256(b"|".join([b"query", self.query_id.encode(), self.key_id.encode(), str(self.k).encode(),
+                                         str(self.row_bound).encode(), hashlib.sha256(self.ciphertext).digest()])).digest()
+
+    def to_record(self) -> dict[str, Any]:
+        return {"query-id": self.query_id, "key-id": self.key_id, "k": self.k, "row-bound": self.row_bound,
+                "ciphertext": self.ciphertext, "querier": self.querier, "signature": self.signature}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> EncryptedQuery:
+        try:
+            return cls(str(record["query-id"]), str(record["key-id"]), int(record["k"]), int(record["row-bound"]),
+                       bytes(record["ciphertext"]), bytes(record["querier"]), bytes(record["signature"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise SearchError(f"malformed query message ({err})") from err
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    """Exactly k rows asked of one site (winners and padding), signed by the querier."""
+
+    query_id: str
+    rows: tuple[int, ...]
+    querier: bytes
+    signature: bytes = b""
+
+    def digest(self) -> bytes:
+        return hashlib.sha256(b"fetch|" + self.query_id.encode() + b"|" + ",".join(map(str, self.rows)).encode()).digest()
+
+
+@dataclass(frozen=True)
+class Hit:
+    site: str
+    row: int
+    score: float
+    document_id: str = ""
+
+
+# ---- the site ----------------------------------------------------------------------------------
+class QueryBudget:
+    """Queries each querier may still ask this site; kept in a JSON file written atomically."""
+
+    def __init__(self, path: pathlib.Path | None, limit: int = DEFAULT_QUERY_BUDGET) -> None:
+        if limit < 0:
+            raise ValueError(f"query budget must be >= 0, got {limit}")
+        self.path, self.limit = path, limit
+        self.used: dict[str, int] = json.loads(path.read_text()) if path is not None and path.exists() else {}
+
+    def remaining(self, querier: bytes) -> int:
+        return max(self.limit - self.used.get(fingerprint(querier), 0), 0)
+
+    def charge(self, querier: bytes) -> int:
+        """Count one query; QueryRefused (nothing recorded) when the budget is spent."""
+        who = fingerprint(querier)
+        if self.used.get(who, 0) >= self.limit:
+            raise QueryRefused(f"query budget exhausted: querier {who} has used all {self.limit} queries this site "
+                               "allows (each answer reveals every score; see the leakage note)")
+        self.used[who] = self.used.get(who, 0) + 1
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as handle:
+                json.dump(self.used, handle)
+            os.replace(handle.name, self.path)
+        return self.limit - self.used[who]
+
+
+@dataclass
+class SiteSearcher:
+    """A site's side of the protocol over its vectors (n × d, L2-normalised) and document ids."""
+
+    vectors: np.ndarray
+    document_ids: Sequence[str]
+    trusted_queriers: Sequence[bytes]
+    budget: QueryBudget
+    key_dir: pathlib.Path | None = None
+    cache_dir: pathlib.Path | None = None  # encoded plaintexts, reused across processes
+    _bundles: dict[str, KeyBundle] = field(default_factory=dict)
+    _prepared: dict[tuple[str, int], Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.vectors = np.asarray(self.vectors, dtype=np.float64)
+        if self.vectors.ndim != 2 or len(self.vectors) != len(self.document_ids):
+            raise SearchError("vectors must be n × d with one document id per row")
+
+    def accept_keys(self, data: bytes) -> str:
+        """Verify and store a key bundle; returns its id."""
+        bundle = KeyBundle.from_bytes(data)
+        bundle.verify(self.trusted_queriers)
+        self._bundles[bundle.key_id] = bundle
+        if self.key_dir is not None:
+            self.key_dir.mkdir(parents=True, exist_ok=True)
+            (self.key_dir / f"{bundle.key_id}.bundle").write_bytes(data)
+        return bundle.key_id
+
+    def _bundle(self, key_id: str) -> KeyBundle:
+        bundle = self._bundles.get(key_id)
+        if bundle is None and self.key_dir is not None and (self.key_dir / f"{key_id}.bundle").exists():
+            bundle = KeyBundle.from_bytes((self.key_dir / f"{key_id}.bundle").read_bytes())
+            self._bundles[key_id] = bundle
+        if bundle is None:
+            raise SearchError(f"unknown key epoch {key_id[:16]}…: send this site the key bundle first")
+        bundle.verify(self.trusted_queriers)  # also catches expiry since it was accepted
+        return bundle
+
+    def answer(self, query: EncryptedQuery) -> list[bytes]:
+        """Encrypted scores of every row (padded to the query's row bound) for a valid query."""
+        if query.querier not in self.trusted_queriers:
+            raise SearchError(f"query from querier {fingerprint(query.querier)}, which this site does not trust")
+        _verify(query.querier, query.signature, query.digest(), f"query {query.query_id}")
+        bundle = self._bundle(query.key_id)
+        if len(self.vectors) == 0:
+            raise SearchError("this site's vector store is empty: build it with `fedclient index DIR`")
+        if len(self.vectors) > query.row_bound:
+            raise SearchError(f"this site holds {len(self.vectors)} rows, more than the query's row bound "
+                              f"{query.row_bound}; ask with a larger bound")
+        if self.vectors.shape[1] >= bundle.params.block:
+            raise SearchError(f"vectors of dimension {self.vectors.shape[1]} do not fit the epoch's block")
+        self.budget.charge(query.querier)
+        backend = choose_backend(bundle.backend, bundle.params)
+        try:
+            context = backend.load_public(dict(bundle.parts))
+            if backend.is_private(context):
+                raise SearchError("the key bundle carries a secret key; refusing it")
+            chunks = chunks_for(query.row_bound, backend.rows_per_ciphertext())
+            prepared = self._prepared.get((bundle.key_id, chunks))
+            if prepared is None:
+                prepared = self._cached_preparation(backend, context, chunks)
+                self._prepared = {(bundle.key_id, chunks): prepared}
+            return backend.score(context, prepared, query.ciphertext)
+        except BackendError as err:
+            raise SearchError(f"query {query.query_id}: {err}") from err
+
+    def _cached_preparation(self, backend: CkksBackend, context: Any, chunks: int) -> Any:
+        """The encoded rows: from ``cache_dir`` when this backend, parameters, row bound and vectors
+        were encoded before (encoding does not depend on the keys), else encoded and cached."""
+        if self.cache_dir is None:
+            return backend.prepare(context, self.vectors, chunks)
+        key = hashlib.sha256(json.dumps([backend.name, backend.params.as_dict(), chunks]).encode()
+                             + self.vectors.tobytes()).hexdigest()[:24]
+        path = self.cache_dir / f"prepared-{key}.bin"
+        if path.exists():
+            try:
+                return backend.load_prepared(context, _unframe(path.read_bytes()), chunks)
+            except (BackendError, ValueError, struct.error):
+                path.unlink(missing_ok=True)  # damaged: encode again
+        prepared = backend.prepare(context, self.vectors, chunks)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.cache_dir.glob("prepared-*.bin"):
+            stale.unlink()
+        with tempfile.NamedTemporaryFile(dir=self.cache_dir, delete=False, suffix=".tmp") as handle:
+            handle.write(_frame(backend.dump_prepared(prepared)))
+        os.replace(handle.name, path)
+        return prepared
+
+    def fetch(self, request: FetchRequest) -> list[str]:
+        """Document ids for the requested rows (padding rows beyond the store give "")."""
+        if request.querier not in self.trusted_queriers:
+            raise SearchError(f"fetch from querier {fingerprint(request.querier)}, which this site does not trust")
+        _verify(request.querier, request.signature, request.digest(), f"fetch for {request.query_id}")
+        return [str(self.document_ids[r]) if 0 <= r < len(self.document_ids) else "" for r in request.rows]
+
+
+def _frame(blobs: Sequence[bytes]) -> bytes:
+    return struct.pack(">I", len(blobs)) + b"".join(struct.pack(">Q", len(b)) for b in blobs) + b"".join(blobs)
+
+
+def _unframe(data: bytes) -> list[bytes]:
+    (count,) = struct.unpack(">I", data[:4])
+    sizes = struct.unpack(f">{count}Q", data[4:4 + 8 * count])
+    blobs, offset = [], 4 + 8 * count
+    for size in sizes:
+        blobs.append(data[offset:offset + size])
+        offset += size
+    if offset != len(data):
+        raise ValueError("cache file has trailing or missing bytes")
+    return blobs
+
+
+# ---- the querier -------------------------------------------------------------------------------
+@dataclass
+class Querier:
+    """The querier's side: encrypt, merge, fetch. Holds the epoch's secret key."""
+
+    identity: QuerierIdentity
+    epoch: KeyEpoch
+
+    def encrypt(self, query: np.ndarray, k: int = 10, row_bound: int = DEFAULT_ROW_BOUND) -> EncryptedQuery:
+        query = np.asarray(query, dtype=np.float64)
+        norm = float(np.linalg.norm(query))
+        if query.ndim != 1 or norm == 0 or not np.isfinite(norm):
+            raise SearchError("the query must be a non-zero finite vector")
+        if not 1 <= k <= 1000:
+            raise SearchError(f"k must be in 1..1000, got {k}")
+        ciphertext = self.epoch.backend.encrypt_query(self.epoch.private, query / norm)
+        unsigned = EncryptedQuery(secrets.token_hex(8), self.epoch.bundle.key_id, k, row_bound, ciphertext,
+                                  self.identity.public_bytes)
+        return EncryptedQuery(**{**unsigned.__dict__, "signature": self.identity.sign(unsigned.digest())})
+
+    def scores(self, results: Mapping[str, list[bytes]]) -> dict[str, np.ndarray]:
+        """Each site's decrypted scores for its real rows (padding rows, at −2, dropped)."""
+        out = {}
+        for site, ciphertexts in results.items():
+            values = self.epoch.backend.decrypt_scores(self.epoch.private, ciphertexts)
+            real = np.flatnonzero(values > PADDING_SCORE / 2)
+            out[site] = values[: real[-1] + 1] if len(real) else values[:0]
+        return out
+
+    def top_k(self, scores: Mapping[str, np.ndarray], k: int) -> list[Hit]:
+        """The global top-k over (site, row), ties broken by site name then row."""
+        candidates = [(-float(v), site, int(row)) for site, values in scores.items()
+                      for row, v in zip(*_top(values, k), strict=True)]
+        return [Hit(site, row, -neg) for neg, site, row in sorted(candidates)[:k]]
+
+    def fetch_requests(self, query_id: str, hits: Sequence[Hit], scores: Mapping[str, np.ndarray],
+                       k: int) -> dict[str, FetchRequest]:
+        """Exactly k rows per site: its winning rows, then random other rows of it as padding
+        (rows past its store when it has fewer than k), in shuffled order."""
+        rng = np.random.default_rng()
+        requests = {}
+        for site, values in scores.items():
+            wanted = [h.row for h in hits if h.site == site]
+            others = [r for r in rng.permutation(max(len(values), k)).tolist() if r not in wanted]
+            rows = wanted + others[: k - len(wanted)]
+            rows = tuple(rows[i] for i in rng.permutation(len(rows)))
+            unsigned = FetchRequest(query_id, rows, self.identity.public_bytes)
+            requests[site] = FetchRequest(query_id, rows, unsigned.querier, self.identity.sign(unsigned.digest()))
+        return requests
+
+    @staticmethod
+    def resolve(hits: Sequence[Hit], requests: Mapping[str, FetchRequest], replies: Mapping[str, Sequence[str]]) -> list[Hit]:
+        """The hits with their document ids, from the sites' fetch replies (padding discarded)."""
+        resolved = []
+        for hit in hits:
+            rows = requests[hit.site].rows
+            ids = replies[hit.site]
+            resolved.append(Hit(hit.site, hit.row, hit.score, ids[rows.index(hit.row)]))
+        return resolved
+
+
+def _top(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    if len(values) == 0:
+        return np.zeros(0, dtype=np.int64), values
+    count = min(k, len(values))
+    rows = np.argpartition(-values, count - 1)[:count]
+    return rows, values[rows]
+
+
+def exact_top_k(vectors_by_site: Mapping[str, np.ndarray], query: np.ndarray, k: int) -> list[Hit]:
+    """The plaintext answer the encrypted search must reproduce (cosine on normalised vectors)."""
+    query = np.asarray(query, dtype=np.float64) / np.linalg.norm(query)
+    scores = {site: np.asarray(v, dtype=np.float64) @ query for site, v in vectors_by_site.items()}
+    candidates = [(-float(s), site, int(r)) for site, values in scores.items() for r, s in enumerate(values)]
+    return [Hit(site, row, -neg) for neg, site, row in sorted(candidates)[:k]]

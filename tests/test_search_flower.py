@@ -1,0 +1,96 @@
+"""Sites' vector stores (`fedclient index`) and an encrypted query answered across 3 sites in a real
+Flower simulation (ServerApp in search mode, ClientApps answering ``query.search``)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from fedclient.vector_store import VectorStore, VectorStoreError, read_documents
+
+
+def _write_docs(directory: pathlib.Path, texts: list[str], as_jsonl: bool = False) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    if as_jsonl:
+        (directory / "docs.jsonl").write_text("".join(json.dumps({"id": f"j{i}", "text": t}) + "\n"
+                                                      for i, t in enumerate(texts)))
+    else:
+        for i, text in enumerate(texts):
+            (directory / f"doc-{i:03d}.txt").write_text(text)
+
+
+def test_index_embeds_new_documents_only_and_reports_changes(tmp_path: pathlib.Path) -> None:
+    from fedclient.tasks.data import load_bbc_news
+
+    texts = list(load_bbc_news().texts[:12])
+    _write_docs(tmp_path, texts[:8])
+    _write_docs(tmp_path, texts[8:10], as_jsonl=True)
+    store = VectorStore(tmp_path)
+    report = store.build()
+    assert (report.added, report.total, report.unchanged) == (10, 10, 0)
+    vectors, ids = store.load()
+    assert vectors.shape == (10, 384) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert ids[:2] == ["doc-000", "doc-001"] and "j0" in ids
+    (tmp_path / "doc-000.txt").write_text("A completely different article about rugby.")
+    (tmp_path / "doc-007.txt").unlink()
+    _write_docs(tmp_path / "more", texts[10:12])
+    report = store.build()
+    assert (report.added, report.changed, report.removed, report.unchanged, report.total) == (2, 1, 1, 8, 11)
+    again, again_ids = store.load()
+    kept = ids.index("doc-003")
+    assert np.array_equal(again[again_ids.index("doc-003")], vectors[kept])  # not re-embedded
+
+
+def test_bad_document_directories_are_named(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(VectorStoreError, match="not a directory"):
+        read_documents(tmp_path / "missing")
+    (tmp_path / "a.jsonl").write_text('{"id": "x", "text": "one"}\n{"id": "x", "text": "two"}\n{"text": "no id"}\n')
+    (tmp_path / "empty.txt").write_text("   ")
+    with pytest.raises(VectorStoreError) as err:
+        read_documents(tmp_path)
+    assert "duplicate id 'x'" in str(err.value) and "a.jsonl:3" in str(err.value) and "empty.txt: empty" in str(err.value)
+    with pytest.raises(VectorStoreError, match="fedclient index"):
+        VectorStore(tmp_path / "nothing-here").load()
+
+
+@pytest.mark.simulation
+def test_a_flower_simulation_answers_an_encrypted_query_across_3_sites(tmp_path: pathlib.Path) -> None:
+    from flwr.simulation import run_simulation
+
+    from fedclient.app import build_client_app
+    from fedclient.runconfig import resolve_run_config
+    from fedclient.tasks.data import load_bbc_news
+    from fedclient.tasks.embedding import Embedder
+    from fedserver.app import build_server_app
+    from fedserver.store import RunStore
+    from privacy.vector_search import QuerierIdentity, exact_top_k
+    from tests.test_simulation import BACKEND
+
+    corpus = load_bbc_news()
+    for site in range(3):
+        _write_docs(tmp_path / "sites" / f"site-{site}", list(corpus.texts[site * 40:(site + 1) * 40]))
+        VectorStore(tmp_path / "sites" / f"site-{site}").build()
+    identity_file = tmp_path / "coord" / "querier.key"
+    QuerierIdentity.load_or_create(identity_file)
+    text = "mobile phone makers unveil faster handsets"
+    config = resolve_run_config({}, {
+        "mode": "search", "query": text, "k": 5, "store": f"sqlite:///{tmp_path / 'coord' / 'store.db'}",
+        "search-identity": str(identity_file), "search-index-root": str(tmp_path / "sites"),
+        "search-querier-key": str(identity_file) + ".pub", "search-row-bound": 1000, "task": "tiny",
+    })
+    run_simulation(server_app=build_server_app(config, num_clients=3), client_app=build_client_app(config),
+                   num_supernodes=3, backend_config=BACKEND)
+    rows = RunStore(config["store"]).searches()
+    assert sorted(r.site for r in rows) == ["partition-0", "partition-1", "partition-2"]
+    assert all(r.status == "ok" and r.k == 5 and len(r.text_sha256) == 64 for r in rows)
+    assert rows[0].bytes_down > 1_000_000 and rows[0].bytes_up > 0  # key bundles down, ciphertexts up
+    found = sorted((r.site, h["row"], h["document_id"]) for r in rows for h in r.hits)
+    vectors = {f"partition-{s}": VectorStore(tmp_path / "sites" / f"site-{s}").load() for s in range(3)}
+    exact = exact_top_k({name: v for name, (v, _) in vectors.items()}, Embedder()([text])[0], 5)
+    assert found == sorted((h.site, h.row, vectors[h.site][1][h.row]) for h in exact)
+    for site in range(3):  # each site spent one query of its budget, recorded on its disk
+        budget = json.loads((tmp_path / "sites" / f"site-{site}" / ".fedtune-index" / "budget.json").read_text())
+        assert list(budget.values()) == [1]
