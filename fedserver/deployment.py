@@ -314,3 +314,32 @@ def submit(deployment: Deployment, config: Mapping[str, Any], *, stream: bool = 
         command.append("--stream")
     return subprocess.run(command, env=environment(deployment.flwr_home), cwd=deployment.directory,
                           timeout=timeout, text=True, capture_output=True, check=False)
+
+
+def search(deployment: Deployment, query: str, *, k: int = 10, backend: str = "auto",
+           row_bound: int = 10_000, timeout: float = 900) -> dict[str, Any]:
+    """One encrypted top-k query across this deployment's sites (a ``flwr run`` in search mode);
+    returns the hits and the sites' refusals as the run store recorded them. The console calls this."""
+    from privacy.vector_search import QuerierIdentity, SearchError
+
+    if not query.strip():
+        raise SearchError("the query is empty")
+    if not 1 <= k <= 1000:
+        raise SearchError(f"k must be in 1..1000, got {k}")
+    identity = deployment.directory / "querier.key"
+    QuerierIdentity.load_or_create(identity)  # sites trust identity.pub (fedclient start --querier-key)
+    from fedserver.store import RunStore
+
+    store = RunStore(deployment.store_url)
+    before = {row.id for row in store.searches()}
+    config = {"mode": "search", "query": query.replace('"', "'"), "k": k, "he-backend": backend,
+              "search-row-bound": row_bound, "search-identity": str(identity.resolve())}
+    result = submit(deployment, config, stream=True, timeout=timeout)
+    rows = [row for row in store.searches() if row.id not in before]
+    if result.returncode != 0 or not rows:
+        tail = (result.stderr or result.stdout)[-2000:]
+        raise SearchError(f"the search run failed (exit {result.returncode}):\n{tail}")
+    hits = sorted((h for row in rows for h in row.hits), key=lambda h: -h["score"])
+    return {"query_id": rows[0].query_id, "hits": hits,
+            "refusals": {row.site: row.status for row in rows if row.status != "ok"},
+            "bytes_up": rows[0].bytes_up, "bytes_down": rows[0].bytes_down, "seconds": rows[0].seconds}
