@@ -111,6 +111,9 @@ def init(directory: pathlib.Path, hosts: Sequence[str], fleet_port: int = 9092, 
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "logs").mkdir(exist_ok=True)
     create_tls(deployment.tls, deployment.hosts)
+    from privacy.vector_search import QuerierIdentity
+
+    QuerierIdentity.load_or_create(directory / "querier.key")  # encrypted search; sites trust querier.key.pub
     deployment.flwr_home.mkdir(exist_ok=True)
     (deployment.flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
