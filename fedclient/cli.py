@@ -192,7 +192,7 @@ def check_data(directory: str, task_name: str) -> int:
     return 0
 
 
-def index(directory: str, encoder_weights: str) -> int:
+def index(directory: str, encoder_weights: str, row_bound: int = 10_000) -> int:
     """Build or update the site's vector store for encrypted search."""
     from rich.progress import (
         BarColumn,
@@ -215,6 +215,25 @@ def index(directory: str, encoder_weights: str) -> int:
         return 2
     console.print(f"indexed {report.total} documents in {store.path} with {report.encoder}: {report.added} added, "
                   f"{report.changed} changed, {report.removed} removed, {report.unchanged} unchanged")
+    if report.total and row_bound:
+        from privacy.he_backends import BackendError, choose_backend, chunks_for
+        from privacy.vector_search import cached_preparation
+
+        try:
+            backend = choose_backend("auto")
+        except BackendError as err:
+            console.print(f"[yellow]not pre-encoding for encrypted search:[/] {err}")
+            return 0
+        if report.total > row_bound:
+            console.print(f"[red]error:[/] {report.total} documents exceed --row-bound {row_bound}; queries must use "
+                          "a larger bound")
+            return 2
+        started = time.perf_counter()
+        vectors, _ = store.load()
+        cached_preparation(backend, backend.encoding_context(), vectors,
+                           chunks_for(row_bound, backend.rows_per_ciphertext()), store.path)
+        console.print(f"encoded the rows for encrypted search ({backend.name}, row bound {row_bound}) in "
+                      f"{time.perf_counter() - started:.1f} s; cached in {store.path}")
     return 0
 
 
@@ -394,9 +413,11 @@ def main(argv: list[str] | None = None) -> int:
     build_index.add_argument("directory", help="the directory of the site's documents")
     build_index.add_argument("--encoder-weights", default="", help="use a finished run's fine-tuned encoder: the "
                              "file `fedserver export RUN --out FILE.safetensors` wrote")
+    build_index.add_argument("--row-bound", type=int, default=10_000, help="encode the rows for encrypted queries "
+                             "with this row bound (the coordinator's --row-bound) ahead of time; 0: skip")
     args = parser.parse_args(argv)
     if args.command == "index":
-        return index(args.directory, args.encoder_weights)
+        return index(args.directory, args.encoder_weights, args.row_bound)
     if args.command == "keys":
         return keys(args.path, args.force)
     if args.command == "start":

@@ -131,6 +131,10 @@ class CkksBackend(ABC):
     def is_private(self, context: Any) -> bool:
         """Whether ``context`` holds a secret key (a site's never does)."""
 
+    def encoding_context(self) -> Any:
+        """A keyless context that can encode rows (for caching them before any key epoch)."""
+        return None
+
     @abstractmethod
     def prepare(self, context: Any, vectors: np.ndarray, chunks: int) -> Any:
         """Encode the site's rows (padded to ``chunks`` result ciphertexts) for repeated queries."""
@@ -164,6 +168,9 @@ class PyfhelBackend(CkksBackend):
         p = self.params
         he.contextGen(scheme="ckks", n=p.poly_modulus_degree, scale=2.0**p.scale_bits, qi_sizes=list(p.coeff_bits))
         return he
+
+    def encoding_context(self) -> Any:
+        return self._context()
 
     def create_keys(self) -> Any:
         he = self._context()

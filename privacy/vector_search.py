@@ -385,26 +385,9 @@ class SiteSearcher:
             raise SearchError(f"query {query.query_id}: {err}") from err
 
     def _cached_preparation(self, backend: CkksBackend, context: Any, chunks: int) -> Any:
-        """The encoded rows: from ``cache_dir`` when this backend, parameters, row bound and vectors
-        were encoded before (encoding does not depend on the keys), else encoded and cached."""
         if self.cache_dir is None:
             return backend.prepare(context, self.vectors, chunks)
-        key = hashlib.sha256(json.dumps([backend.name, backend.params.as_dict(), chunks]).encode()
-                             + self.vectors.tobytes()).hexdigest()[:24]
-        path = self.cache_dir / f"prepared-{key}.bin"
-        if path.exists():
-            try:
-                return backend.load_prepared(context, _unframe(path.read_bytes()), chunks)
-            except (BackendError, ValueError, struct.error):
-                path.unlink(missing_ok=True)  # damaged: encode again
-        prepared = backend.prepare(context, self.vectors, chunks)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.cache_dir.glob("prepared-*.bin"):
-            stale.unlink()
-        with tempfile.NamedTemporaryFile(dir=self.cache_dir, delete=False, suffix=".tmp") as handle:
-            handle.write(_frame(backend.dump_prepared(prepared)))
-        os.replace(handle.name, path)
-        return prepared
+        return cached_preparation(backend, context, self.vectors, chunks, self.cache_dir)
 
     def fetch(self, request: FetchRequest) -> list[str]:
         """Document ids for the requested rows (padding rows beyond the store give "")."""
@@ -412,6 +395,30 @@ class SiteSearcher:
             raise SearchError(f"fetch from querier {fingerprint(request.querier)}, which this site does not trust")
         _verify(request.querier, request.signature, request.digest(), f"fetch for {request.query_id}")
         return [str(self.document_ids[r]) if 0 <= r < len(self.document_ids) else "" for r in request.rows]
+
+
+def cached_preparation(backend: CkksBackend, context: Any, vectors: np.ndarray, chunks: int,
+                       cache_dir: pathlib.Path) -> Any:
+    """A site's encoded rows: from ``cache_dir`` when this backend, parameters, row bound and vectors
+    were encoded before (encoding does not depend on the keys, so ``fedclient index`` can do it ahead
+    of any query), else encoded and cached; a damaged cache file is encoded again, never trusted."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    key = hashlib.sha256(json.dumps([backend.name, backend.params.as_dict(), chunks]).encode()
+                         + vectors.tobytes()).hexdigest()[:24]
+    path = cache_dir / f"prepared-{key}.bin"
+    if path.exists():
+        try:
+            return backend.load_prepared(context, _unframe(path.read_bytes()), chunks)
+        except (BackendError, ValueError, struct.error):
+            path.unlink(missing_ok=True)
+    prepared = backend.prepare(context, vectors, chunks)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    for stale in cache_dir.glob("prepared-*.bin"):
+        stale.unlink()
+    with tempfile.NamedTemporaryFile(dir=cache_dir, delete=False, suffix=".tmp") as handle:
+        handle.write(_frame(backend.dump_prepared(prepared)))
+    os.replace(handle.name, path)
+    return prepared
 
 
 def _frame(blobs: Sequence[bytes]) -> bytes:

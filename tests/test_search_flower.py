@@ -94,3 +94,25 @@ def test_a_flower_simulation_answers_an_encrypted_query_across_3_sites(tmp_path:
     for site in range(3):  # each site spent one query of its budget, recorded on its disk
         budget = json.loads((tmp_path / "sites" / f"site-{site}" / ".fedtune-index" / "budget.json").read_text())
         assert list(budget.values()) == [1]
+
+
+def test_fedclient_index_encodes_the_rows_ahead_and_the_site_uses_that_cache(tmp_path: pathlib.Path) -> None:
+    from fedclient.cli import index
+    from privacy.he_backends import BACKENDS
+    from privacy.vector_search import KeyEpoch, Querier, QuerierIdentity, QueryBudget, SiteSearcher
+
+    _write_docs(tmp_path, [f"report {i} on markets, rates and elections" for i in range(5)])
+    assert index(str(tmp_path), "", row_bound=1000) == 0
+    (cache,) = (tmp_path / ".fedtune-index").glob("prepared-*.bin")
+    stamp = cache.stat().st_mtime_ns
+    vectors, ids = VectorStore(tmp_path).load()
+    identity = QuerierIdentity.generate()
+    backend = "pyfhel" if BACKENDS["pyfhel"].available() else "tenseal"
+    epoch = KeyEpoch.create(identity, backend)
+    site = SiteSearcher(vectors, ids, [identity.public_bytes], QueryBudget(None, 3),
+                        cache_dir=tmp_path / ".fedtune-index")
+    site.accept_keys(epoch.bundle.to_bytes())
+    querier = Querier(identity, epoch)
+    scores = querier.scores({"s": site.answer(querier.encrypt(vectors[2], k=1, row_bound=1000))})
+    assert int(np.argmax(scores["s"])) == 2
+    assert cache.stat().st_mtime_ns == stamp  # the pre-encoded rows were used, not rewritten
