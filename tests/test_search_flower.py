@@ -99,7 +99,13 @@ def test_a_flower_simulation_answers_an_encrypted_query_across_3_sites(tmp_path:
 def test_fedclient_index_encodes_the_rows_ahead_and_the_site_uses_that_cache(tmp_path: pathlib.Path) -> None:
     from fedclient.cli import index
     from privacy.he_backends import BACKENDS
-    from privacy.vector_search import KeyEpoch, Querier, QuerierIdentity, QueryBudget, SiteSearcher
+    from privacy.vector_search import (
+        KeyEpoch,
+        Querier,
+        QuerierIdentity,
+        QueryBudget,
+        SiteSearcher,
+    )
 
     _write_docs(tmp_path, [f"report {i} on markets, rates and elections" for i in range(5)])
     assert index(str(tmp_path), "", row_bound=1000) == 0
@@ -116,3 +122,27 @@ def test_fedclient_index_encodes_the_rows_ahead_and_the_site_uses_that_cache(tmp
     scores = querier.scores({"s": site.answer(querier.encrypt(vectors[2], k=1, row_bound=1000))})
     assert int(np.argmax(scores["s"])) == 2
     assert cache.stat().st_mtime_ns == stamp  # the pre-encoded rows were used, not rewritten
+
+
+def test_a_finished_runs_exported_encoder_can_embed_the_store(tmp_path: pathlib.Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from fedclient.tasks import get_task
+
+    model = get_task("tiny").build_model()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith("bert.encoder.layer.0.")}
+    for value in state.values():
+        value.add_(0.05 * torch.randn_like(value))  # as if fine-tuned
+    weights = tmp_path / "run.safetensors"
+    save_file(state, str(weights), metadata={"run": "r1", "round": "3", "task": "tiny"})  # as `fedserver export` writes
+    _write_docs(tmp_path / "docs", ["rates rise again", "the cup final went to penalties"])
+    tuned = VectorStore(tmp_path / "docs").build(encoder_run=str(weights))
+    assert tuned.encoder == "weights:run.safetensors"
+    tuned_vectors, _ = VectorStore(tmp_path / "docs").load()
+    plain = VectorStore(tmp_path / "docs").build()  # another encoder: every document is embedded again
+    assert plain.changed == 0 and plain.added == 2
+    assert not np.allclose(tuned_vectors, VectorStore(tmp_path / "docs").load()[0], atol=1e-3)
+    save_file(state, str(tmp_path / "bare.safetensors"))
+    with pytest.raises(VectorStoreError, match="does not name its task"):
+        VectorStore(tmp_path / "docs").build(encoder_run=str(tmp_path / "bare.safetensors"))
