@@ -87,6 +87,9 @@ def test_unknown_runs_and_bad_forms_get_clear_4xx(client, filled_store) -> None:
         assert expected in response.text, (body, response.text)
     assert client.post("/api/runs", content=b"{not json", headers={"Content-Type": "application/json"}).status_code == 422
     assert client.get("/api/sites").status_code == 404  # no deployment behind this console
+    assert "fedserver console DIR" in client.post("/api/search", json={"query": "rates", "k": 5}).json()["detail"]
+    assert client.post("/api/search", json={"query": "", "k": 5}).status_code == 422
+    assert client.post("/api/search", json={"query": "rates", "k": 0}).status_code == 422
 
 
 def test_a_stop_request_reaches_the_running_run(client, filled_store) -> None:
@@ -101,7 +104,8 @@ def test_a_stop_request_reaches_the_running_run(client, filled_store) -> None:
 
 def test_openapi_schema_and_offline_chart_library(client) -> None:
     schema = client.get("/openapi.json").json()
-    assert {"/api/runs", "/api/runs/{run_id}", "/api/runs/{run_id}/stop", "/api/sites", "/api/meta"} <= set(schema["paths"])
+    assert {"/api/runs", "/api/runs/{run_id}", "/api/runs/{run_id}/stop", "/api/sites", "/api/meta",
+            "/api/search"} <= set(schema["paths"])
     script = client.get("/static/plotly.min.js")
     assert script.status_code == 200 and len(script.content) > 1_000_000 and b"plotly" in script.content[:2000].lower()
     page = client.get("/").text

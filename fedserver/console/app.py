@@ -40,6 +40,13 @@ class NewRun(BaseModel):
     name: str = Field("", max_length=100, description="run name (default: console-<time>)")
 
 
+class SearchForm(BaseModel):
+    """One encrypted search across the deployment's sites."""
+
+    query: str = Field(..., min_length=1, max_length=2000, description="query text (embedded with MiniLM)")
+    k: int = Field(10, ge=1, le=1000, description="documents to return")
+
+
 def plotly_js() -> pathlib.Path:
     """plotly.min.js from the installed plotly package (served offline)."""
     spec = importlib.util.find_spec("plotly")
@@ -142,6 +149,19 @@ def create_app(store_url: str, *, deployment=None, token: str | None = None,
             return JSONResponse({"detail": "this console serves a bare run store; start it on a deployment "
                                  "(`fedserver console DIR`) to see its sites", "sites": []}, status_code=404)
         return JSONResponse({"sites": views.sites_overview(deployment)})
+
+    @app.post("/api/search", summary="One encrypted top-k query across the deployment's sites (blocks until done)")
+    def search(form: SearchForm) -> JSONResponse:
+        from fedserver import deployment as dep
+        from privacy.vector_search import SearchError
+
+        if deployment is None:
+            return JSONResponse({"detail": "encrypted search runs on a deployment's sites; start the console with "
+                                 "`fedserver console DIR`"}, status_code=404)
+        try:
+            return JSONResponse(dep.search(deployment, form.query, k=form.k))
+        except SearchError as err:
+            return JSONResponse({"detail": str(err)}, status_code=422)
 
     @app.get("/token", include_in_schema=False)
     def with_token() -> RedirectResponse:
