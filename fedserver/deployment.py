@@ -310,13 +310,15 @@ def run_config_text(config: Mapping[str, Any]) -> str:
 def submit(deployment: Deployment, config: Mapping[str, Any], *, stream: bool = True,
            timeout: float | None = None) -> subprocess.CompletedProcess:
     """``flwr run`` the fedtune app on this deployment with ``config`` (store = the deployment's)."""
-    run_config = {"store": deployment.store_url, **config}
-    command = [flower_command("flwr"), "run", str(app_directory()), CONNECTION,
-               "--run-config", run_config_text(run_config)]
-    if stream:
-        command.append("--stream")
+    command = run_command(deployment, config) + (["--stream"] if stream else [])
     return subprocess.run(command, env=environment(deployment.flwr_home), cwd=deployment.directory,
                           timeout=timeout, text=True, capture_output=True, check=False)
+
+
+def run_command(deployment: Deployment, config: Mapping[str, Any]) -> list[str]:
+    """The ``flwr run`` command line submitting the fedtune app with ``config`` and this deployment's store."""
+    return [flower_command("flwr"), "run", str(app_directory()), CONNECTION,
+            "--run-config", run_config_text({"store": deployment.store_url, **config})]
 
 
 def search(deployment: Deployment, query: str, *, k: int = 10, backend: str = "auto",

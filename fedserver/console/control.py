@@ -83,7 +83,6 @@ class RunControl:
         self.store = store
         self.deployment = deployment
         self.log_dir = log_dir or pathlib.Path.cwd() / "console-logs"
-        self.launched: list[subprocess.Popen] = []
 
     @property
     def engine(self) -> str:
@@ -98,9 +97,7 @@ class RunControl:
         if self.deployment is not None:
             from fedserver import deployment as dep
 
-            config = {"store": self.deployment.store_url, **request.run_config(), "min-train-nodes": 1}
-            command = [dep.flower_command("flwr"), "run", str(dep.app_directory()), dep.CONNECTION,
-                       "--run-config", dep.run_config_text(config)]
+            command = dep.run_command(self.deployment, {**request.run_config(), "min-train-nodes": 1})
             env, cwd = dep.environment(self.deployment.flwr_home), self.deployment.directory
         else:
             command = [sys.executable, "-m", "simulations.cli", "run", "--task", request.task, "--strategy",
@@ -110,10 +107,9 @@ class RunControl:
             if request.codec:
                 command += ["--codec", request.codec]
             env, cwd = None, None
-        with open(log_path, "w") as log:
+        with open(log_path, "w") as log:  # the run goes on by itself; the store records it
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                        start_new_session=True)
-        self.launched.append(process)
         return {"name": name, "engine": self.engine, "log": str(log_path), "pid": process.pid}
 
     def stop(self, run_ref: str, requested_by: str = "console") -> dict[str, Any]:
@@ -139,8 +135,3 @@ class RunControl:
                 self.store.finish_run(run_id, "stopped", "stopped by the console with `flwr stop`")
         except StoreError:
             pass
-
-    def close(self) -> None:
-        """Nothing the console launched outlives it unnoticed: wait briefly, then leave them be
-        (runs keep going; they are recorded in the store)."""
-        self.launched = [p for p in self.launched if p.poll() is None]
