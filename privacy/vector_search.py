@@ -216,6 +216,10 @@ class KeyBundle:
         if self.querier not in trusted:
             raise SearchError(f"key bundle from querier {fingerprint(self.querier)}, which this site does not trust")
         _verify(self.querier, self.signature, self.digest(), "key bundle")
+        self.check_current(now)
+
+    def check_current(self, now: float | None = None) -> None:
+        """SearchError once the epoch has expired."""
         if (now or time.time()) > self.expires_at:
             raise SearchError(f"key epoch {self.epoch} expired at {time.strftime('%Y-%m-%d %H:%M', time.gmtime(self.expires_at))} UTC")
 
@@ -328,7 +332,8 @@ class SiteSearcher:
     budget: QueryBudget
     key_dir: pathlib.Path | None = None
     cache_dir: pathlib.Path | None = None  # encoded plaintexts, reused across processes
-    _bundles: dict[str, KeyBundle] = field(default_factory=dict)
+    _bundles: dict[str, KeyBundle] = field(default_factory=dict)  # verified; by key id
+    _contexts: dict[str, tuple[CkksBackend, Any]] = field(default_factory=dict)  # loaded public keys; by key id
     _prepared: dict[tuple[str, int], Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -340,21 +345,35 @@ class SiteSearcher:
         """Verify and store a key bundle; returns its id."""
         bundle = KeyBundle.from_bytes(data)
         bundle.verify(self.trusted_queriers)
-        self._bundles[bundle.key_id] = bundle
+        key_id = bundle.key_id  # a hash over ~36 MB of keys: computed once
+        self._bundles[key_id] = bundle
         if self.key_dir is not None:
             self.key_dir.mkdir(parents=True, exist_ok=True)
-            (self.key_dir / f"{bundle.key_id}.bundle").write_bytes(data)
-        return bundle.key_id
+            (self.key_dir / f"{key_id}.bundle").write_bytes(data)
+        return key_id
 
     def _bundle(self, key_id: str) -> KeyBundle:
+        """The accepted bundle ``key_id`` (verified once: when accepted, or when read back from disk by
+        a new process); its expiry is checked on every use."""
         bundle = self._bundles.get(key_id)
         if bundle is None and self.key_dir is not None and (self.key_dir / f"{key_id}.bundle").exists():
             bundle = KeyBundle.from_bytes((self.key_dir / f"{key_id}.bundle").read_bytes())
+            bundle.verify(self.trusted_queriers)
             self._bundles[key_id] = bundle
         if bundle is None:
             raise SearchError(f"unknown key epoch {key_id[:16]}…: send this site the key bundle first")
-        bundle.verify(self.trusted_queriers)  # also catches expiry since it was accepted
+        bundle.check_current()
         return bundle
+
+    def _context(self, key_id: str, bundle: KeyBundle) -> tuple[CkksBackend, Any]:
+        """The backend and the site's evaluation context for a bundle, loaded once per key id."""
+        if key_id not in self._contexts:
+            backend = choose_backend(bundle.backend, bundle.params)
+            context = backend.load_public(dict(bundle.parts))
+            if backend.is_private(context):
+                raise SearchError("the key bundle carries a secret key; refusing it")
+            self._contexts = {key_id: (backend, context)}
+        return self._contexts[key_id]
 
     def answer(self, query: EncryptedQuery) -> list[bytes]:
         """Encrypted scores of every row (padded to the query's row bound) for a valid query."""
@@ -370,16 +389,13 @@ class SiteSearcher:
         if self.vectors.shape[1] >= bundle.params.block:
             raise SearchError(f"vectors of dimension {self.vectors.shape[1]} do not fit the epoch's block")
         self.budget.charge(query.querier)
-        backend = choose_backend(bundle.backend, bundle.params)
         try:
-            context = backend.load_public(dict(bundle.parts))
-            if backend.is_private(context):
-                raise SearchError("the key bundle carries a secret key; refusing it")
+            backend, context = self._context(query.key_id, bundle)
             chunks = chunks_for(query.row_bound, backend.rows_per_ciphertext())
-            prepared = self._prepared.get((bundle.key_id, chunks))
+            prepared = self._prepared.get((query.key_id, chunks))
             if prepared is None:
                 prepared = self._cached_preparation(backend, context, chunks)
-                self._prepared = {(bundle.key_id, chunks): prepared}
+                self._prepared = {(query.key_id, chunks): prepared}
             return backend.score(context, prepared, query.ciphertext)
         except BackendError as err:
             raise SearchError(f"query {query.query_id}: {err}") from err
