@@ -46,6 +46,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "frl-mode": "original",
     "frl-sparsity": 0.5,
     "frl-lr": 4.0,
+    "frl-vote": "clipped",
     "codec": "",
     "sgd-lr": 0.2,
     "scaffold-alpha": 0.0,

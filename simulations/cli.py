@@ -34,7 +34,7 @@ class UsageError(Exception):
 
 METHOD_KEYS = (  # run-config keys set by one flag each, named alike (--zo-steps -> zo-steps)
     "server-lr", "hash-every", "ferret-bases", "ferret-block-size", "ferret-seeds",
-    "seed-pool", "zo-steps", "zo-lr", "zo-eps", "frl-mode", "frl-sparsity", "frl-lr",
+    "seed-pool", "zo-steps", "zo-lr", "zo-eps", "frl-mode", "frl-sparsity", "frl-lr", "frl-vote",
     "codec", "sgd-lr", "scaffold-alpha", "scafcom-beta",
     "dp", "dp-epsilon", "dp-delta", "clip", "dp-noise-multiplier",
 )
@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="masks over the pretrained weights, or over FRL's random signed constants")
     frl.add_argument("--frl-sparsity", type=float, default=d["frl-sparsity"], help="fraction of edges each mask keeps")
     frl.add_argument("--frl-lr", type=float, default=d["frl-lr"], help="SGD learning rate of the scores (x 0.999 per round)")
+    frl.add_argument("--frl-vote", choices=("clipped", "sum"), default=d["frl-vote"],
+                     help="clipped: each site's deviation from the global ranking is scaled down to the round's "
+                     "median (limits what rank-reversing sites can un-learn); sum: the paper's plain vote")
     comp = run.add_argument_group("compressed updates (fedavg, selective-layer; --strategy scallion, scafcom)")
     comp.add_argument("--codec", default=d["codec"],
                       help="uplink codec: none, topk:R, randk:R, q1/q2/q4/q8, sign, or sparsifier+quantizer such as "

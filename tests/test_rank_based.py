@@ -15,6 +15,8 @@ from aggregators.base import Payload, Reply
 from aggregators.rank_based import (
     RankBased,
     RankBasedConfig,
+    clipped_total,
+    deviation_norm,
     initial_scores,
     kept_edges,
     pack_ranking,
@@ -89,6 +91,60 @@ def test_one_malicious_ranking_moves_each_edge_by_at_most_one_vote():
         highest = np.sum(with_honest <= with_honest[edge] + 2 * (n - 1))
         assert lowest <= place_attack[edge] <= highest
     assert (place_attack != place_honest).any()
+
+
+def test_clipped_vote_equals_a_brute_force_computation():
+    rng = np.random.default_rng(3)
+    n, clients = 30, 6
+    global_positions = {"a": positions(rng.permutation(n)), "b": positions(rng.permutation(n // 2))}
+    votes = [{"a": positions(rng.permutation(n)), "b": positions(rng.permutation(n // 2))} for _ in range(clients)]
+    norms = []
+    for client in votes:
+        squared = sum((client[k][e] - global_positions[k][e]) ** 2 for k in client for e in range(len(client[k])))
+        norms.append(squared**0.5)
+        assert deviation_norm(client, global_positions) == pytest.approx(norms[-1])
+    bound = sorted(norms)[clients // 2 - 1 : clients // 2 + 1]
+    bound = (bound[0] + bound[1]) / 2  # the median of an even count
+    totals, factors = clipped_total(global_positions, votes)
+    assert factors == pytest.approx([min(1.0, bound / norm) for norm in norms])
+    for key in ("a", "b"):
+        for edge in range(len(global_positions[key])):
+            expected = sum(
+                global_positions[key][edge] + min(1.0, bound / norm) * (client[key][edge] - global_positions[key][edge])
+                for client, norm in zip(votes, norms)
+            )
+            assert totals[key][edge] == pytest.approx(expected)
+
+
+def test_clipped_vote_keeps_a_minority_from_pushing_an_edge_across_the_mask_boundary():
+    """Three of ten voters move edge 40 (below the keep-half boundary at 50) to the top; the
+    honest seven keep the global ranking but for one adjacent swap each. The sum vote lets the
+    edge in; the clipped vote scales the three deviations down to an honest one's size."""
+    n = 100
+    global_ranking = np.arange(n)  # edge e holds position e
+    honest = []
+    for i in range(7):
+        ranking = global_ranking.copy()
+        ranking[[60 + i, 61 + i]] = ranking[[61 + i, 60 + i]]
+        honest.append(ranking)
+    pushed = np.concatenate([np.delete(global_ranking, 40), [40]])  # edge 40 to the top, the rest slide down
+    rankings = honest + [pushed] * 3
+    summed = vote(sum(positions(r) for r in rankings))
+    assert 40 in kept_edges(summed, 0.5)
+    clipped, factors = clipped_total({"w": positions(global_ranking)}, [{"w": positions(r)} for r in rankings])
+    assert factors[:7] == [1.0] * 7 and max(factors[7:]) < 0.05
+    assert 40 not in kept_edges(vote(clipped["w"]), 0.5)
+    server = RankBased(RankBasedConfig(frl_sparsity=0.5, frl_mode="finetune"))
+    state = server.init_state({"w": torch.ones(10, 10)})
+    server.global_positions = {"w": positions(global_ranking)}
+    replies = [Reply(c, Payload({"rank/w": pack_ranking(r, n)}, 5)) for c, r in enumerate(rankings)]
+    result = server.aggregate(1, state, iter(replies))
+    assert result.state["w"].reshape(-1)[40] == 0.0  # edge 40 stays masked out
+    assert result.metrics["votes-scaled-down"] == 3 and result.metrics["smallest-vote-scale"] < 0.05
+    assert np.array_equal(server.global_positions["w"], positions(vote(clipped["w"])))
+    summing = RankBased(RankBasedConfig(frl_sparsity=0.5, frl_mode="finetune", frl_vote="sum"))
+    result = summing.aggregate(1, summing.init_state({"w": torch.ones(10, 10)}), iter(replies))
+    assert result.state["w"].reshape(-1)[40] == 1.0
 
 
 def test_ties_resolve_identically_in_a_separate_process():
@@ -173,6 +229,8 @@ def test_config_errors_name_the_setting():
         RankBasedConfig(frl_mode="random")
     with pytest.raises(ValueError, match="frl-sparsity"):
         RankBasedConfig(frl_sparsity=0.0)
+    with pytest.raises(ValueError, match="frl-vote must be one of clipped, sum"):
+        RankBasedConfig(frl_vote="median")
 
 
 def test_original_mode_masks_seeded_signed_constants_and_keeps_the_given_fraction():
