@@ -1,23 +1,29 @@
 """FRL (rank-based) vs FedAvg and Flower's robust rules, clean and under poisoning.
 
 One invocation, one process: a federation on a real dataset (default ``minilm-bbc``, 10 clients,
-Dirichlet 0.5) is run for each arm with the same partition, seeds and rounds. Honest clients run
+Dirichlet 0.5, every client every round; ``--per-round K`` samples K per round instead, as the
+paper does) is run for each arm with the same partition, seeds and rounds. Honest clients run
 fedtune's client halves; a fixed, seeded subset of clients is malicious:
 
-* against FRL, the rank-reversal attack of the paper: the attackers train honestly, sum their
-  edge positions, and all submit that aggregate ranking reversed;
+* against FRL (``frl-sum``: the paper's sum vote; ``frl``: fedtune's clipped vote), the paper's
+  rank-reversal attack (the attackers train honestly, sum their edge positions and all submit
+  that aggregate ranking reversed) and an adaptive ``anti-learning`` attack aimed at the clipped
+  vote (see :func:`frl_attack`);
 * against dense updates, the scaling attack (send w + 1e5·Δ, Δ the attacker's honest update) and
   sign flipping (send w − 10·Δ).
 
 Dense updates are aggregated by fedtune's FedAvg or by Flower's own robust strategies
 (``FedMedian``, ``Krum``, ``FedTrimmedAvg`` from ``flwr.serverapp.strategy``, called on real
-Flower ``Message`` replies). Prints central accuracy per arm and attacker fraction and the uplink
-bytes per client per round (the arrays each honest client sends).
+Flower ``Message`` replies). Prints, per arm and attacker fraction, central accuracy by round and
+each class's final recall (which classes an attack hurts), then a table of the final accuracy
+(with the mean of the last 5 rounds) and the uplink bytes per client per round (the arrays each
+honest client sends).
 
 Usage::
 
     python bench/rank_based.py                               # 5 rounds, 0/10/20 % attackers
-    python bench/rank_based.py --rounds 3 --rules fedavg,fedmedian
+    python bench/rank_based.py --rules fedavg,fedmedian,frl-sum,frl --attacks scaling --rounds 10
+    python bench/rank_based.py --rules frl --fractions 0,0.2 --clients 30 --per-round 10
 """
 
 from __future__ import annotations
