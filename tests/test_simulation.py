@@ -180,6 +180,8 @@ def test_frl_runs_on_flower_with_bit_packed_rankings(tmp_path):
         assert rankings < c.bytes_up < rankings * 1.01
         assert c.bytes_down < 5_000 if c.round == 1 else rankings < c.bytes_down < rankings * 1.01
     assert all(r.central_accuracy is not None for r in store.rounds(run_id))
+    for r in store.rounds(run_id):  # the clipped vote (default) reports how far it scaled votes down
+        assert 0 <= r.metrics["votes-scaled-down"] <= 1 and 0 < r.metrics["smallest-vote-scale"] <= 1
 
 
 @pytest.mark.parametrize(
