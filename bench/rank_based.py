@@ -39,6 +39,7 @@ from fedclient.runconfig import DEFAULT_RUN_CONFIG
 
 SCALE, FLIP = 1e5, 10.0
 FRL_RULES = {"frl": "clipped", "frl-sum": "sum"}  # bench rule → frl-vote
+DENSE_ATTACKS, FRL_ATTACKS = ("scaling", "sign-flip"), ("rank-reversal", "anti-learning")
 LAST_ROUNDS = 5  # rounds averaged next to the final accuracy: single rounds swing by 3-5 points
 
 
@@ -210,6 +211,17 @@ def main() -> int:
     parser.add_argument("--frl-lr", type=float, default=DEFAULT_RUN_CONFIG["frl-lr"])
     parser.add_argument("--frl-sparsity", type=float, default=DEFAULT_RUN_CONFIG["frl-sparsity"])
     args = parser.parse_args()
+    choices = {
+        "--rules": (args.rules, {"fedavg", "fedmedian", "krum", "trimmed-mean", *FRL_RULES}),
+        "--attacks": (args.attacks, DENSE_ATTACKS),
+        "--frl-attacks": (args.frl_attacks, FRL_ATTACKS),
+    }
+    for option, (given, known) in choices.items():
+        unknown = set(given.split(",")) - set(known)
+        if unknown:
+            parser.error(f"{option}: unknown {sorted(unknown)}; choose from {', '.join(sorted(known))}")
+    if not 0 <= args.per_round <= args.clients:
+        parser.error(f"--per-round must be between 0 and --clients ({args.clients}), got {args.per_round}")
 
     import torch
 
@@ -219,17 +231,12 @@ def main() -> int:
     task = get_task(args.task)
     model = task.build_model()
     keys = {"fedavg": task.trainable_keys(model), "frl": task.trainable_keys(model, args.frl_layers.split(","))}
-    unknown = set(args.rules.split(",")) - {"fedavg", "fedmedian", "krum", "trimmed-mean", *FRL_RULES}
-    if unknown:
-        parser.error(f"unknown rule(s) {sorted(unknown)}")
     datas = [task.client_data(PartitionSpec("dirichlet", args.clients, args.alpha, 0), i).train
              for i in range(args.clients)]
     pristine = {k: v.detach().clone() for k, v in model.state_dict().items()}
     shared = (datas, task.load_data().test, model, keys, pristine)
     fractions = [float(f) for f in args.fractions.split(",")]
     print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}")
-    if not 0 <= args.per_round <= args.clients:
-        parser.error(f"--per-round must be between 0 and --clients ({args.clients}), got {args.per_round}")
     sampled = f", {args.per_round} sampled per round" if args.per_round else ""
     print(f"{args.task}, {args.clients} clients{sampled}, Dirichlet({args.alpha}), {args.rounds} rounds, {args.local_steps} local "
           f"steps; dense rules train {', '.join(task.train_layers)}; FRL masks {args.frl_layers} ({args.frl_mode}, "
