@@ -7,7 +7,9 @@ runs :math:`E` local optimizer steps on its data, and returns :math:`\theta_i^{t
 .. math:: \theta^{t+1}_k = \frac{\sum_{i \in S_k} n_i\, \theta^{t+1}_{i,k}}{\sum_{i \in S_k} n_i}
 
 for every parameter tensor :math:`k`, where :math:`n_i` is client :math:`i`'s example count and
-:math:`S_k` the clients whose reply carries :math:`k`. Unlike Flower's built-in strategies, replies
+:math:`S_k` the clients whose reply carries :math:`k`. Example counts are self-reported, so
+``max-site-weight`` :math:`c` caps any one client's share :math:`n_i / \sum_j n_j` at :math:`c`
+(weights above the threshold :func:`~aggregators.streaming.share_cap` finds are lowered to it). Unlike Flower's built-in strategies, replies
 may cover different key subsets; a key nobody sent keeps its value. Aggregation streams: each
 reply is validated, folded into per-key running sums and dropped (memory O(model)).
 """
@@ -52,9 +54,12 @@ class FedAvgConfig:
     batch_size: int = 16
     weight_decay: float = 0.0
     seed: int = 0
+    max_site_weight: float = 1.0  # the largest share one site may have in the weighted mean (1: uncapped)
 
     def __post_init__(self) -> None:
         check_local_training(self.lr, self.local_steps, self.batch_size)
+        if not 0 < self.max_site_weight <= 1:
+            raise ValueError(f"max-site-weight must be in (0, 1], got {self.max_site_weight}")
 
 
 class FedAvg(Algorithm):
@@ -95,7 +100,7 @@ class FedAvg(Algorithm):
     def aggregate(
         self, server_round: int, state: GlobalState, replies: Iterable[Reply]
     ) -> AggregateResult:
-        mean = WeightedMeanPerKey()
+        mean = WeightedMeanPerKey(self.config.max_site_weight)
         result = AggregateResult(state=state)
         losses = WeightedMetricMeans()
         for reply in replies:

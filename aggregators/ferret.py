@@ -66,7 +66,7 @@ from aggregators.shared_randomness import (
     seeded_noise,
     truncated_normal_variance,
 )
-from aggregators.streaming import WeightedMetricMeans
+from aggregators.streaming import WeightedMetricMeans, capped_weights
 
 COEFFICIENTS = "coefficients"
 SEED_MODES = ("round", "client")
@@ -87,9 +87,12 @@ class FerretConfig:
     ferret_seeds: str = "round"
     server_lr: float = 1.0
     hash_every: int = 1
+    max_site_weight: float = 1.0  # the largest share one site may have in the weighted mean (1: uncapped)
 
     def __post_init__(self) -> None:
         check_local_training(self.lr, self.local_steps, self.batch_size)
+        if not 0 < self.max_site_weight <= 1:
+            raise ValueError(f"max-site-weight must be in (0, 1], got {self.max_site_weight}")
         if self.ferret_bases < 1:
             raise ValueError(f"ferret-bases must be at least 1, got {self.ferret_bases}")
         if self.ferret_block_size < 1:
@@ -189,8 +192,7 @@ class Ferret(ReplayAlgorithm):
     def round_entry(
         self, server_round: int, state: GlobalState, replies: Iterable[Reply], result: AggregateResult
     ) -> dict[str, np.ndarray]:
-        rows: dict[int, np.ndarray] = {}  # basis slot -> example-weighted coefficient sum
-        total_weight = 0.0
+        accepted: dict[ClientId, tuple[float, np.ndarray]] = {}  # K coefficients each: kept until the cap is known
         losses = WeightedMetricMeans()
         for reply in replies:
             try:
@@ -198,15 +200,18 @@ class Ferret(ReplayAlgorithm):
             except PayloadError as err:
                 result.rejected[reply.client] = str(err)
                 continue
-            slot = self._slot(reply.client)
-            coefficients = reply.payload.arrays[COEFFICIENTS].astype(np.float64) * weight
-            rows[slot] = rows[slot] + coefficients if slot in rows else coefficients
-            total_weight += weight
+            accepted[reply.client] = (weight, reply.payload.arrays[COEFFICIENTS])
             result.accepted.append(reply.client)
             losses.add(reply.payload.metrics, weight)
         result.metrics.update(losses.means())
-        if not rows:
+        if not accepted:
             return {}
+        weights = capped_weights({c: w for c, (w, _) in accepted.items()}, self.config.max_site_weight)
+        rows: dict[int, np.ndarray] = {}  # basis slot -> example-weighted coefficient sum
+        for client, (_, values) in accepted.items():
+            slot, coefficients = self._slot(client), values.astype(np.float64) * weights[client]
+            rows[slot] = rows[slot] + coefficients if slot in rows else coefficients
+        total_weight = sum(weights.values())
         slots = sorted(rows)
         scale = self.config.server_lr / total_weight
         entry = {COEFFICIENTS: np.stack([rows[s] * scale for s in slots]).astype(np.float32)}

@@ -91,8 +91,11 @@ class SelectiveLayerConfig:
     layer_scores: str = "fresh"
     score_batches: int = 4
     common_layers: str = "head"
+    max_site_weight: float = 1.0  # the largest share one site may have in the weighted mean (1: uncapped)
 
     def __post_init__(self) -> None:
+        if not 0 < self.max_site_weight <= 1:
+            raise ValueError(f"max-site-weight must be in (0, 1], got {self.max_site_weight}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"unknown selection '{self.selection}'; choose one of: {', '.join(SELECTIONS)}")
         if self.layer_scores not in ("fresh", "stale"):
@@ -295,7 +298,7 @@ class SelectiveLayer(Algorithm):
         self._remember(client, payload)
 
     def aggregate(self, server_round: int, state: GlobalState, replies: Iterable[Reply]) -> AggregateResult:
-        mean = WeightedMeanPerKey()
+        mean = WeightedMeanPerKey(self.config.max_site_weight)
         result = AggregateResult(state=state)
         losses = WeightedMetricMeans()
         for reply in replies:

@@ -67,7 +67,7 @@ from aggregators.shared_randomness import (
     for_each_block,
     seeded_noise,
 )
-from aggregators.streaming import WeightedMetricMeans
+from aggregators.streaming import WeightedMetricMeans, capped_weights
 
 SEED_INDEX, SEED_SCALAR, SEED_CODE = "seed-index", "seed-scalar", "seed-code"
 PROBABILITIES = "seed-probabilities"
@@ -90,8 +90,11 @@ class ZerothOrderConfig:
     zo_block_size: int = 1 << 18
     one_byte_low: float = 1e-6
     one_byte_high: float = 1e2
+    max_site_weight: float = 1.0  # the largest share one site may have in the weighted mean (1: uncapped)
 
     def __post_init__(self) -> None:
+        if not 0 < self.max_site_weight <= 1:
+            raise ValueError(f"max-site-weight must be in (0, 1], got {self.max_site_weight}")
         if not 1 <= self.seed_pool <= 2**32:
             raise ValueError(f"seed-pool must be between 1 and 2^32, got {self.seed_pool}")
         if self.zo_steps < 1:
@@ -188,8 +191,8 @@ class FedKSeed(ReplayAlgorithm):
         pool = self.config.seed_pool
         sums = np.zeros(pool, dtype=np.float64)
         touched = np.zeros(pool, dtype=bool)
-        total_weight = 0.0
         losses = WeightedMetricMeans()
+        accepted: dict[ClientId, tuple[float, np.ndarray, np.ndarray]] = {}  # τ pairs each
         for reply in replies:
             try:
                 weight = check_weight(reply.client, reply.payload.num_examples)
@@ -197,9 +200,8 @@ class FedKSeed(ReplayAlgorithm):
             except PayloadError as err:
                 result.rejected[reply.client] = str(err)
                 continue
-            np.add.at(sums, indices, weight * scalars)
+            accepted[reply.client] = (weight, indices, scalars)
             touched[indices] = True
-            total_weight += weight
             if self.pro:
                 np.add.at(self.abs_sums, indices, np.abs(np.clip(scalars, -PRO_CLIP, PRO_CLIP)))
                 np.add.at(self.counts, indices, 1.0)
@@ -208,7 +210,10 @@ class FedKSeed(ReplayAlgorithm):
         result.metrics.update(losses.means())
         if not result.accepted:
             return {}
-        mean = sums / total_weight
+        weights = capped_weights({c: w for c, (w, _, _) in accepted.items()}, self.config.max_site_weight)
+        for client, (_, indices, scalars) in accepted.items():
+            np.add.at(sums, indices, weights[client] * scalars)
+        mean = sums / sum(weights.values())
         self.accumulated += mean
         seeds = np.flatnonzero(touched & (mean != 0.0))
         result.metrics["seeds-touched"] = float(len(seeds))

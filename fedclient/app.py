@@ -2,20 +2,27 @@
 
 ``train`` decodes the :class:`~aggregators.base.Instruction`, runs ``Algorithm.local`` on this
 site's data on the best device present, and replies with the encoded Payload. ``evaluate`` scores
-the global model on the site's held-out local split.
+the global model on the site's held-out local split, if the site's policy allows it.
 
-``query.identify`` tells the coordinator this site's stable name. ``query.probe`` runs an
-algorithm's probe (e.g. layer scores). Site settings come from ``--node-config`` (``partition-id``,
-``num-partitions``, optional ``site-name``, ``device`` and ``layer-budget``);
-the task and partitioning come from the run config.
+``query.identify`` tells the coordinator this site's name. ``query.probe`` runs an algorithm's
+probe (e.g. layer scores); ``query.search`` answers encrypted search (:mod:`fedclient.search`).
+
+**What this site decides comes from the site alone**: its policy (:mod:`fedclient.policy`, the file
+``fedclient start --policy`` names) and its node config (``partition-id``, ``num-partitions``,
+``data-dir``, ``site-name``, ``device``, ``layer-budget``, ``state-dir``, the DP and search flags).
+The run config and the instruction say what the coordinator *asks*; a request the policy forbids
+is declined with a refusal naming the policy key, and refusals never quote the site's data (the
+details go to the site's own log). The privacy ledger and the search ledger live in the site's
+state directory (``state-dir``), so no new run and no resume starts with a fresh budget.
 """
 
 from __future__ import annotations
 
 import functools
+import pathlib
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -27,6 +34,7 @@ from aggregators import Instruction, make_algorithm
 from aggregators.shared_randomness import WeightsMismatchError
 from fedclient.budget import draw_budget
 from fedclient.device import best_device
+from fedclient.policy import SitePolicy, site_policy
 from fedclient.runconfig import quiet_environment, resolve_run_config
 from fedclient.tasks import (
     ClientData,
@@ -37,6 +45,7 @@ from fedclient.tasks import (
 )
 from fedclient.wire import (
     ARRAYS,
+    CONFIG,
     array_record,
     fatal_record,
     from_recorddict,
@@ -44,7 +53,8 @@ from fedclient.wire import (
     to_recorddict,
 )
 from privacy.accounting import PrivacyBudgetExceeded
-from privacy.ldp import SITE_KEYS, SITE_PREFIX, LocalPrivacy
+from privacy.ldp import LdpSettings, LocalPrivacy, private_evaluation
+from privacy.refusal import PolicyRefusal
 
 quiet_environment()
 
@@ -139,27 +149,75 @@ def _save_client_state(context: Context, state: Mapping[str, Any]) -> None:
         context.state[CLIENT_STATE_CONFIG] = ConfigRecord(scalars)
 
 
-def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ClientApp; ``overrides`` stand in for the run config where Flower passes none (fedsim)."""
+def run_key(context: Context) -> str:
+    """What this site's ledger records a run's spending under: Flower's run id, which the
+    coordinator cannot vary from one message to the next (the instruction's ``run-id`` it can)."""
+    return f"flower-run-{context.run_id}"
+
+
+def ledger_path(policy: SitePolicy, node_config: Mapping[str, Any]) -> str | None:
+    """The site's privacy ledger file: the policy's ``privacy.ledger``, else ``privacy-ledger.json``
+    in its state directory; None (the client state, one run) only for a simulation's virtual sites
+    that have neither."""
+    if policy.ledger:
+        return policy.ledger
+    if node_config.get("state-dir"):
+        return str(pathlib.Path(str(node_config["state-dir"])) / "privacy-ledger.json")
+    return None
+
+
+def _site_log(text: str) -> None:
+    """Details that stay at the site (its SuperNode log), never in a reply."""
+    print(f"fedtune site: {text}", file=sys.stderr, flush=True)
+
+
+def build_client_app(overrides: Mapping[str, Any] | None = None, *,
+                     site_config: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None) -> ClientApp:
+    """A ClientApp. ``overrides`` stand in for the run config where Flower passes none (fedsim);
+    ``site_config(node_config)`` adds a simulated site's own node config (what a real site passes
+    to ``fedclient start``: its policy, state directory, search index...)."""
     app = ClientApp()
 
+    def node_config(context: Context) -> dict[str, Any]:
+        node = dict(context.node_config)
+        if site_config is not None:
+            node.update(site_config(node))
+        return node
+
+    def policy_of(node: Mapping[str, Any]) -> SitePolicy:
+        """The site's policy; PolicyRefusal (details in the site's log) if its file cannot be used."""
+        try:
+            return site_policy(node)
+        except ValueError as err:
+            _site_log(str(err))
+            raise PolicyRefusal("file", "the site's policy cannot be used (its log says why)") from None
+
     def run_local(msg: Message, context: Context, probe: bool) -> Message:
+        node = node_config(context)
         config = resolve_run_config(context.run_config, overrides)
         instruction = Instruction.from_record(from_recorddict(msg.content))
-        private = str(instruction.config.get("dp", "off")) != "off"
-        algorithm = make_algorithm(str(instruction.config["strategy"]), {"codec": instruction.config.get("codec", "")},
-                                   wrap=LocalPrivacy if private else None)
-        device = best_device(str(context.node_config.get("device", "auto")))
         try:
-            data = site_data(config, context.node_config)
+            policy = policy_of(node)
+            policy.check_training(str(config["task"]), str(instruction.config["strategy"]))
+            privacy = LdpSettings.resolve(instruction.config, policy.privacy, run_key(context))
+        except PolicyRefusal as err:
+            return Message(refusal_record(str(err)), reply_to=msg)
+        wrap = functools.partial(LocalPrivacy, site=policy.privacy, ledger_path=ledger_path(policy, node),
+                                 run=run_key(context)) if privacy.enabled else None
+        algorithm = make_algorithm(str(instruction.config["strategy"]), {"codec": instruction.config.get("codec", "")},
+                                   wrap=wrap)
+        device = best_device(str(node.get("device", "auto")))
+        try:
+            data = site_data(config, node)
         except SiteDataError as err:  # this site cannot take part until its files are fixed
-            return Message(refusal_record(f"site data: {err}"), reply_to=msg)
+            _site_log(f"its data does not fit task {config['task']}: {err}")
+            return Message(refusal_record(f"site data: this site's files do not fit task '{config['task']}' "
+                                          "(the site's log names the problems)"), reply_to=msg)
         model = _fresh_model(str(config["task"]), device)
         client_state = _load_client_state(context)
-        budget = site_layer_budget(config, context.node_config)
+        budget = site_layer_budget(config, node)
         if budget is not None:
             client_state["site.layer-budget"] = budget
-        client_state.update({SITE_PREFIX + k: context.node_config[k] for k in SITE_KEYS if k in context.node_config})
         started = time.perf_counter()
         # In deployment every message gets a new ClientApp process: its age now is the start-up cost
         # (interpreter, imports, data, model) that bench/deployment_latency.py reports
@@ -173,12 +231,13 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             _save_client_state(context, client_state)
             return Message(refusal_record(f"privacy budget: {err}"), reply_to=msg)
         _save_client_state(context, client_state)
-        if not private:  # timings depend on the data: withheld under local DP
+        if not privacy.enabled:  # timings and counts depend on the data: withheld under local DP
+            payload.num_examples = policy.reported_examples(payload.num_examples)
             payload.metrics.setdefault("train-seconds" if not probe else "probe-seconds", time.perf_counter() - started)
             if startup is not None:
                 payload.metrics["startup-seconds"] = startup
-        if "partition-id" in context.node_config:
-            payload.metrics["partition-id"] = int(context.node_config["partition-id"])
+        if "partition-id" in node:
+            payload.metrics["partition-id"] = int(node["partition-id"])
         return Message(to_recorddict(payload.to_record()), reply_to=msg)
 
     @app.train()
@@ -191,27 +250,67 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        """Loss and accuracy of the coordinator's weights on this site's evaluation split, as the
+        policy's ``evaluation.mode`` allows: refused, exact (example count capped), or noised
+        (:func:`privacy.ldp.private_evaluation`) and charged to the ledger before it is sent."""
+        node = node_config(context)
+        try:
+            policy = policy_of(node)
+            if policy.evaluation_mode == "refuse":
+                raise PolicyRefusal("evaluation.mode", "this site does not evaluate the coordinator's weights on "
+                                    "its data")
+            settings = LdpSettings.resolve({"dp": "gaussian", "dp-epsilon": 1e12, "dp-delta": 1e-5, "clip": 1.0},
+                                           policy.privacy, run_key(context))
+        except PolicyRefusal as err:
+            return Message(refusal_record(str(err)), reply_to=msg)
+        mode = policy.evaluation_mode
         config = resolve_run_config(context.run_config, overrides)
-        device = best_device(str(context.node_config.get("device", "auto")))
+        try:
+            data = site_data(config, node)
+        except SiteDataError as err:
+            _site_log(f"its data does not fit task {config['task']}: {err}")
+            return Message(refusal_record(f"site data: this site's files do not fit task '{config['task']}' "
+                                          "(the site's log names the problems)"), reply_to=msg)
+        device = best_device(str(node.get("device", "auto")))
         model = _fresh_model(str(config["task"]), device)
         if ARRAYS in msg.content:
-            arrays = msg.content[ARRAYS].to_torch_state_dict()
-            model.load_state_dict(arrays, strict=False)
-        data = site_data(config, context.node_config)
+            model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict(), strict=False)
         metrics = evaluate_model(model, data.evaluate)
-        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        if mode == "exact":
+            metrics["num-examples"] = policy.reported_examples(metrics["num-examples"]) if metrics["num-examples"] else 0
+            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        if not metrics["num-examples"]:
+            return Message(refusal_record("this site holds no evaluation rows"), reply_to=msg)
+        noisy, release = private_evaluation(metrics, policy.evaluation_noise_multiplier, policy.evaluation_loss_bound,
+                                            np.random.default_rng())
+        client_state = _load_client_state(context)
+        try:
+            with settings.ledger(ledger_path(policy, node), client_state).transaction() as ledger:
+                server_round = int(msg.content[CONFIG].get("server-round", 0)) if CONFIG in msg.content else 0
+                lifetime = ledger.charge(server_round, settings.run, [release], settings.epsilon, settings.delta)
+        except PrivacyBudgetExceeded as err:
+            return Message(refusal_record(f"privacy budget: {err}"), reply_to=msg)
+        _save_client_state(context, client_state)
+        noisy.update({"num-examples": 1, "dp-epsilon-lifetime": lifetime})
+        return Message(RecordDict({"metrics": MetricRecord(noisy)}), reply_to=msg)
 
     @app.query("search")
     def search(msg: Message, context: Context) -> Message:
         from fedclient.search import answer
 
-        return answer(msg, context.node_config, resolve_run_config(context.run_config, overrides))
+        node = node_config(context)
+        try:
+            policy = policy_of(node)
+        except PolicyRefusal as err:
+            return Message(refusal_record(str(err)), reply_to=msg)
+        return answer(msg, policy, node.get("state-dir") or None)
 
     @app.query("identify")
     def identify(msg: Message, context: Context) -> Message:
-        device = best_device(str(context.node_config.get("device", "auto")))
+        node = node_config(context)
+        device = best_device(str(node.get("device", "auto")))
         described = f"{device} {torch.cuda.get_device_name(device)}" if device.type == "cuda" else str(device)
-        return Message(RecordDict({"site": ConfigRecord({"name": site_name(context.node_config), "device": described})}),
+        return Message(RecordDict({"site": ConfigRecord({"name": site_name(node), "device": described})}),
                        reply_to=msg)
 
     return app

@@ -237,6 +237,42 @@ def index(directory: str, encoder_weights: str, row_bound: int = 10_000) -> int:
     return 0
 
 
+def policy_command(action: str, path: str) -> int:
+    """``fedclient policy init FILE`` / ``fedclient policy check FILE``."""
+    from fedclient.policy import SitePolicy, write_default
+
+    if action == "init":
+        try:
+            written = write_default(path)
+        except FileExistsError as err:
+            console.print(f"[red]error:[/] {err}")
+            return 2
+        console.print(f"wrote {written}: review it, then `fedclient policy check {written}` and "
+                      f"`fedclient start --policy {written} ...`")
+        return 0
+    try:
+        policy = SitePolicy.load(path)
+    except ValueError as err:
+        console.print(f"[red]error:[/] {err}")
+        return 2
+    problems = []
+    if policy.search.index and not (pathlib.Path(policy.search.index) / ".fedtune-index").is_dir():
+        problems.append(f"search.index {policy.search.index} has no vector store yet (`fedclient index DIR`)")
+    if policy.search.querier_key and not pathlib.Path(policy.search.querier_key).is_file():
+        problems.append(f"search.querier-key {policy.search.querier_key} does not exist")
+    table = Table(title=f"site policy {path}")
+    table.add_column("setting")
+    table.add_column("value")
+    for setting, value in policy.describe():
+        table.add_row(setting, value)
+    console.print(table)
+    for problem in problems:
+        console.print(f"[red]error:[/] {problem}")
+    if not problems:
+        console.print("valid")
+    return 2 if problems else 0
+
+
 def keys(path: str, force: bool) -> int:
     import pathlib
 
@@ -283,37 +319,60 @@ def start(args: argparse.Namespace) -> int:
         node_config["device"] = args.device
     if args.layer_budget is not None:
         node_config["layer-budget"] = args.layer_budget
-    if args.search_index or args.querier_key:
-        from fedclient.vector_store import VectorStore, VectorStoreError
-        from privacy.vector_search import SearchError, load_trusted_key
-
-        try:  # fail now, not at the first query
-            if not (args.search_index and args.querier_key):
-                raise SearchError("encrypted search needs both --search-index DIR and --querier-key FILE")
-            vectors, _ = VectorStore(args.search_index).load()
-            load_trusted_key(pathlib.Path(args.querier_key))
-        except (SearchError, VectorStoreError) as err:
-            console.print(f"[red]error:[/] {err}")
-            return 2
-        console.print(f"encrypted search: {len(vectors)} documents in {args.search_index}")
+    home = pathlib.Path(args.home).expanduser().resolve()
+    node_config["state-dir"] = str(pathlib.Path(args.state_dir).expanduser().resolve() if args.state_dir
+                                   else home / "state")
+    if args.policy:
+        node_config["policy"] = str(pathlib.Path(args.policy).expanduser().resolve())
+    if args.search_index:
         node_config["search-index"] = str(pathlib.Path(args.search_index).expanduser().resolve())
+    if args.querier_key:
         node_config["search-querier-key"] = str(pathlib.Path(args.querier_key).expanduser().resolve())
     if args.query_budget is not None:
         node_config["query-budget"] = args.query_budget
     for key in ("dp_epsilon", "dp_delta", "clip", "dp_noise_multiplier", "dp_ledger"):
         if getattr(args, key) is not None:
-            node_config[key.replace("_", "-")] = getattr(args, key)
+            value = getattr(args, key)
+            node_config[key.replace("_", "-")] = str(pathlib.Path(value).expanduser().resolve()) \
+                if key == "dp_ledger" else value
+    try:  # the policy this site will enforce, now rather than at the first message
+        from fedclient.policy import site_policy
+
+        policy = site_policy(node_config)
+    except ValueError as err:
+        console.print(f"[red]error:[/] {err}")
+        return 2
+    if policy.search.index or policy.search.querier_key:
+        from fedclient.vector_store import VectorStore, VectorStoreError
+        from privacy.vector_search import SearchError, load_trusted_key
+
+        try:  # fail now, not at the first query
+            if not (policy.search.index and policy.search.querier_key):
+                raise SearchError("encrypted search needs both a search index (--search-index DIR or search.index) "
+                                  "and a trusted querier key (--querier-key FILE or search.querier-key)")
+            vectors, _ = VectorStore(policy.search.index).load()
+            load_trusted_key(pathlib.Path(policy.search.querier_key))
+        except (SearchError, VectorStoreError) as err:
+            console.print(f"[red]error:[/] {err}")
+            return 2
+        console.print(f"encrypted search: {len(vectors)} documents in {policy.search.index}, "
+                      f"{policy.search.limits.query_budget} queries per querier")
+    privacy = policy.privacy
+    console.print("site policy " + (policy.source or "(built-in default: the run's own settings)") + ": local DP "
+                  + (f"required (epsilon <= {privacy.max_epsilon_per_run:g} per run, {privacy.max_epsilon_lifetime:g} "
+                     f"over the ledger's life)" if privacy.required else "not required")
+                  + f"; evaluation {policy.evaluation_mode}; state in {node_config['state-dir']}")
     try:
         if not args.data and args.partition_id < 0 or args.partition_id >= args.num_partitions:
             raise ValueError(f"--partition-id must be in 0..{args.num_partitions - 1}, got {args.partition_id}")
         check_reachable(args.superlink)
         command = supernode_command(superlink=args.superlink, ca=pathlib.Path(args.ca), key=pathlib.Path(args.key),
-                                    node_config=node_config, runtime_port=args.port, max_retries=args.max_retries,
-                                   poll_interval=args.poll_interval)
+                                    node_config=node_config, runtime_port=args.port,
+                                    trusted_publisher=pathlib.Path(args.trusted_publisher),
+                                    max_retries=args.max_retries, poll_interval=args.poll_interval)
     except ValueError as err:
         console.print(f"[red]error:[/] {err}")
         return 2
-    home = pathlib.Path(args.home)
     home.mkdir(parents=True, exist_ok=True)
     console.print(f"starting the SuperNode: {' '.join(command)}")
     refused = stopped_here = False
@@ -381,6 +440,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--superlink", required=True, help="the coordinator's Fleet API, HOST:PORT")
     run.add_argument("--ca", required=True, help="the coordinator's CA certificate (ca.crt)")
     run.add_argument("--key", required=True, help="this site's private key (from `fedclient keys`)")
+    run.add_argument("--trusted-publisher", required=True, help="the publisher key whose signature every app this "
+                     "site runs must carry (the coordinator's publisher.key.pub); unsigned apps are refused before "
+                     "any of their code runs")
+    run.add_argument("--policy", default="", help="this site's policy (TOML, from `fedclient policy init`): what it "
+                     "accepts, whatever the coordinator asks; default: the run's own settings")
+    run.add_argument("--state-dir", default="", help="where this site keeps its privacy ledger and search records "
+                     "(default: HOME/state)")
     run.add_argument("--data", default="", help="this site's own labelled text: a directory of CSV/JSONL files "
                      "with text,label (see `fedclient check-data`); without it the site uses a share of the task's "
                      "built-in corpus (--partition-id/--num-partitions)")
@@ -389,23 +455,33 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--site-name", default="", help="how this site names itself to the coordinator")
     run.add_argument("--device", default="", help="auto, cpu, cuda or cuda:N (default: the best present)")
     run.add_argument("--layer-budget", type=int, default=None, help="layers this site can train (selective-layer)")
-    run.add_argument("--dp-epsilon", type=float, default=None, help="this site's own privacy budget (only tightens)")
-    run.add_argument("--dp-delta", type=float, default=None, help="this site's own delta (only tightens)")
-    run.add_argument("--clip", type=float, default=None, help="this site's own clip norm (only tightens)")
-    run.add_argument("--dp-noise-multiplier", type=float, default=None, help="this site's minimum noise multiplier")
-    run.add_argument("--dp-ledger", default=None, help="file keeping this site's privacy ledger across runs")
+    run.add_argument("--dp-epsilon", type=float, default=None, help="require local DP with at most this epsilon per "
+                     "run (tightens the policy)")
+    run.add_argument("--dp-delta", type=float, default=None, help="require local DP with at most this delta")
+    run.add_argument("--clip", type=float, default=None, help="require local DP with at most this clip norm")
+    run.add_argument("--dp-noise-multiplier", type=float, default=None, help="require local DP with at least this "
+                     "noise multiplier")
+    run.add_argument("--dp-ledger", default=None, help="this site's privacy ledger file (default: STATE/privacy-ledger.json)")
     run.add_argument("--search-index", default="", help="answer encrypted searches over this directory's vector "
                      "store (built with `fedclient index DIR`)")
     run.add_argument("--querier-key", default="", help="the querier public key this site trusts for searches "
                      "(the coordinator's querier.key.pub)")
     run.add_argument("--query-budget", type=int, default=None, help="encrypted queries the querier may ask in total "
-                     "(default 64: every answer reveals all scores, see the README's leakage note)")
+                     "(default 64, or the policy's search.query-budget: every answer reveals all scores, see the "
+                     "README's leakage note)")
     run.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's runtime API")
     run.add_argument("--home", default=".fedclient", help="FLWR_HOME of this SuperNode")
     run.add_argument("--max-retries", type=int, default=None, help="give up after N failed connection attempts")
     run.add_argument("--poll-interval", type=float, default=None,
                      help="shorten the SuperNode's fixed 3 s idle wait and 0.5 s reply poll to this many seconds "
-                     "(faster rounds, more PullMessages calls; see fedclient/fast_supernode.py); default: Flower's")
+                     "(faster rounds, more PullMessages calls; see fedclient/supernode_launcher.py); default: Flower's")
+    rules = sub.add_parser("policy", help="write or check this site's policy file",
+                           description="A site's policy (TOML) says what it accepts whatever the coordinator asks: "
+                           "tasks and strategies, required local DP and its limits, federated evaluation, encrypted "
+                           "search and its budgets, the largest example count it reports.")
+    rules_sub = rules.add_subparsers(dest="policy_command", required=True)
+    rules_sub.add_parser("init", help="write the commented default policy").add_argument("file")
+    rules_sub.add_parser("check", help="validate a policy and print what it decides").add_argument("file")
     build_index = sub.add_parser("index", help="build or update this site's vector store for encrypted search",
                                  description="Embed the documents in DIR (*.txt: one document per file, id = path; "
                                  "*.jsonl: objects with id and text) with MiniLM and keep the vectors in "
@@ -422,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         return keys(args.path, args.force)
     if args.command == "start":
         return start(args)
+    if args.command == "policy":
+        return policy_command(args.policy_command, args.file)
     if args.command == "check-data":
         return check_data(args.directory, args.task)
     return doctor(args.task, args.superlink, args.ca, args.key, args.data, args.time_server)

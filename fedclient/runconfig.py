@@ -57,19 +57,15 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "clip": 1.0,
     "dp-noise-multiplier": 0.0,
     "checkpoint-every": 1,
+    "keep-checkpoints": 3,
+    "max-site-weight": 0.5,
     "round-timeout": 3600.0,
     "store": "sqlite:///fedtune-runs.db",
     "run-name": "",
     "resume": "",
     "mode": "train",
-    "query": "",
-    "k": 10,
-    "he-backend": "auto",
-    "search-row-bound": 10000,
-    "search-identity": "",
-    "search-index-root": "",
-    "search-querier-key": "",
-    "query-budget": 64,
+    "search-request": "",
+    "fab-signature": "",
 }
 
 # Flower must not reach for the internet (telemetry, update checks, per-run `uv sync` of a

@@ -1,35 +1,39 @@
 """The site's side of encrypted search as Flower ``query.search`` messages (thin adapter over
 :mod:`privacy.vector_search`).
 
-Where the site keeps things (node config, set by ``fedclient start``): ``search-index`` = the
-directory indexed with ``fedclient index`` (the store, accepted key bundles, the query-budget
-ledger and the encoded-plaintext cache live in its ``.fedtune-index/``); ``search-querier-key`` =
-the querier public key (PEM) the site trusts; ``query-budget`` = queries that querier may ask.
-In simulation, site *i* uses ``<search-index-root>/site-<i>`` and the run config's key and budget.
+Everything comes from the site's own policy (:mod:`fedclient.policy`, ``[search]``) and node config,
+never from the run config: the document store (``search.index``, built with ``fedclient index``),
+the querier public key it trusts (``search.querier-key``) and the limits it grants each querier
+(queries, fetched ids, row bound, k). The search ledger and the accepted key bundles live in the
+site's state directory (``STATE/search/``; a simulated site without one uses its index directory);
+the encoded rows are cached in the index directory (``fedclient index`` writes them).
 
 A message carries a ConfigRecord ``search`` with ``kind`` = ``keys`` (a signed key bundle),
-``query`` (an encrypted query) or ``fetch`` (rows to resolve to document ids). Any refusal (unknown
-querier, bad signature, unknown or expired keys, empty store, spent budget) is a ``refusal`` reply
-naming the reason; nothing is computed for it.
+``query`` (an encrypted query) or ``fetch`` (rows of an answered query to resolve to document ids).
+Any refusal (unknown querier, bad signature, unknown or expired keys, empty store, spent budget, a
+limit of the policy) is a ``refusal`` reply naming the reason, never the site's data; nothing is
+computed for it. A query naming a key epoch the site lacks is refused with code
+``unknown-key-epoch`` so the querier sends the bundle and asks again.
 """
 
 from __future__ import annotations
 
 import pathlib
-from collections.abc import Mapping
-from typing import Any
+import sys
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
+from fedclient.policy import SitePolicy
 from fedclient.vector_store import INDEX_DIR, VectorStore, VectorStoreError
 from fedclient.wire import refusal_record
+from privacy.refusal import PolicyRefusal
 from privacy.vector_search import (
-    DEFAULT_QUERY_BUDGET,
     EncryptedQuery,
     FetchRequest,
-    QueryBudget,
     SearchError,
+    SearchLedger,
     SiteSearcher,
+    UnknownKeyEpoch,
     load_trusted_key,
 )
 
@@ -37,39 +41,31 @@ SEARCH = "search"
 REPLY = "search-reply"
 
 
-def _setting(name: str, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Any:
-    if name in node_config:
-        return node_config[name]
-    if name == "search-index" and run_config.get("search-index-root"):
-        return str(pathlib.Path(str(run_config["search-index-root"])) / f"site-{int(node_config['partition-id'])}")
-    return run_config.get(name, "")
-
-
-def site_searcher(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> SiteSearcher:
-    """This site's searcher from its settings; SearchError naming what is missing."""
-    directory = _setting("search-index", node_config, run_config)
-    key_file = _setting("search-querier-key", node_config, run_config)
-    if not directory:
-        raise SearchError("this site has no vector store: start it with --search-index DIR (built with `fedclient index DIR`)")
-    if not key_file:
-        raise SearchError("this site trusts no querier: start it with --querier-key FILE (the coordinator's querier.key.pub)")
-    store = VectorStore(str(directory))
+def site_searcher(policy: SitePolicy, state_dir: str | None) -> SiteSearcher:
+    """This site's searcher from its policy; PolicyRefusal or SearchError naming what is missing."""
+    search = policy.search
+    if not search.index:
+        raise PolicyRefusal("search.index", "this site offers no encrypted search")
+    if not search.querier_key:
+        raise PolicyRefusal("search.querier-key", "this site trusts no querier")
+    store = VectorStore(search.index)
     try:
         vectors, ids = store.load()
     except VectorStoreError as err:
-        raise SearchError(str(err)) from err
-    budget = int(_setting("query-budget", node_config, run_config) or DEFAULT_QUERY_BUDGET)
-    state = store.source / INDEX_DIR
-    return SiteSearcher(vectors, ids, [load_trusted_key(pathlib.Path(str(key_file)))],
-                        QueryBudget(state / "budget.json", budget), key_dir=state / "keys", cache_dir=state)
+        print(f"fedtune site: its vector store cannot be read: {err}", file=sys.stderr, flush=True)
+        raise SearchError("this site's vector store cannot be read (its log says why)") from None
+    state = pathlib.Path(state_dir) / "search" if state_dir else store.source / INDEX_DIR
+    return SiteSearcher(vectors, ids, [load_trusted_key(pathlib.Path(search.querier_key))],
+                        SearchLedger(state / "search-ledger.json", search.limits), key_dir=state / "keys",
+                        cache_dir=store.source / INDEX_DIR)
 
 
-def answer(msg: Message, node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Message:
+def answer(msg: Message, policy: SitePolicy, state_dir: str | None) -> Message:
     """Reply to one ``query.search`` message."""
     try:
         request = msg.content.config_records[SEARCH]
         kind = str(request["kind"])
-        searcher = site_searcher(node_config, run_config)
+        searcher = site_searcher(policy, state_dir)
         if kind == "keys":
             reply = {"key-id": searcher.accept_keys(bytes(request["bundle"]))}
         elif kind == "query":
@@ -82,6 +78,10 @@ def answer(msg: Message, node_config: Mapping[str, Any], run_config: Mapping[str
             reply = {"query-id": str(request["query-id"]), "ids": ids}
         else:
             raise SearchError(f"unknown search message kind '{kind}'")
+    except UnknownKeyEpoch as err:
+        return Message(refusal_record(f"search: {err}", code="unknown-key-epoch"), reply_to=msg)
+    except PolicyRefusal as err:
+        return Message(refusal_record(str(err)), reply_to=msg)
     except (SearchError, KeyError, TypeError, ValueError) as err:
         return Message(refusal_record(f"search: {err}"), reply_to=msg)
     return Message(RecordDict({REPLY: ConfigRecord(reply)}), reply_to=msg)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 import socket
 import sys
 from collections.abc import Mapping
@@ -59,26 +58,28 @@ def check_tls(superlink: str, ca: pathlib.Path, timeout: float = 5.0) -> str:
 
 def supernode_command(
     *, superlink: str, ca: pathlib.Path, key: pathlib.Path, node_config: Mapping[str, Any], runtime_port: int,
-    max_retries: int | None = None, poll_interval: float | None = None,
+    trusted_publisher: pathlib.Path, max_retries: int | None = None, poll_interval: float | None = None,
 ) -> list[str]:
-    """The ``flower-supernode`` command line for this site (validates the CA and key first).
-    ``poll_interval`` runs it through :mod:`fedclient.fast_supernode` with shorter fixed waits."""
+    """The command line of this site's SuperNode (validates the CA, the key and the publisher key
+    first): ``flower-supernode`` run through :mod:`fedclient.supernode_launcher`, which refuses every
+    app not signed by ``trusted_publisher`` and, with ``poll_interval``, shortens Flower's fixed waits."""
     if not ca.is_file():
         raise ValueError(f"no CA certificate at {ca}; the coordinator's operator gives you its ca.crt")
     check_private_key(key)
-    executable = pathlib.Path(sys.executable).parent / "flower-supernode"
+    from fedclient.app_trust import load_publisher
+
+    load_publisher(trusted_publisher)
+    if poll_interval is not None and not 0.01 <= poll_interval <= 3.0:
+        raise ValueError(f"--poll-interval must be in 0.01..3 s, got {poll_interval}")
     command = [
-        str(executable) if executable.exists() else (shutil.which("flower-supernode") or "flower-supernode"),
+        sys.executable, "-m", "fedclient.supernode_launcher", "--trusted-publisher", str(trusted_publisher.resolve()),
+        *(["--poll-interval", str(poll_interval)] if poll_interval is not None else []), "--",
         "--grpc-rere", "--superlink", superlink, "--root-certificates", str(ca.resolve()),
         "--auth-supernode-private-key", str(key.resolve()), "--port", str(runtime_port),
         "--node-config", node_config_text(node_config),
     ]
     if max_retries is not None:
         command += ["--max-retries", str(max_retries)]
-    if poll_interval is not None:
-        if not 0.01 <= poll_interval <= 3.0:
-            raise ValueError(f"--poll-interval must be in 0.01..3 s, got {poll_interval}")
-        command = [sys.executable, "-m", "fedclient.fast_supernode", str(poll_interval), *command[1:]]
     return command
 
 

@@ -35,9 +35,16 @@ REFUSAL = "refusal"
 budget would be exceeded); the run goes on without it."""
 
 
-def refusal_record(reason: str) -> RecordDict:
-    """The content of a reply that declines the task, saying why."""
-    return RecordDict({REFUSAL: ConfigRecord({"reason": reason})})
+def refusal_record(reason: str, code: str = "") -> RecordDict:
+    """The content of a reply that declines the task, saying why; ``code`` is a machine-readable
+    kind for refusals the coordinator can act on (e.g. ``unknown-key-epoch``: send the keys)."""
+    return RecordDict({REFUSAL: ConfigRecord({"reason": reason, **({"code": code} if code else {})})})
+
+
+def refusal_code(content: RecordDict) -> str:
+    """The ``code`` of a :func:`refusal_record` reply ("" if none or not a refusal)."""
+    record = content.get(REFUSAL) if REFUSAL in content else None
+    return str(record.get("code", "")) if isinstance(record, ConfigRecord) else ""
 
 
 def refusal_reason(content: RecordDict) -> str | None:

@@ -3,6 +3,8 @@ runs :class:`~fedserver.strategy.AlgorithmStrategy` for the configured number of
 
 from __future__ import annotations
 
+import os
+import pathlib
 import threading
 import traceback
 from collections.abc import Callable, Mapping
@@ -59,6 +61,7 @@ def run_federation(
         min_available_nodes=max(1, num_clients),
         round_timeout=float(config["round-timeout"]),
         checkpoint_every=int(config["checkpoint-every"]),
+        keep_checkpoints=int(config["keep-checkpoints"]),
         seed=int(config["seed"]),
         message_config=privacy,
     )
@@ -99,7 +102,7 @@ def run_federation(
         settings.message_config["run-id"] = run_id
     strategy = AlgorithmStrategy(
         algorithm, settings, store=store, run_id=run_id, central_evaluate=central_evaluate, observer=observer,
-        layers=layers,
+        layers=layers, enrolled=enrolled_names(store),
     )
     if stop_event is not None:
         strategy.stop_event = stop_event
@@ -122,6 +125,22 @@ def run_federation(
     else:
         store.finish_run(run_id, "completed")
     return ServerRun(run_id, store.url, strategy.state, strategy)
+
+
+def enrolled_names(store: RunStore) -> dict[int, str] | None:
+    """Node id -> enrolled site name from the store's registry (``fedserver enrol``); None where
+    nobody was enrolled (a simulation: sites name themselves)."""
+    return {int(row.node_id): row.name for row in store.enrolled_sites()} or None
+
+
+def coordinator_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with this coordinator's own store: a ServerApp started by a deployment's SuperLink
+    (``FEDTUNE_DEPLOYMENT``, set by ``fedserver start``) always uses that deployment's store, so no
+    path of the coordinator's has to travel in the run config that every site receives."""
+    config = dict(config)
+    if os.environ.get("FEDTUNE_DEPLOYMENT"):
+        config["store"] = f"sqlite:///{pathlib.Path(os.environ['FEDTUNE_DEPLOYMENT']).resolve() / 'store.db'}"
+    return config
 
 
 def _resume(store: RunStore, run_ref: str, config: Mapping[str, Any], algorithm: Algorithm, task: str,
@@ -159,7 +178,7 @@ def privacy_settings(config: Mapping[str, Any], algorithm: Algorithm) -> dict[st
         "clip": float(config["clip"]), "dp-noise-multiplier": float(config["dp-noise-multiplier"]),
         "dp-releases": int(config["num-server-rounds"]) * algorithm.releases_per_round,
     }
-    LdpSettings.resolve(settings, {})  # validates
+    LdpSettings.resolve(settings)  # validates
     return settings
 
 
@@ -176,11 +195,12 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        config = resolve_run_config(context.run_config, overrides)
+        config = coordinator_config(resolve_run_config(context.run_config, overrides))
         if str(config["mode"]) == "search":
             from fedserver.search import run_search
 
-            run_search(grid, config, min_sites=max(1, num_clients))
+            run_search(grid, config, names=enrolled_names(RunStore(str(config["store"]))),
+                       min_sites=max(1, num_clients))
             return
         if str(config["mode"]) != "train":
             raise ValueError(f"mode must be 'train' or 'search', got '{config['mode']}'")

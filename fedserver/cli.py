@@ -126,12 +126,12 @@ def search_command(args: argparse.Namespace) -> int:
 
 
 def console_command(args: argparse.Namespace) -> int:
-    import ipaddress
     import secrets
 
     import uvicorn
 
     from fedserver.console import create_app
+    from fedserver.console.app import LOOPBACK_HOSTS
     from fedserver.deployment import Deployment, DeploymentError
     from fedserver.store import StoreError
 
@@ -140,31 +140,26 @@ def console_command(args: argparse.Namespace) -> int:
         if args.directory:
             deployment = Deployment.load(args.directory)
         store_url = deployment.store_url if deployment else args.store
-        loopback = args.host in ("localhost",) or (_is_ip(args.host) and ipaddress.ip_address(args.host).is_loopback)
-        token = args.token
-        if not loopback and not token:
-            token = secrets.token_urlsafe(24)
-            console.print(f"[yellow]{args.host} is not a loopback address: the console requires a token[/]\n"
-                          f"  open http://{args.host}:{args.port}/?token={token}")
-        app = create_app(store_url, deployment=deployment, token=token,
+        token = args.token or secrets.token_urlsafe(24)
+        hosts = list(dict.fromkeys([args.host, *LOOPBACK_HOSTS, *args.allowed_host]))
+        tls = {}
+        if args.tls:
+            if deployment is None:
+                raise DeploymentError("--tls serves the deployment's certificate: give the deployment DIR")
+            tls = {"ssl_certfile": str(deployment.tls / "server.pem"), "ssl_keyfile": str(deployment.tls / "server.key")}
+        app = create_app(store_url, deployment=deployment, token=token, hosts=hosts,
                          log_dir=(deployment.directory if deployment else pathlib.Path.cwd()) / "console-logs")
     except (DeploymentError, StoreError, RuntimeError) as err:
         err_console.print(f"[red]error:[/] {err}")
         return 2
-    console.print(f"fedtune console on http://{args.host}:{args.port}/ over {store_url}"
+    scheme = "https" if tls else "http"
+    host = args.host if args.host != "0.0.0.0" else "127.0.0.1"
+    console.print(f"fedtune console on {scheme}://{host}:{args.port}/ over {store_url}"
                   + (f" (deployment {deployment.directory})" if deployment else " (runs start on the simulation engine)"))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    console.print(f"log in once with: {scheme}://{host}:{args.port}/login?token={token}\n"
+                  "  (API clients send 'Authorization: Bearer TOKEN'; the token is printed only here)", soft_wrap=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", **tls)
     return 0
-
-
-def _is_ip(text: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,12 +217,19 @@ def main(argv: list[str] | None = None) -> int:
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                          description="Serve the operator console. Given a deployment DIR it shows that deployment's "
                          "store and sites and starts runs on its SuperLink; without one it serves --store and starts "
-                         "runs on the simulation engine. Binds 127.0.0.1; any other --host needs a token (one is "
-                         "generated and printed if --token is not given).")
+                         "runs on the simulation engine. Binds 127.0.0.1. Every client needs the console's token "
+                         "(generated and printed once with a login URL unless --token is given); requests for other "
+                         "Host names are refused (DNS rebinding), and state-changing requests need the CSRF header "
+                         "the pages send.")
     web.add_argument("directory", nargs="?", default="", help="a deployment directory (from `fedserver init`)")
     web.add_argument("--host", default="127.0.0.1", help="address to bind")
     web.add_argument("--port", type=int, default=8080, help="port to bind")
-    web.add_argument("--token", default=None, help="token required from browsers and API clients")
+    web.add_argument("--token", default=None, help="token required from browsers and API clients (at least 16 "
+                     "characters; default: a random one, printed)")
+    web.add_argument("--allowed-host", action="append", default=[], help="another Host name clients use to reach "
+                     "the console (e.g. its DNS name behind a proxy); repeatable")
+    web.add_argument("--tls", action="store_true", help="serve HTTPS with the deployment's server certificate "
+                     "(DIR/tls/server.pem; browsers trust DIR/tls/ca.crt)")
     args = parser.parse_args(argv)
     if args.command == "console":
         return console_command(args)

@@ -6,7 +6,11 @@
     DIR/tls/                the CA (ca.crt: give it to every site) and the server certificate
     DIR/flwr-home/          FLWR_HOME for the SuperLink and for Flower's CLI (config.toml names
                             the connection "fedtune", with the CA as root certificate)
-    DIR/store.db            the run store (SQLite)
+    DIR/store.db            the run store (SQLite, 0600), enrolled sites included
+    DIR/publisher.key       the Ed25519 key that signs every app submitted (0600); sites pin
+                            publisher.key.pub (``fedclient start --trusted-publisher``)
+    DIR/querier.key         the encrypted-search querier identity (0600); sites trust querier.key.pub
+    DIR/apps/               the code-only app packages ``fedserver run`` staged
     DIR/logs/               SuperLink log; DIR/superlink.pid its process
 
 Everything else wraps Flower's own commands (``flower-superlink``, ``flwr supernode register``,
@@ -33,6 +37,8 @@ from typing import Any
 from fedclient.keys import fingerprint
 from fedclient.runconfig import QUIET_ENVIRONMENT
 from fedserver.pki import create_tls
+from privacy.signing import load_or_create_private_key
+from privacy.vector_search import SearchError
 
 CONNECTION = "fedtune"
 
@@ -114,6 +120,10 @@ def init(directory: pathlib.Path, hosts: Sequence[str], fleet_port: int = 9092, 
     from privacy.vector_search import QuerierIdentity
 
     QuerierIdentity.load_or_create(directory / "querier.key")  # encrypted search; sites trust querier.key.pub
+    load_or_create_private_key(directory / "publisher.key")  # signs the apps; sites pin publisher.key.pub
+    from fedserver.store import RunStore
+
+    RunStore(deployment.store_url)  # created now, owner-only
     deployment.flwr_home.mkdir(exist_ok=True)
     (deployment.flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
@@ -164,8 +174,11 @@ def start(deployment: Deployment, wait: float = 60.0) -> int:
         "--database", str((deployment.flwr_home / "superlink-state.db").resolve()),
     ]
     deployment.log_file.parent.mkdir(exist_ok=True)
+    # the ServerApps this SuperLink spawns find their deployment (store, registry, querier keys) here,
+    # so none of the coordinator's paths has to travel in a run config every site receives
+    env = {**environment(deployment.flwr_home), "FEDTUNE_DEPLOYMENT": str(deployment.directory)}
     with open(deployment.log_file, "ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment(deployment.flwr_home),
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True, cwd=deployment.directory)
     deployment.pid_file.write_text(str(process.pid))
     deadline = time.monotonic() + wait
@@ -250,27 +263,37 @@ def _json_reply(result: subprocess.CompletedProcess, what: str) -> dict[str, Any
 
 
 def enrol(deployment: Deployment, site: str, public_key: pathlib.Path) -> int:
-    """Register a site's public key with the SuperLink (``flwr supernode register``); its node id."""
+    """Register a site's public key with the SuperLink (``flwr supernode register``) and bind the
+    site's name to that key and the node id Flower gave it, in the run store; returns the node id.
+    From then on the coordinator names that node by its key, whatever the node calls itself."""
+    from fedserver.store import RunStore, StoreError
+
     if not public_key.is_file():
         raise DeploymentError(f"no public key at {public_key}; the site creates it with `fedclient keys`")
     if not public_key.read_text().startswith("ecdsa-sha2-nistp"):
         raise DeploymentError(f"{public_key} is not an OpenSSH ECDSA public key (Flower's node auth needs one)")
+    if not site or len(site) > 100 or not all(c.isalnum() or c in "-_." for c in site):
+        raise DeploymentError(f"site name '{site}' must be 1-100 letters, digits, '-', '_' or '.'")
     sites = enrolled_sites(deployment)
     if site in sites:
         raise DeploymentError(f"a site named '{site}' is already enrolled (node {sites[site]['node-id']})")
     result = flwr_cli(deployment, "supernode", "register", str(public_key.resolve()), CONNECTION,
                       "--name", site, "--format", "json")
     node_id = int(_json_reply(result, f"registering {site}")["node-id"])
-    sites[site] = {"node-id": str(node_id), "fingerprint": fingerprint(public_key),
-                   "enrolled-at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (deployment.directory / "sites.json").write_text(json.dumps(sites, indent=2))
+    try:
+        RunStore(deployment.store_url).enrol_site(site, node_id, fingerprint(public_key), public_key.read_text().strip())
+    except StoreError as err:
+        raise DeploymentError(str(err)) from err
     return node_id
 
 
 def enrolled_sites(deployment: Deployment) -> dict[str, dict[str, str]]:
     """Sites enrolled through ``fedserver enrol``: name → node id, key fingerprint, date."""
-    path = deployment.directory / "sites.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    from fedserver.store import RunStore
+
+    return {row.name: {"node-id": row.node_id, "fingerprint": row.fingerprint,
+                       "enrolled-at": row.enrolled_at.strftime("%Y-%m-%dT%H:%M:%SZ")}
+            for row in RunStore(deployment.store_url).enrolled_sites()}
 
 
 def status(deployment: Deployment) -> dict[str, Any]:
@@ -283,15 +306,6 @@ def status(deployment: Deployment) -> dict[str, Any]:
         name, key = names.get(str(node.get("node-id")), ("", ""))
         listed.append({**node, "site": name, "fingerprint": key})
     return {"runs": runs.get("runs", []), "nodes": listed}
-
-
-def app_directory() -> pathlib.Path:
-    """The fedtune Flower App (the source tree holding pyproject.toml's [tool.flwr.app])."""
-    root = pathlib.Path(__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file():
-        raise DeploymentError("`fedserver run` submits the fedtune source tree as the Flower App; "
-                              "run it from a checkout of fedtune")
-    return root
 
 
 def run_config_text(config: Mapping[str, Any]) -> str:
@@ -309,42 +323,47 @@ def run_config_text(config: Mapping[str, Any]) -> str:
 
 def submit(deployment: Deployment, config: Mapping[str, Any], *, stream: bool = True,
            timeout: float | None = None) -> subprocess.CompletedProcess:
-    """``flwr run`` the fedtune app on this deployment with ``config`` (store = the deployment's)."""
+    """``flwr run`` the fedtune app on this deployment with ``config`` (the ServerApp uses the
+    deployment's store: :func:`fedserver.app.coordinator_config`)."""
     command = run_command(deployment, config) + (["--stream"] if stream else [])
     return subprocess.run(command, env=environment(deployment.flwr_home), cwd=deployment.directory,
                           timeout=timeout, text=True, capture_output=True, check=False)
 
 
 def run_command(deployment: Deployment, config: Mapping[str, Any]) -> list[str]:
-    """The ``flwr run`` command line submitting the fedtune app with ``config`` and this deployment's store."""
-    return [flower_command("flwr"), "run", str(app_directory()), CONNECTION,
-            "--run-config", run_config_text({"store": deployment.store_url, **config})]
+    """The ``flwr run`` command line submitting the fedtune app (code only, staged in ``DIR/apps``)
+    with ``config`` and the publisher's signature over the app's FAB hash (``fab-signature``)."""
+    from fedclient.app_trust import SIGNATURE_KEY
+    from fedserver.app_package import signed_app
+
+    if "store" in config or SIGNATURE_KEY in config:
+        raise DeploymentError("a deployment's runs use its own store and signature; drop 'store' and "
+                              f"'{SIGNATURE_KEY}' from the run config")
+    app, _, signature = signed_app(deployment.directory / "apps", deployment.directory / "publisher.key")
+    return [flower_command("flwr"), "run", str(app), CONNECTION,
+            "--run-config", run_config_text({**config, SIGNATURE_KEY: signature})]
 
 
 def search(deployment: Deployment, query: str, *, k: int = 10, backend: str = "auto",
            row_bound: int = 10_000, timeout: float = 900) -> dict[str, Any]:
-    """One encrypted top-k query across this deployment's sites (a ``flwr run`` in search mode);
-    returns the hits and the sites' refusals as the run store recorded them. The console calls this."""
-    from privacy.vector_search import QuerierIdentity, SearchError
+    """One encrypted top-k query across this deployment's sites; returns the hits and the sites'
+    refusals as the run store recorded them. The console calls this.
 
-    if not query.strip():
-        raise SearchError("the query is empty")
-    if not 1 <= k <= 1000:
-        raise SearchError(f"k must be in 1..1000, got {k}")
-    identity = deployment.directory / "querier.key"
-    QuerierIdentity.load_or_create(identity)  # sites trust identity.pub (fedclient start --querier-key)
+    The query is embedded, encrypted and signed here (:func:`fedserver.search.prepare_search`); the
+    ``flwr run`` that answers it names only the stored request's id."""
+    from fedserver.search import prepare_search
     from fedserver.store import RunStore
 
-    store = RunStore(deployment.store_url)
-    before = {row.id for row in store.searches()}
-    config = {"mode": "search", "query": query.replace('"', "'"), "k": k, "he-backend": backend,
-              "search-row-bound": row_bound, "search-identity": str(identity.resolve())}
-    result = submit(deployment, config, stream=True, timeout=timeout)
-    rows = [row for row in store.searches() if row.id not in before]
+    started = time.perf_counter()
+    store = RunStore(deployment.store_url)  # DIR/store.db: the querier's keys are in DIR too
+    request_id, new_epoch = prepare_search(store, query, k=k, backend=backend, row_bound=row_bound)
+    result = submit(deployment, {"mode": "search", "search-request": request_id}, stream=True, timeout=timeout)
+    rows = store.searches(request_id)
     if result.returncode != 0 or not rows:
         tail = (result.stderr or result.stdout)[-2000:]
         raise SearchError(f"the search run failed (exit {result.returncode}):\n{tail}")
     hits = sorted((h for row in rows for h in row.hits), key=lambda h: -h["score"])
-    return {"query_id": rows[0].query_id, "hits": hits,
+    return {"query_id": request_id, "hits": hits, "new_key_epoch": new_epoch,
             "refusals": {row.site: row.status for row in rows if row.status != "ok"},
-            "bytes_up": rows[0].bytes_up, "bytes_down": rows[0].bytes_down, "seconds": rows[0].seconds}
+            "bytes_up": rows[0].bytes_up, "bytes_down": rows[0].bytes_down, "seconds": rows[0].seconds,
+            "wall_seconds": time.perf_counter() - started}

@@ -9,7 +9,8 @@ leaves half a round behind.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
+import os
+import pathlib
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -128,8 +129,34 @@ class RunRequestRow(Base):
     requested_by: Mapped[str] = mapped_column(String(200), default="")
 
 
+class SearchRequestRow(Base):
+    """An encrypted query waiting for its search run: the querier (``fedserver search``) writes it,
+    the ServerApp takes it (and deletes it). It holds the ciphertext and a keyed hash of the text,
+    never the text or its embedding; the run config names only the request id."""
+
+    __tablename__ = "search_requests"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column()
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class EnrolledSiteRow(Base):
+    """A site the operator enrolled (``fedserver enrol``): its name is bound to the public key Flower
+    registered and to the node id that key was given, so the coordinator names a node by its key,
+    never by what the node says of itself."""
+
+    __tablename__ = "enrolled_sites"
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(24), unique=True)
+    fingerprint: Mapped[str] = mapped_column(String(100))
+    public_key: Mapped[str] = mapped_column(Text)
+    enrolled_at: Mapped[dt.datetime] = mapped_column()
+
+
 class SearchRow(Base):
-    """One site's part in one encrypted search query (the query text is kept only as a hash)."""
+    """One site's part in one encrypted search query. The query text is kept only as a keyed hash
+    (HMAC-SHA256 under the deployment's secret search salt, in ``text_sha256``): whoever holds the
+    salt can check whether a given text was asked; a reader of the store alone cannot."""
 
     __tablename__ = "searches"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -206,6 +233,7 @@ class RunStore:
         except Exception as err:  # SQLAlchemy raises several types for bad URLs/drivers
             raise StoreError(f"cannot open store '{url}': {err}") from err
         if self.engine.dialect.name == "sqlite":
+            _owner_only(self.engine.url.database)
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.url = url
         self._session = sessionmaker(self.engine, expire_on_commit=False)
@@ -285,8 +313,10 @@ class RunStore:
                     )
                 )
 
-    def save_checkpoint(self, run_id: str, server_round: int, state: Mapping[str, torch.Tensor]) -> str:
-        """Store the global state after ``server_round`` as safetensors; return its checksum."""
+    def save_checkpoint(self, run_id: str, server_round: int, state: Mapping[str, torch.Tensor],
+                        keep: int = 0) -> str:
+        """Store the global state after ``server_round`` as safetensors; return its checksum.
+        ``keep`` > 0 deletes the run's older checkpoints beyond the latest ``keep``."""
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
         blob = save(tensors, metadata={"run": run_id, "round": str(server_round)})
         checksum = state_hash(tensors)
@@ -296,6 +326,11 @@ class RunStore:
                     run_id=run_id, round=server_round, created_at=now(), sha256=checksum, num_bytes=len(blob), data=blob
                 )
             )
+            if keep > 0:
+                kept = select(CheckpointRow.round).where(CheckpointRow.run_id == run_id) \
+                    .order_by(CheckpointRow.round.desc()).limit(keep)
+                session.execute(delete(CheckpointRow).where(CheckpointRow.run_id == run_id,
+                                                            CheckpointRow.round.not_in(kept)))
         return checksum
 
     def record_initial(self, run_id: str, metrics: Mapping[str, float]) -> None:
@@ -313,10 +348,11 @@ class RunStore:
                 raise StoreError(f"no run '{run_id}' in {self.url}")
             run.status, run.error, run.finished_at = status, error, now()
 
-    def record_search(self, *, query_id: str, querier: str, text: str, k: int, sites: Mapping[str, str],
+    def record_search(self, *, query_id: str, querier: str, text_digest: str, k: int, sites: Mapping[str, str],
                       hits: list[dict[str, Any]], bytes_up: int, bytes_down: int, seconds: float) -> None:
-        """One encrypted query: a row per site with its status and its share of the hits."""
-        digest = hashlib.sha256(text.encode()).hexdigest()
+        """One encrypted query: a row per site with its status and its share of the hits.
+        ``text_digest`` is the querier's keyed hash of the text (the store never sees the text)."""
+        digest = text_digest
         with self._session.begin() as session:
             for site, status in sites.items():
                 session.add(SearchRow(query_id=query_id, querier=querier, text_sha256=digest, k=k, site=site,
@@ -330,6 +366,32 @@ class RunStore:
         with self._session() as session:
             return list(session.scalars(query.order_by(SearchRow.id)))
 
+    def add_search_request(self, request_id: str, payload: bytes) -> None:
+        with self._session.begin() as session:
+            session.add(SearchRequestRow(id=request_id, created_at=now(), payload=payload))
+
+    def take_search_request(self, request_id: str) -> bytes:
+        """The payload of a waiting search request, deleted as it is read (a request runs once)."""
+        with self._session.begin() as session:
+            row = session.get(SearchRequestRow, request_id)
+            if row is None:
+                raise StoreError(f"no search request '{request_id}' in {self.url} (each request runs once)")
+            payload = bytes(row.payload)
+            session.delete(row)
+        return payload
+
+    # ---- enrolled sites ----------------------------------------------------------------------
+    def enrol_site(self, name: str, node_id: int, fingerprint: str, public_key: str) -> None:
+        with self._session.begin() as session:
+            if session.get(EnrolledSiteRow, name) is not None:
+                raise StoreError(f"a site named '{name}' is already enrolled")
+            session.add(EnrolledSiteRow(name=name, node_id=str(node_id), fingerprint=fingerprint,
+                                        public_key=public_key, enrolled_at=now()))
+
+    def enrolled_sites(self) -> list[EnrolledSiteRow]:
+        with self._session() as session:
+            return list(session.scalars(select(EnrolledSiteRow).order_by(EnrolledSiteRow.name)))
+
     def annotate_run(self, run_id: str, values: Mapping[str, Any]) -> None:
         """Add ``values`` to a run's stored config (e.g. the Flower run id that now executes it)."""
         with self._session.begin() as session:
@@ -338,10 +400,10 @@ class RunStore:
                 raise StoreError(f"no run '{run_id}' in {self.url}")
             run.config = {**run.config, **values}
 
-    def request_stop(self, run_ref: str, requested_by: str = "") -> RunRow:
+    def request_stop(self, run_ref: str, requested_by: str = "", exact: bool = False) -> RunRow:
         """Ask a running run to stop; its coordinator ends it within about a second of its next wait,
         keeping every finished round. Refused for a run that is not running."""
-        run = self.get_run(run_ref)
+        run = self.get_run(run_ref, exact=exact)
         if run.status != "running":
             raise StoreError(f"run '{run.id}' is {run.status}, not running; nothing to stop")
         with self._session.begin() as session:
@@ -387,12 +449,15 @@ class RunStore:
         with self._session() as session:
             return list(session.scalars(select(RunRow).order_by(RunRow.created_at.desc())))
 
-    def get_run(self, run_ref: str) -> RunRow:
-        """A run by id, unique id prefix or name."""
+    def get_run(self, run_ref: str, exact: bool = False) -> RunRow:
+        """A run by id, unique id prefix or name (``exact``: by its whole id only, as the console
+        and anything else acting on a run for someone else must)."""
         with self._session() as session:
             run = session.get(RunRow, run_ref)
             if run is not None:
                 return run
+            if exact:
+                raise StoreError(f"no run with id '{run_ref}' in {self.url}")
             matches = list(
                 session.scalars(select(RunRow).where((RunRow.id.startswith(run_ref)) | (RunRow.name == run_ref)))
             )
@@ -446,6 +511,23 @@ class RunStore:
                 table.__tablename__: session.scalar(select(func.count()).select_from(table)) or 0
                 for table in (RunRow, RoundRow, ClientRoundRow, CheckpointRow)
             }
+
+
+def _owner_only(database: str | None) -> None:
+    """Create an SQLite store file with mode 0600 (its -wal/-shm files follow the file's mode), or
+    tighten an existing one the current user owns: checkpoints and per-site records are private."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    path = pathlib.Path(database)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+    os.close(descriptor)
+    for sibling in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if sibling.stat().st_uid == os.getuid() and sibling.stat().st_mode & 0o077:
+                os.chmod(sibling, 0o600)
+        except FileNotFoundError:
+            pass
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
@@ -81,6 +82,7 @@ class StrategySettings:
     round_timeout: float = 3600.0
     wait_for_nodes: float = 120.0
     checkpoint_every: int = 1
+    keep_checkpoints: int = 3  # per run, the latest ones (0: all)
     seed: int = 0
     message_config: dict[str, Any] = field(default_factory=dict)
     """Run-wide settings every message carries (e.g. the local-DP settings sites apply)."""
@@ -96,6 +98,8 @@ class StrategySettings:
             raise ValueError(f"min-train-nodes must be at least 1, got {self.min_train_nodes}")
         if self.round_timeout <= 0:
             raise ValueError(f"round-timeout must be positive, got {self.round_timeout}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"keep-checkpoints must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
 
 
 @dataclass(frozen=True)
@@ -147,8 +151,10 @@ class AlgorithmStrategy(Strategy):
         central_evaluate: CentralEvaluate | None = None,
         observer: RoundObserver | None = None,
         layers: Mapping[str, Sequence[str]] | None = None,
+        enrolled: Mapping[int, str] | None = None,
     ) -> None:
         self.algorithm = algorithm
+        self.enrolled = dict(enrolled) if enrolled is not None else None  # node id -> enrolled site name
         self.layers = dict(layers) if layers else None
         self.settings = settings or StrategySettings()
         self.store = store
@@ -194,18 +200,24 @@ class AlgorithmStrategy(Strategy):
         queries = [Message(RecordDict(), dst_node_id=n, message_type="query.identify") for n in unknown]
         names: dict[int, str] = {}
         devices: dict[int, str] = {}
+        refused_app: dict[int, str] = {}
         deadline = time.monotonic() + min(self.settings.round_timeout, self.settings.wait_for_nodes)
-        pending = set(grid.push_messages(queries))
+        message_ids = list(grid.push_messages(queries))
+        asked = dict(zip(message_ids, unknown, strict=True))
+        pending = set(message_ids)
         while pending and time.monotonic() < deadline:
             for reply in grid.pull_messages(pending):
                 pending.discard(reply.metadata.reply_to_message_id)
+                if reply.has_error() and reply.error.code == ErrorCode.INVALID_FAB:
+                    refused_app[asked[reply.metadata.reply_to_message_id]] = reply.error.reason
                 if reply.has_content() and "site" in reply.content.config_records:
                     names[reply.metadata.src_node_id] = str(reply.content["site"].get("name", ""))
                     devices[reply.metadata.src_node_id] = str(reply.content["site"].get("device", ""))[:200]
             if pending:
                 self._pause(0.05)
         for node_id in unknown:
-            name = names.get(node_id) or f"node-{node_id}"
+            name, refusal = self._name(node_id, names.get(node_id, ""))
+            refusal = refusal or refused_app.get(node_id)
             client_id = stable_client_id(name)
             if client_id in self._by_client:
                 log(WARNING, "two clients call themselves '%s'; node %s keeps its node id", name, node_id)
@@ -213,6 +225,23 @@ class AlgorithmStrategy(Strategy):
             site = Site(node_id, client_id, name, devices.get(node_id, ""))
             self._sites[node_id] = site
             self._by_client[client_id] = site
+            if refusal:
+                self.retired[client_id] = refusal
+                log(WARNING, "%s is not used: %s", _who(site), refusal)
+
+    def _name(self, node_id: int, claimed: str) -> tuple[str, str | None]:
+        """A node's site name and, if it must not take part, why. With an enrolment registry (a
+        deployment) the name is the one enrolled with the node's key: a node that claims another
+        name, or whose key nobody enrolled, is refused. Without one (simulation) it is the name the
+        node gives, else ``node-<id>``."""
+        if self.enrolled is None:
+            return claimed or f"node-{node_id}", None
+        enrolled = self.enrolled.get(node_id)
+        if enrolled is None:
+            return f"node-{node_id}", "its key is not enrolled with this coordinator (`fedserver enrol`)"
+        if claimed and claimed != enrolled:
+            return enrolled, f"it claims to be '{claimed}' but its key is enrolled as '{enrolled}'"
+        return enrolled, None
 
     def _sample(self, grid: Grid, server_round: int, fraction: float, phase: str) -> list[Site]:
         deadline = time.monotonic() + self.settings.wait_for_nodes
@@ -269,6 +298,11 @@ class AlgorithmStrategy(Strategy):
         site = self._sites[self._recipients.pop(message.metadata.reply_to_message_id, message.metadata.src_node_id)]
         record = self._ledger.client(phase, site)
         record.bytes_up = message_wire_bytes(message)
+        if message.has_error() and message.error.code == ErrorCode.INVALID_FAB:  # the site will not run this app
+            record.status, record.error = "refused", f"{_who(site)}: {message.error.reason}"
+            self.retired[site.client_id] = message.error.reason
+            log(WARNING, "%s refused the app and will not be asked again: %s", _who(site), message.error.reason)
+            return site, None
         if message.has_error():
             record.status, record.error = "failed", f"{_who(site)}: {message.error.code}: {message.error.reason}"
             log(WARNING, "%s failed: %s", _who(site), record.error)
@@ -504,7 +538,8 @@ class AlgorithmStrategy(Strategy):
                 self.store.record_round(self.run_id, record)
                 every = self.settings.checkpoint_every
                 if every > 0 and (server_round % every == 0 or server_round == num_rounds):
-                    self.store.save_checkpoint(self.run_id, server_round, self.state)
+                    self.store.save_checkpoint(self.run_id, server_round, self.state,
+                                               keep=self.settings.keep_checkpoints)
             log(INFO, "round %d/%d: %s, %.1f s, %.2f MB down, %.2f MB up", server_round, num_rounds,
                 _fmt({**central, "train-loss": record.train_loss or float("nan")}), record.seconds,
                 record.bytes_down / 1e6, record.bytes_up / 1e6)

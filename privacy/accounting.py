@@ -21,17 +21,19 @@ parameter relative to that). The ledger refuses a release that would take the si
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import pathlib
-import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+from privacy.state_file import locked
 
 if TYPE_CHECKING:  # dp-accounting (and the SciPy it loads) costs ~1 s: imported where it is used, so
     # a ClientApp process, started anew for every message, pays for it only when privacy is on
@@ -212,10 +214,13 @@ class LedgerEntry:
 
 @dataclass
 class PrivacyLedger:
-    """A site's releases and its budget; refuses a release that would exceed the budget.
+    """A site's releases and its lifetime budget; refuses a release that would exceed that budget
+    or the budget of the run it belongs to.
 
-    Lives in the site's client state for a run and, when the site names a file
-    (``--node-config dp-ledger=PATH``), in that file across runs (written atomically).
+    ``budget`` and ``delta`` are the site's lifetime ε at δ (from its own policy). Each entry names
+    the run it was spent in, so a run's own spending can be capped too. Persisted by
+    :class:`LedgerFile` (the site's state directory) or, in simulation without one, kept in the
+    client state (:class:`StateLedger`).
     """
 
     budget: float
@@ -232,24 +237,44 @@ class PrivacyLedger:
     def releases(self) -> list[Release]:
         return [e.release for e in self.entries]
 
+    def run_releases(self, run: str) -> list[Release]:
+        return [e.release for e in self.entries if e.run == run]
+
     def spent(self) -> float:
-        """ε spent so far at the ledger's δ."""
+        """Lifetime ε spent so far at the ledger's δ."""
         return epsilon(self.releases, self.delta)
 
     def spent_after(self, new: Sequence[Release]) -> float:
         return epsilon([*self.releases, *new], self.delta)
 
-    def charge(self, server_round: int, run: str, new: Sequence[Release]) -> float:
-        """Record ``new`` and return ε spent after it; PrivacyBudgetExceeded (recording nothing)
-        if that would exceed the budget."""
+    def spent_in_run(self, run: str, delta: float | None = None) -> float:
+        """ε spent by ``run`` alone, at ``delta`` (default: the ledger's)."""
+        return epsilon(self.run_releases(run), delta or self.delta)
+
+    def check(self, run: str, new: Sequence[Release], run_budget: float = math.inf,
+              run_delta: float | None = None) -> None:
+        """PrivacyBudgetExceeded unless ``new`` fits both the lifetime budget and ``run``'s."""
         after = self.spent_after(new)
         if after > self.budget:
             raise PrivacyBudgetExceeded(
-                f"this release would bring ε to {after:.3f} > budget {self.budget:g} at δ = {self.delta:g} "
-                f"(spent so far: {self.spent():.3f})"
+                f"this release would bring the site's lifetime ε to {after:.3f} > its budget {self.budget:g} "
+                f"at δ = {self.delta:g} (spent so far: {self.spent():.3f})"
             )
+        if math.isfinite(run_budget):
+            in_run = epsilon([*self.run_releases(run), *new], run_delta or self.delta)
+            if in_run > run_budget:
+                raise PrivacyBudgetExceeded(
+                    f"this release would bring this run's ε to {in_run:.3f} > budget {run_budget:g} at "
+                    f"δ = {run_delta or self.delta:g} (spent in this run: {self.spent_in_run(run, run_delta):.3f})"
+                )
+
+    def charge(self, server_round: int, run: str, new: Sequence[Release], run_budget: float = math.inf,
+               run_delta: float | None = None) -> float:
+        """Record ``new`` and return the lifetime ε spent after it; PrivacyBudgetExceeded
+        (recording nothing) if that would exceed the lifetime budget or the run's."""
+        self.check(run, new, run_budget, run_delta)
         self.entries.extend(LedgerEntry(server_round, run, r) for r in new)
-        return after
+        return self.spent()
 
     # ---- persistence -------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -257,45 +282,68 @@ class PrivacyLedger:
                            "entries": [{"round": e.round, "run": e.run, **asdict(e.release)} for e in self.entries]})
 
     @classmethod
-    def from_json(cls, text: str, *, budget: float | None = None, delta: float | None = None) -> PrivacyLedger:
-        """A ledger from :meth:`to_json`; ``budget``/``delta`` may tighten (never loosen) the stored ones."""
+    def from_json(cls, text: str, *, budget: float, delta: float) -> PrivacyLedger:
+        """The entries of :meth:`to_json` under ``budget`` at ``delta`` (the site's policy decides
+        both; the figures stored with the entries are only a record of what applied then)."""
         data = json.loads(text)
-        stored_budget, stored_delta = float(data["budget"]), float(data["delta"])
         entries = [LedgerEntry(int(e["round"]), str(e["run"]), Release(e["mechanism"], float(e["parameter"]),
                                                                         int(e["count"]))) for e in data["entries"]]
-        return cls(min(stored_budget, budget) if budget else stored_budget,
-                   min(stored_delta, delta) if delta else stored_delta, entries)
+        return cls(budget, delta, entries)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the ledger to ``path`` atomically (a crash leaves the old file or the new one)."""
-        target = pathlib.Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=target.parent, delete=False, suffix=".tmp") as tmp:
-            tmp.write(self.to_json())
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, target)
 
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, budget: float, delta: float) -> PrivacyLedger:
-        target = pathlib.Path(path)
-        if not target.exists():
-            return cls(budget, delta)
-        try:
-            return cls.from_json(target.read_text(), budget=budget, delta=delta)
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"privacy ledger {target} is unreadable ({err}); fix or move it, never delete it "
-                             "silently: it is the record of what this site has spent") from err
+class LedgerStore(Protocol):
+    """Where a site's ledger lives; every change happens inside :meth:`transaction`."""
 
-    def to_state(self) -> dict[str, Any]:
-        return {LEDGER_STATE: self.to_json()}
+    def transaction(self) -> contextlib.AbstractContextManager[PrivacyLedger]: ...
 
-    @classmethod
-    def from_state(cls, state: Mapping[str, Any], budget: float, delta: float) -> PrivacyLedger:
-        if LEDGER_STATE in state:
-            return cls.from_json(str(state[LEDGER_STATE]), budget=budget, delta=delta)
-        return cls(budget, delta)
+
+class LedgerFile:
+    """A site's ledger in a file of its state directory, across runs and restarts.
+
+    Every read-modify-write holds the file's exclusive lock, and writes are atomic and fsync'd
+    (:mod:`privacy.state_file`): two ClientApp processes charging at once both count, and a process
+    killed mid-write leaves the last committed ledger, never an older one.
+    """
+
+    def __init__(self, path: str | os.PathLike, budget: float, delta: float) -> None:
+        self.path = pathlib.Path(path)
+        self.budget, self.delta = budget, delta
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[PrivacyLedger]:
+        with locked(self.path) as state:
+            text = state.read_text()
+            try:
+                ledger = (PrivacyLedger.from_json(text, budget=self.budget, delta=self.delta) if text
+                          else PrivacyLedger(self.budget, self.delta))
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"privacy ledger {self.path} is unreadable ({err}); fix or move it, never delete it "
+                                 "silently: it is the record of what this site has spent") from err
+            count = len(ledger.entries)
+            yield ledger
+            if len(ledger.entries) != count:
+                state.write_text(ledger.to_json())
+
+    def read(self) -> PrivacyLedger:
+        with self.transaction() as ledger:
+            return ledger
+
+
+class StateLedger:
+    """The ledger in a client-state mapping (Flower's ``Context.state``): the fallback for
+    simulations that give the virtual sites no state directory. It lasts one run."""
+
+    def __init__(self, client_state: dict[str, Any], budget: float, delta: float) -> None:
+        self.client_state, self.budget, self.delta = client_state, budget, delta
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[PrivacyLedger]:
+        text = self.client_state.get(LEDGER_STATE)
+        ledger = (PrivacyLedger.from_json(str(text), budget=self.budget, delta=self.delta) if text
+                  else PrivacyLedger(self.budget, self.delta))
+        yield ledger
+        self.client_state[LEDGER_STATE] = ledger.to_json()
 
 
 LEDGER_STATE = "dp.ledger"
-"""Client-state key of the site's ledger (JSON) within a run."""
+"""Client-state key of the site's ledger (JSON) when it has no state directory."""

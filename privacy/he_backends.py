@@ -116,6 +116,15 @@ class CkksBackend(ABC):
         """What a site needs: context, public key, rotation (Galois) keys. Never the secret key."""
 
     @abstractmethod
+    def dump_private(self, private: Any) -> dict[str, bytes]:
+        """The querier's own context (secret key included) as bytes, to keep a key epoch across
+        searches in a file only the querier can read. Never sent anywhere."""
+
+    @abstractmethod
+    def load_private(self, parts: dict[str, bytes]) -> Any:
+        """The inverse of :meth:`dump_private`."""
+
+    @abstractmethod
     def encrypt_query(self, private: Any, query: np.ndarray) -> bytes: ...
 
     @abstractmethod
@@ -181,6 +190,22 @@ class PyfhelBackend(CkksBackend):
     def public_parts(self, private: Any) -> dict[str, bytes]:
         return {"context": private.to_bytes_context(), "public_key": private.to_bytes_public_key(),
                 "rotation_keys": private.to_bytes_rotate_key(compr_mode="none")}
+
+    def dump_private(self, private: Any) -> dict[str, bytes]:
+        return {"context": private.to_bytes_context(), "public_key": private.to_bytes_public_key(),
+                "secret_key": private.to_bytes_secret_key()}
+
+    def load_private(self, parts: dict[str, bytes]) -> Any:
+        from Pyfhel import Pyfhel
+
+        he = Pyfhel()
+        try:
+            he.from_bytes_context(parts["context"])
+            he.from_bytes_public_key(parts["public_key"])
+            he.from_bytes_secret_key(parts["secret_key"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise BackendError(f"cannot load the querier's key epoch ({err})") from err
+        return he
 
     def encrypt_query(self, private: Any, query: np.ndarray) -> bytes:
         p = self.params
@@ -289,6 +314,18 @@ class TensealBackend(CkksBackend):
         public.make_context_public()
         return {"context": public.serialize(save_public_key=True, save_secret_key=False, save_galois_keys=True,
                                             save_relin_keys=False)}
+
+    def dump_private(self, private: Any) -> dict[str, bytes]:
+        return {"context": private.serialize(save_public_key=True, save_secret_key=True, save_galois_keys=False,
+                                             save_relin_keys=False)}
+
+    def load_private(self, parts: dict[str, bytes]) -> Any:
+        import tenseal as ts
+
+        try:
+            return ts.context_from(parts["context"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as err:
+            raise BackendError(f"cannot load the querier's key epoch ({err})") from err
 
     def encrypt_query(self, private: Any, query: np.ndarray) -> bytes:
         import tenseal as ts

@@ -52,23 +52,59 @@ from aggregators.selective_layer import BUDGET_METRIC, SCORES_KEY
 from aggregators.shared_randomness import OneByteCodec
 from aggregators.zeroth_order import SEED_CODE, SEED_INDEX, SEED_SCALAR
 from privacy.accounting import (
-    LEDGER_STATE,
+    LedgerFile,
+    LedgerStore,
     PrivacyBudgetExceeded,
     PrivacyLedger,
     Release,
+    StateLedger,
     calibrate,
 )
+from privacy.refusal import PolicyRefusal
 
 DP_MECHANISMS = ("off", "gaussian", "laplace")
 PASSTHROUGH_METRICS = (BUDGET_METRIC,)  # site configuration, not data
-RUN_KEYS = ("dp", "dp-epsilon", "dp-delta", "clip", "dp-noise-multiplier", "dp-releases", "run-id")
-SITE_KEYS = ("dp-epsilon", "dp-delta", "clip", "dp-noise-multiplier", "dp-ledger")
-SITE_PREFIX = "site."
+RUN_KEYS = ("dp", "dp-epsilon", "dp-delta", "clip", "dp-noise-multiplier", "dp-releases")
+
+
+@dataclass(frozen=True)
+class SitePrivacy:
+    """The privacy a site demands of everything it sends: the ``[privacy]`` table of its policy
+    (:mod:`fedclient.policy`). Nothing in a run config or an instruction can weaken it.
+
+    ``required``: refuse any run without local DP. ``mechanisms``: the ones it accepts.
+    ``max_epsilon_per_run`` / ``max_epsilon_lifetime``: ε caps for one run and over every run the
+    site's ledger ever recorded; ``max_delta``: the largest δ (also the δ of the lifetime account);
+    ``max_clip``: the largest clip norm; ``min_noise_multiplier``: the least noise it adds. The
+    defaults (no policy) impose nothing beyond the run's own settings.
+    """
+
+    required: bool = False
+    mechanisms: tuple[str, ...] = ("gaussian", "laplace")
+    max_epsilon_per_run: float = math.inf
+    max_epsilon_lifetime: float = math.inf
+    max_delta: float = 1.0
+    max_clip: float = math.inf
+    min_noise_multiplier: float = 0.0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.mechanisms) - set(DP_MECHANISMS[1:])
+        if unknown or not self.mechanisms:
+            raise ValueError(f"privacy.mechanisms must list some of {DP_MECHANISMS[1:]}, got {list(self.mechanisms)}")
+        for name in ("max_epsilon_per_run", "max_epsilon_lifetime", "max_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"privacy.{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0 < self.max_delta <= 1:
+            raise ValueError(f"privacy.max-delta must be in (0, 1), got {self.max_delta}")
+        if not (self.min_noise_multiplier >= 0 and math.isfinite(self.min_noise_multiplier)):
+            raise ValueError(f"privacy.min-noise-multiplier must be >= 0, got {self.min_noise_multiplier}")
 
 
 @dataclass(frozen=True)
 class LdpSettings:
-    """A site's effective LDP settings: the run's, made stricter (never looser) by the site's."""
+    """A site's effective LDP settings for one run: the run's, made stricter (never looser) by
+    the site's :class:`SitePrivacy`. ``epsilon``/``delta`` cap the run, ``lifetime_epsilon`` at
+    ``lifetime_delta`` caps everything the site's ledger holds."""
 
     mechanism: str
     epsilon: float
@@ -77,15 +113,27 @@ class LdpSettings:
     noise_multiplier: float  # 0: calibrate to the budget
     releases: int
     run: str = ""
-    ledger_path: str = ""
+    lifetime_epsilon: float = math.inf
+    lifetime_delta: float = 1e-5
 
     @classmethod
-    def resolve(cls, run: Mapping[str, Any], site: Mapping[str, Any]) -> LdpSettings:
-        """Combine run settings (instruction config) and site settings (node config): the smaller
-        ε, δ and clip, the larger fixed noise multiplier. Raises ValueError on a bad value."""
+    def resolve(cls, run: Mapping[str, Any], site: SitePrivacy | None = None, run_key: str = "") -> LdpSettings:
+        """Combine the run's settings (instruction config) with the site's policy: the smaller ε,
+        δ and clip, the larger fixed noise multiplier. PolicyRefusal when the run asks for what
+        the policy forbids (no DP at a site that requires it, a mechanism it does not accept);
+        ValueError on a malformed value."""
+        site = site or SitePrivacy()
         mechanism = str(run.get("dp", "off"))
         if mechanism not in DP_MECHANISMS:
             raise ValueError(f"dp must be one of {DP_MECHANISMS}, got '{mechanism}'")
+        if mechanism == "off":
+            if site.required:
+                raise PolicyRefusal("privacy.required", "this site sends only locally private updates and the run "
+                                    "asks for dp = off")
+            return cls("off", math.inf, site.max_delta, site.max_clip, 0.0, 1, run_key)
+        if mechanism not in site.mechanisms:
+            raise PolicyRefusal("privacy.mechanisms", f"the run asks for dp = {mechanism}; this site accepts "
+                                f"{', '.join(site.mechanisms)}")
 
         def positive(name: str, value: Any) -> float:
             number = float(value)
@@ -93,34 +141,30 @@ class LdpSettings:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
             return number
 
-        epsilon = positive("dp-epsilon", run["dp-epsilon"])
-        delta = positive("dp-delta", run["dp-delta"])
-        clip = positive("clip", run["clip"])
+        epsilon = min(positive("dp-epsilon", run["dp-epsilon"]), site.max_epsilon_per_run)
+        delta = min(positive("dp-delta", run["dp-delta"]), site.max_delta)
+        clip = min(positive("clip", run["clip"]), site.max_clip)
         noise = float(run.get("dp-noise-multiplier", 0.0))
-        if noise < 0:
+        if not (noise >= 0 and math.isfinite(noise)):
             raise ValueError(f"dp-noise-multiplier must be >= 0 (0: calibrate), got {noise}")
-        if "dp-epsilon" in site:
-            epsilon = min(epsilon, positive("site dp-epsilon", site["dp-epsilon"]))
-        if "dp-delta" in site:
-            delta = min(delta, positive("site dp-delta", site["dp-delta"]))
-        if "clip" in site:
-            clip = min(clip, positive("site clip", site["clip"]))
-        if "dp-noise-multiplier" in site:
-            noise = max(noise, positive("site dp-noise-multiplier", site["dp-noise-multiplier"]))
+        if site.min_noise_multiplier:
+            noise = max(noise, site.min_noise_multiplier)
         if delta >= 1:
             raise ValueError(f"dp-delta must be below 1, got {delta}")
+        lifetime_delta = site.max_delta if site.max_delta < 1 else delta
         return cls(mechanism, epsilon, delta, clip, noise, max(1, int(run.get("dp-releases", 1))),
-                   str(run.get("run-id", "")), str(site.get("dp-ledger", "")))
+                   run_key or str(run.get("run-id", "")), site.max_epsilon_lifetime, lifetime_delta)
 
     @property
     def enabled(self) -> bool:
         return self.mechanism != "off"
 
-
-def site_settings(client_state: Mapping[str, Any]) -> dict[str, Any]:
-    """The site's own LDP settings, put in the client state by the adapter under ``site.*``."""
-    return {k[len(SITE_PREFIX):]: v for k, v in client_state.items()
-            if k.startswith(SITE_PREFIX) and k[len(SITE_PREFIX):] in SITE_KEYS}
+    def ledger(self, path: str | None, client_state: dict[str, Any]) -> LedgerStore:
+        """The site's ledger: its file when it has one (``path``), else the client state."""
+        budget = self.lifetime_epsilon if math.isfinite(self.lifetime_epsilon) else 1e12
+        if path:
+            return LedgerFile(path, budget, self.lifetime_delta)
+        return StateLedger(client_state, budget, self.lifetime_delta)
 
 
 # ---- vector mechanisms ------------------------------------------------------------------------
@@ -159,10 +203,35 @@ def randomized_membership(ranking: np.ndarray, keep: int, flip: float, rng: np.r
     return np.concatenate([rng.permutation(zeros), rng.permutation(ones)])
 
 
+def private_evaluation(metrics: Mapping[str, float], noise_multiplier: float, loss_bound: float,
+                       rng: np.random.Generator) -> tuple[dict[str, float], Release]:
+    r"""Local-DP evaluation metrics: ``v = (accuracy, min(loss, L)/L)`` lies in :math:`[0,1]^2`, so
+    replacing the whole dataset moves it by at most :math:`\sqrt 2` in :math:`\ell_2`; each
+    coordinate gets :math:`\mathcal N(0, (z\sqrt 2)^2)` and the result is clamped back to
+    :math:`[0,1]` (post-processing). Returns the noisy loss and accuracy and the release to charge
+    (Gaussian, parameter z). One site's noisy figure is nearly useless on its own (σ ≈ 5.7 at
+    z = 4); the unweighted mean over many sites is what carries signal."""
+    scale = noise_multiplier * math.sqrt(2.0)
+    accuracy = float(np.clip(float(metrics["accuracy"]) + rng.normal(0.0, scale), 0.0, 1.0))
+    loss = min(float(metrics["loss"]), loss_bound) / loss_bound
+    loss = float(np.clip(loss + rng.normal(0.0, scale), 0.0, 1.0)) * loss_bound
+    return {"loss": loss, "accuracy": accuracy}, Release("gaussian", noise_multiplier)
+
+
 # ---- the wrapper ------------------------------------------------------------------------------
 class LocalPrivacy(WrappedAlgorithm):
     """``inner`` with its client half's every payload privatized and accounted (module docstring).
-    The server half is the inner algorithm's, unchanged."""
+    The server half is the inner algorithm's, unchanged.
+
+    ``site`` is the site's own privacy policy, ``ledger_path`` its ledger file (None: the client
+    state) and ``run`` the key its spending is recorded under (the ClientApp passes Flower's run id,
+    which the coordinator cannot vary from one message to the next).
+    """
+
+    def __init__(self, inner, site: SitePrivacy | None = None, ledger_path: str | None = None,
+                 run: str = "") -> None:
+        super().__init__(inner)
+        self.site, self.ledger_path, self.run = site or SitePrivacy(), ledger_path, run
 
     # client half
     def local(self, model, data, instruction, client_state) -> Payload:
@@ -172,41 +241,32 @@ class LocalPrivacy(WrappedAlgorithm):
         return self._private(self.inner.local_probe, model, data, instruction, client_state)
 
     def _private(self, run, model, data, instruction: Instruction, client_state: dict[str, Any]) -> Payload:
-        settings = LdpSettings.resolve(instruction.config, site_settings(client_state))
+        settings = LdpSettings.resolve(instruction.config, self.site, self.run)
         if not settings.enabled:
             return run(model, data, instruction, client_state)
-        ledger = self._ledger(settings, client_state)
+        store = settings.ledger(self.ledger_path, client_state)
         server_round = int(instruction.config.get("server-round", instruction.config.get("round", 0)))
-        last = ledger.entries[-1].release if ledger.entries else None
-        if last is not None and ledger.spent_after([last]) > ledger.budget:  # refuse before training
-            raise PrivacyBudgetExceeded(
-                f"privacy budget spent: ε = {ledger.spent():.3f} of {ledger.budget:g} at δ = {ledger.delta:g}; "
-                "another release like the last would exceed it"
-            )
+        with store.transaction() as ledger:  # refuse before training
+            last = ledger.run_releases(settings.run)[-1:] or ledger.releases[-1:]
+            if last:
+                try:
+                    ledger.check(settings.run, last, settings.epsilon, settings.delta)
+                except PrivacyBudgetExceeded as err:
+                    raise PrivacyBudgetExceeded(f"privacy budget spent: another release like the last one "
+                                                f"would exceed it ({err})") from None
         payload = run(model, data, instruction, client_state)
         rng = np.random.default_rng()  # the noise must be unpredictable: never seeded
-        arrays, releases, figures = self.privatize(
-            payload, instruction, settings, ledger, rng,
-            shapes={k: tuple(p.shape) for k, p in model.named_parameters()}, client_state=client_state,
-        )
-        spent = ledger.charge(server_round, settings.run, releases)
-        self._save(ledger, settings, client_state)
+        with store.transaction() as ledger:  # charged under the lock, before anything is sent
+            arrays, releases, figures = self.privatize(
+                payload, instruction, settings, ledger, rng,
+                shapes={k: tuple(p.shape) for k, p in model.named_parameters()}, client_state=client_state,
+            )
+            lifetime = ledger.charge(server_round, settings.run, releases, settings.epsilon, settings.delta)
+            spent = ledger.spent_in_run(settings.run, settings.delta)
         metrics = {k: v for k, v in payload.metrics.items() if k in PASSTHROUGH_METRICS}
-        metrics.update({"dp-epsilon-spent": spent, "dp-epsilon-budget": ledger.budget, "dp-delta": ledger.delta,
-                        "dp-clip": settings.clip, **figures})
+        metrics.update({"dp-epsilon-spent": spent, "dp-epsilon-budget": settings.epsilon, "dp-delta": settings.delta,
+                        "dp-clip": settings.clip, "dp-epsilon-lifetime": lifetime, **figures})
         return Payload(arrays, 1, metrics)
-
-    @staticmethod
-    def _ledger(settings: LdpSettings, client_state: Mapping[str, Any]) -> PrivacyLedger:
-        if settings.ledger_path:
-            return PrivacyLedger.load(settings.ledger_path, budget=settings.epsilon, delta=settings.delta)
-        return PrivacyLedger.from_state(client_state, settings.epsilon, settings.delta)
-
-    @staticmethod
-    def _save(ledger: PrivacyLedger, settings: LdpSettings, client_state: dict[str, Any]) -> None:
-        if settings.ledger_path:
-            ledger.save(settings.ledger_path)
-        client_state[LEDGER_STATE] = ledger.to_json()
 
     def privatize(
         self,
@@ -280,12 +340,18 @@ CALIBRATED_PREFIX = "dp.calibrated/"
 def _calibrated(client_state: dict[str, Any], settings: LdpSettings, ledger: PrivacyLedger, mechanism: str,
                 count: int) -> float:
     """The noise parameter for this run's releases of ``mechanism`` (× ``count``), calibrated once
-    per run so that the planned releases, after what the ledger held then, spend the budget."""
+    per run so that the planned releases spend the run's budget, after what the run already spent,
+    without taking the site's lifetime spending past its lifetime budget (the noisier of the two)."""
     key = f"{CALIBRATED_PREFIX}{settings.run}/{mechanism}/{count}/{settings.epsilon}/{settings.delta}"
     if key not in client_state:
-        client_state[key] = calibrate(mechanism, ledger.budget, ledger.delta, settings.releases, count,
-                                      spent=ledger.releases)
+        parameter = calibrate(mechanism, settings.epsilon, settings.delta, settings.releases, count,
+                              spent=ledger.run_releases(settings.run))
+        if math.isfinite(settings.lifetime_epsilon):
+            parameter = max(parameter, calibrate(mechanism, ledger.budget, ledger.delta, settings.releases, count,
+                                                 spent=ledger.releases))
+        client_state[key] = parameter
     return float(client_state[key])
 
 
-__all__ = ["LdpSettings", "LocalPrivacy", "clip_norm", "noisy_vector", "randomized_membership"]
+__all__ = ["LdpSettings", "LocalPrivacy", "SitePrivacy", "clip_norm", "noisy_vector", "private_evaluation",
+           "randomized_membership"]

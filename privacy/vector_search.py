@@ -42,11 +42,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import pathlib
 import secrets
 import struct
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,7 +52,6 @@ from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -68,6 +65,9 @@ from privacy.he_backends import (
     choose_backend,
     chunks_for,
 )
+from privacy.refusal import PolicyRefusal
+from privacy.signing import KeyFileError, load_or_create_private_key, load_public_key, public_pem, raw_public
+from privacy.state_file import locked, write_atomic
 
 DEFAULT_QUERY_BUDGET = 64
 DEFAULT_EPOCH_SECONDS = 24 * 3600
@@ -105,28 +105,17 @@ class QuerierIdentity:
     @classmethod
     def load_or_create(cls, path: pathlib.Path) -> QuerierIdentity:
         """The identity in ``path`` (PEM), created with mode 0600 if absent; ``path``.pub gets the public key."""
-        if path.exists():
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            if not isinstance(key, Ed25519PrivateKey):
-                raise SearchError(f"{path} is not an Ed25519 private key")
-            return cls(key)
-        identity = cls.generate()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pem = identity.private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                 serialization.NoEncryption())
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(pem)
-        path.with_suffix(path.suffix + ".pub").write_bytes(identity.public_pem())
-        return identity
+        try:
+            return cls(load_or_create_private_key(path))
+        except KeyFileError as err:
+            raise SearchError(str(err)) from err
 
     @property
     def public_bytes(self) -> bytes:
-        return self.private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return raw_public(self.private_key.public_key())
 
     def public_pem(self) -> bytes:
-        return self.private_key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+        return public_pem(self.private_key.public_key())
 
     @property
     def fingerprint(self) -> str:
@@ -143,12 +132,9 @@ def fingerprint(public_key: bytes) -> str:
 def load_trusted_key(path: pathlib.Path) -> bytes:
     """A querier public key (PEM, as ``QuerierIdentity`` writes it) as raw bytes."""
     try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except (OSError, ValueError) as err:
-        raise SearchError(f"cannot read the querier's public key {path} ({err})") from err
-    if not isinstance(key, Ed25519PublicKey):
-        raise SearchError(f"{path} is not an Ed25519 public key")
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return raw_public(load_public_key(path, "querier's public key"))
+    except KeyFileError as err:
+        raise SearchError(str(err)) from err
 
 
 def _verify(public_key: bytes, signature: bytes, digest: bytes, what: str) -> None:
@@ -242,6 +228,54 @@ class KeyEpoch:
         bundle = KeyBundle(**{**unsigned.__dict__, "signature": identity.sign(unsigned.digest())})
         return cls(backend, private, bundle)
 
+    # ---- keeping an epoch across searches (the querier's files only) -------------------------
+    def save(self, directory: pathlib.Path) -> None:
+        """``DIR/<epoch>.secret`` (mode 0600: the secret key) and ``DIR/<epoch>.bundle`` (public)."""
+        parts = self.backend.dump_private(self.private)
+        header = json.dumps({"backend": self.backend.name, "params": self.backend.params.as_dict(),
+                             "parts": sorted(parts)}).encode()
+        write_atomic(directory / f"{self.bundle.epoch}.bundle", self.bundle.to_bytes(), mode=0o644)
+        write_atomic(directory / f"{self.bundle.epoch}.secret", _frame([header, *(parts[n] for n in sorted(parts))]))
+
+    @classmethod
+    def load(cls, directory: pathlib.Path, epoch: str) -> KeyEpoch:
+        """The epoch :meth:`save` wrote; SearchError if it is missing or damaged."""
+        try:
+            header, *blobs = _unframe((directory / f"{epoch}.secret").read_bytes())
+            meta = json.loads(header)
+            backend = choose_backend(str(meta["backend"]), CkksParameters.from_dict(meta["params"]))
+            private = backend.load_private(dict(zip(meta["parts"], blobs, strict=True)))
+            bundle = KeyBundle.from_bytes((directory / f"{epoch}.bundle").read_bytes())
+        except (OSError, ValueError, KeyError, TypeError, struct.error, BackendError) as err:
+            raise SearchError(f"cannot load key epoch {epoch} from {directory} ({err})") from err
+        return cls(backend, private, bundle)
+
+    @classmethod
+    def current(cls, identity: QuerierIdentity, directory: pathlib.Path, backend: CkksBackend | str = "auto",
+                lifetime_seconds: float = DEFAULT_EPOCH_SECONDS, margin_seconds: float = 600.0) -> tuple[KeyEpoch, bool]:
+        """The newest epoch in ``directory`` of this identity and backend that is still valid for
+        ``margin_seconds`` (so sites keep one key transfer per epoch), else a new one, saved;
+        expired epochs' files are deleted. Returns the epoch and whether it is new."""
+        backend = choose_backend(backend) if isinstance(backend, str) else backend
+        now, best = time.time(), None
+        for secret in directory.glob("*.secret") if directory.is_dir() else ():
+            try:
+                epoch = cls.load(directory, secret.stem)
+            except SearchError:
+                continue
+            if epoch.bundle.expires_at < now:
+                for suffix in (".secret", ".bundle"):
+                    (directory / f"{secret.stem}{suffix}").unlink(missing_ok=True)
+            elif (epoch.bundle.querier == identity.public_bytes and epoch.backend.name == backend.name
+                  and epoch.backend.params == backend.params and epoch.bundle.expires_at > now + margin_seconds
+                  and (best is None or epoch.bundle.expires_at > best.bundle.expires_at)):
+                best = epoch
+        if best is not None:
+            return best, False
+        epoch = cls.create(identity, backend, lifetime_seconds)
+        epoch.save(directory)
+        return epoch, True
+
 
 # ---- messages ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -295,41 +329,125 @@ class Hit:
 
 
 # ---- the site ----------------------------------------------------------------------------------
-class QueryBudget:
-    """Queries each querier may still ask this site; kept in a JSON file written atomically."""
+ANSWERED_TTL_SECONDS = 24 * 3600
+"""How long a site keeps the record of a query it answered: a fetch for it must come sooner."""
 
-    def __init__(self, path: pathlib.Path | None, limit: int = DEFAULT_QUERY_BUDGET) -> None:
-        if limit < 0:
-            raise ValueError(f"query budget must be >= 0, got {limit}")
-        self.path, self.limit = path, limit
-        self.used: dict[str, int] = json.loads(path.read_text()) if path is not None and path.exists() else {}
+
+@dataclass(frozen=True)
+class SearchLimits:
+    """What a site grants each querier: the ``[search]`` table of its own policy.
+
+    ``query_budget``: queries answered per querier over the life of the site's data (every answer
+    reveals every score, so keep it far below the vectors' dimension, 384); ``fetch_budget``:
+    document ids revealed per querier in total; ``max_rows_per_query``: the largest row bound it
+    pads results to (bounds its memory and work); ``max_k``: the most rows one fetch may ask;
+    ``max_key_epochs``: accepted key bundles kept per querier (expired ones are always deleted).
+    """
+
+    query_budget: int = DEFAULT_QUERY_BUDGET
+    fetch_budget: int = DEFAULT_QUERY_BUDGET * 10
+    max_rows_per_query: int = DEFAULT_ROW_BOUND
+    max_k: int = 50
+    max_key_epochs: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("query_budget", "fetch_budget"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"search.{name.replace('_', '-')} must be a whole number >= 0, got {getattr(self, name)!r}")
+        for name in ("max_rows_per_query", "max_k", "max_key_epochs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"search.{name.replace('_', '-')} must be a whole number >= 1, got {getattr(self, name)!r}")
+        if self.max_rows_per_query > 1_000_000:
+            raise ValueError(f"search.max-rows-per-query is at most 1000000, got {self.max_rows_per_query}")
+
+
+class SearchLedger:
+    """A site's record of what each querier was given, in one locked state file (or in memory):
+    queries answered and document ids revealed per querier, and the queries answered and not yet
+    fetched. Every change is made under the file's lock and written durably before the answer
+    leaves the site (:mod:`privacy.state_file`)."""
+
+    def __init__(self, path: pathlib.Path | None, limits: SearchLimits | None = None) -> None:
+        self.path, self.limits = path, limits or SearchLimits()
+        self._memory: dict[str, Any] = {"queriers": {}, "answered": {}}
+
+    def _update(self, change) -> Any:
+        """Apply ``change(data)`` to the ledger; nothing is written if it raises."""
+        if self.path is None:
+            data = json.loads(json.dumps(self._memory))
+            result = change(data)
+            self._memory = data
+            return result
+        with locked(self.path) as state:
+            text = state.read_text()
+            data = json.loads(text) if text else {"queriers": {}, "answered": {}}
+            result = change(data)
+            state.write_text(json.dumps(data))
+            return result
+
+    def used(self, querier: bytes) -> dict[str, int]:
+        return dict(self._update(lambda data: data["queriers"].get(fingerprint(querier), {"queries": 0, "rows": 0})))
 
     def remaining(self, querier: bytes) -> int:
-        return max(self.limit - self.used.get(fingerprint(querier), 0), 0)
+        return max(self.limits.query_budget - self.used(querier)["queries"], 0)
 
-    def charge(self, querier: bytes) -> int:
-        """Count one query; QueryRefused (nothing recorded) when the budget is spent."""
-        who = fingerprint(querier)
-        if self.used.get(who, 0) >= self.limit:
-            raise QueryRefused(f"query budget exhausted: querier {who} has used all {self.limit} queries this site "
-                               "allows (each answer reveals every score; see the leakage note)")
-        self.used[who] = self.used.get(who, 0) + 1
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False, suffix=".tmp") as handle:
-                json.dump(self.used, handle)
-            os.replace(handle.name, self.path)
-        return self.limit - self.used[who]
+    def charge_query(self, query: EncryptedQuery, now: float | None = None) -> int:
+        """Count one answered query and remember it for its fetch; QueryRefused (nothing
+        recorded) when the querier's budget is spent, SearchError for a query answered before."""
+        who, limit, moment = fingerprint(query.querier), self.limits.query_budget, now or time.time()
+
+        def change(data: dict[str, Any]) -> int:
+            answered = data["answered"]
+            for old in [q for q, r in answered.items() if moment - r["at"] > ANSWERED_TTL_SECONDS]:
+                del answered[old]
+            if query.query_id in answered:
+                raise SearchError(f"query {query.query_id} was answered already; a replayed query is not answered again")
+            used = data["queriers"].setdefault(who, {"queries": 0, "rows": 0})
+            if used["queries"] >= limit:
+                raise QueryRefused(f"query budget exhausted: querier {who} has used all {limit} queries this site "
+                                   "allows (each answer reveals every score; see the leakage note)")
+            used["queries"] += 1
+            answered[query.query_id] = {"querier": who, "k": query.k, "at": moment, "fetched": False}
+            return limit - used["queries"]
+
+        return self._update(change)
+
+    def claim_fetch(self, query_id: str, querier: bytes, rows: int) -> None:
+        """Allow one fetch of ``rows`` document ids for ``query_id``: only for a query this site
+        answered for that querier, at most its k rows, once, within the querier's fetch budget."""
+        who, limit = fingerprint(querier), self.limits.fetch_budget
+
+        def change(data: dict[str, Any]) -> None:
+            record = data["answered"].get(query_id)
+            if record is None or record["querier"] != who:
+                raise SearchError(f"fetch for query {query_id}, which this site did not answer for this querier")
+            if record["fetched"]:
+                raise SearchError(f"the rows of query {query_id} were fetched already; a fetch is answered once")
+            if rows > int(record["k"]):
+                raise SearchError(f"fetch asks for {rows} rows; query {query_id} asked for the top {record['k']}")
+            used = data["queriers"].setdefault(who, {"queries": 0, "rows": 0})
+            if used["rows"] + rows > limit:
+                raise QueryRefused(f"fetch budget exhausted: querier {who} has been given {used['rows']} of the "
+                                   f"{limit} document ids this site reveals")
+            used["rows"] += rows
+            record["fetched"] = True
+
+        self._update(change)
+
+
+class UnknownKeyEpoch(SearchError):
+    """A query names a key epoch this site does not hold (send it the bundle, then ask again)."""
 
 
 @dataclass
 class SiteSearcher:
-    """A site's side of the protocol over its vectors (n × d, L2-normalised) and document ids."""
+    """A site's side of the protocol over its vectors (n × d, L2-normalised) and document ids.
+    Everything it allows comes from its own :class:`SearchLimits` (in ``ledger``)."""
 
     vectors: np.ndarray
     document_ids: Sequence[str]
     trusted_queriers: Sequence[bytes]
-    budget: QueryBudget
+    ledger: SearchLedger
     key_dir: pathlib.Path | None = None
     cache_dir: pathlib.Path | None = None  # encoded plaintexts, reused across processes
     _bundles: dict[str, KeyBundle] = field(default_factory=dict)  # verified; by key id
@@ -341,27 +459,62 @@ class SiteSearcher:
         if self.vectors.ndim != 2 or len(self.vectors) != len(self.document_ids):
             raise SearchError("vectors must be n × d with one document id per row")
 
+    @property
+    def limits(self) -> SearchLimits:
+        return self.ledger.limits
+
     def accept_keys(self, data: bytes) -> str:
-        """Verify and store a key bundle; returns its id."""
+        """Verify and store a key bundle; returns its id. Expired bundles are deleted, and at most
+        ``max_key_epochs`` per querier are kept (the ones expiring last)."""
         bundle = KeyBundle.from_bytes(data)
         bundle.verify(self.trusted_queriers)
         key_id = bundle.key_id  # a hash over ~36 MB of keys: computed once
         self._bundles[key_id] = bundle
         if self.key_dir is not None:
-            self.key_dir.mkdir(parents=True, exist_ok=True)
-            (self.key_dir / f"{key_id}.bundle").write_bytes(data)
+            if not (self.key_dir / f"{key_id}.bundle").exists():
+                write_atomic(self.key_dir / f"{key_id}.bundle", data)
+            write_atomic(self.key_dir / f"{key_id}.json", json.dumps(
+                {"querier": fingerprint(bundle.querier), "expires_at": bundle.expires_at}).encode())
+            self.prune_keys()
         return key_id
+
+    def prune_keys(self, now: float | None = None) -> list[str]:
+        """Delete expired bundles and those beyond ``max_key_epochs`` per querier; their ids."""
+        if self.key_dir is None or not self.key_dir.is_dir():
+            return []
+        moment, kept, removed = now or time.time(), {}, []
+        for meta in self.key_dir.glob("*.json"):
+            try:
+                info = json.loads(meta.read_text())
+            except (OSError, ValueError):
+                info = {"querier": "", "expires_at": 0}
+            if float(info.get("expires_at", 0)) < moment:
+                removed.append(meta.stem)
+            else:
+                kept.setdefault(str(info.get("querier")), []).append((float(info["expires_at"]), meta.stem))
+        for epochs in kept.values():
+            removed += [key_id for _, key_id in sorted(epochs, reverse=True)[self.limits.max_key_epochs:]]
+        for key_id in removed:
+            for suffix in (".bundle", ".json"):
+                (self.key_dir / f"{key_id}{suffix}").unlink(missing_ok=True)
+            self._bundles.pop(key_id, None)
+            self._contexts.pop(key_id, None)
+        return removed
 
     def _bundle(self, key_id: str) -> KeyBundle:
         """The accepted bundle ``key_id`` (verified once: when accepted, or when read back from disk by
         a new process); its expiry is checked on every use."""
         bundle = self._bundles.get(key_id)
-        if bundle is None and self.key_dir is not None and (self.key_dir / f"{key_id}.bundle").exists():
-            bundle = KeyBundle.from_bytes((self.key_dir / f"{key_id}.bundle").read_bytes())
+        path = self.key_dir / f"{key_id}.bundle" if self.key_dir is not None and len(key_id) == 64 \
+            and all(c in "0123456789abcdef" for c in key_id) else None
+        if bundle is None and path is not None and path.exists():
+            bundle = KeyBundle.from_bytes(path.read_bytes())
             bundle.verify(self.trusted_queriers)
+            if bundle.key_id != key_id:
+                raise SearchError(f"stored key bundle {key_id[:16]}… does not hash to its name; refusing it")
             self._bundles[key_id] = bundle
         if bundle is None:
-            raise SearchError(f"unknown key epoch {key_id[:16]}…: send this site the key bundle first")
+            raise UnknownKeyEpoch(f"unknown key epoch {key_id[:16]}…: send this site the key bundle first")
         bundle.check_current()
         return bundle
 
@@ -376,19 +529,26 @@ class SiteSearcher:
         return self._contexts[key_id]
 
     def answer(self, query: EncryptedQuery) -> list[bytes]:
-        """Encrypted scores of every row (padded to the query's row bound) for a valid query."""
+        """Encrypted scores of every row (padded to the query's row bound) for a valid query; the
+        querier's budget is charged (durably) before any computation."""
         if query.querier not in self.trusted_queriers:
             raise SearchError(f"query from querier {fingerprint(query.querier)}, which this site does not trust")
         _verify(query.querier, query.signature, query.digest(), f"query {query.query_id}")
+        if not 1 <= query.k <= self.limits.max_k:
+            raise PolicyRefusal("search.max-k", f"the query asks for the top {query.k}; this site answers for at "
+                                f"most {self.limits.max_k}")
+        if not 1 <= query.row_bound <= self.limits.max_rows_per_query:
+            raise PolicyRefusal("search.max-rows-per-query", f"the query's row bound is {query.row_bound}; this "
+                                f"site pads results to at most {self.limits.max_rows_per_query} rows")
         bundle = self._bundle(query.key_id)
         if len(self.vectors) == 0:
             raise SearchError("this site's vector store is empty: build it with `fedclient index DIR`")
         if len(self.vectors) > query.row_bound:
-            raise SearchError(f"this site holds {len(self.vectors)} rows, more than the query's row bound "
-                              f"{query.row_bound}; ask with a larger bound")
+            raise SearchError(f"this site holds more rows than the query's row bound {query.row_bound}; ask with "
+                              "a larger bound")
         if self.vectors.shape[1] >= bundle.params.block:
             raise SearchError(f"vectors of dimension {self.vectors.shape[1]} do not fit the epoch's block")
-        self.budget.charge(query.querier)
+        self.ledger.charge_query(query)
         try:
             backend, context = self._context(query.key_id, bundle)
             chunks = chunks_for(query.row_bound, backend.rows_per_ciphertext())
@@ -406,11 +566,15 @@ class SiteSearcher:
         return cached_preparation(backend, context, self.vectors, chunks, self.cache_dir)
 
     def fetch(self, request: FetchRequest) -> list[str]:
-        """Document ids for the requested rows (padding rows beyond the store give "")."""
+        """Document ids for the requested rows (padding rows beyond the store give ""): answered
+        only for a query this site answered, for at most its k rows, once, and charged."""
         if request.querier not in self.trusted_queriers:
             raise SearchError(f"fetch from querier {fingerprint(request.querier)}, which this site does not trust")
         _verify(request.querier, request.signature, request.digest(), f"fetch for {request.query_id}")
-        return [str(self.document_ids[r]) if 0 <= r < len(self.document_ids) else "" for r in request.rows]
+        if len(set(request.rows)) != len(request.rows) or any(r < 0 for r in request.rows):
+            raise SearchError(f"fetch for {request.query_id} repeats a row or names a negative one")
+        self.ledger.claim_fetch(request.query_id, request.querier, len(request.rows))
+        return [str(self.document_ids[r]) if r < len(self.document_ids) else "" for r in request.rows]
 
 
 def cached_preparation(backend: CkksBackend, context: Any, vectors: np.ndarray, chunks: int,
@@ -431,9 +595,7 @@ def cached_preparation(backend: CkksBackend, context: Any, vectors: np.ndarray, 
     cache_dir.mkdir(parents=True, exist_ok=True)
     for stale in cache_dir.glob("prepared-*.bin"):
         stale.unlink()
-    with tempfile.NamedTemporaryFile(dir=cache_dir, delete=False, suffix=".tmp") as handle:
-        handle.write(_frame(backend.dump_prepared(prepared)))
-    os.replace(handle.name, path)
+    write_atomic(path, _frame(backend.dump_prepared(prepared)))
     return prepared
 
 

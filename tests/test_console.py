@@ -35,9 +35,14 @@ def filled_store(tmp_path_factory) -> tuple[str, str]:
     return url, created["id"]
 
 
+TOKEN = "console-test-token-0123456789"
+
+
 @pytest.fixture
 def client(filled_store, tmp_path) -> TestClient:
-    return TestClient(create_app(filled_store[0], log_dir=tmp_path / "logs"))
+    """An API client: the console's token as a bearer header, on the console's own host."""
+    return TestClient(create_app(filled_store[0], token=TOKEN, log_dir=tmp_path / "logs"),
+                      base_url="https://127.0.0.1:8080", headers={"Authorization": f"Bearer {TOKEN}"})
 
 
 def test_runs_list_shows_status_progress_accuracy_bytes_and_privacy(client, filled_store) -> None:
@@ -71,9 +76,9 @@ def test_run_detail_has_rounds_fedavg_comparison_sites_and_heat_map(client, fill
 
 
 def test_unknown_runs_and_bad_forms_get_clear_4xx(client, filled_store) -> None:
-    for path in ("/api/runs/no-such-run", "/runs/no-such-run"):
+    for path in ("/api/runs/no-such-run", "/runs/no-such-run", f"/api/runs/{filled_store[1][:-2]}"):
         response = client.get(path)
-        assert response.status_code == 404 and "no-such-run" in response.text
+        assert response.status_code == 404 and path.rsplit("/", 1)[-1] in response.text
     response = client.post(f"/api/runs/{filled_store[1]}/stop")
     assert response.status_code == 409 and "completed, not running" in response.json()["detail"]
     assert client.post("/api/runs/nope/stop").status_code == 404
@@ -112,13 +117,45 @@ def test_openapi_schema_and_offline_chart_library(client) -> None:
     assert "cdn" not in page.lower() and "/static/console.js" in page
 
 
-def test_a_token_guards_a_console_bound_beyond_loopback(filled_store, tmp_path: pathlib.Path) -> None:
-    guarded = TestClient(create_app(filled_store[0], token="s3cret", log_dir=tmp_path))
-    assert guarded.get("/api/runs").status_code == 401
-    assert guarded.get("/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert guarded.get("/api/runs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
-    assert guarded.get("/?token=s3cret").status_code == 200  # sets the cookie ...
-    assert guarded.get("/api/runs").status_code == 200  # ... that later requests carry
+def test_no_token_is_401_even_on_loopback_and_the_login_url_sets_strict_cookies(filled_store, tmp_path) -> None:
+    browser = TestClient(create_app(filled_store[0], token=TOKEN, log_dir=tmp_path), base_url="https://127.0.0.1:8080")
+    for path in ("/api/runs", "/", "/openapi.json", f"/runs/{filled_store[1]}"):
+        assert browser.get(path).status_code == 401, path
+    assert browser.get("/api/runs", headers={"Authorization": "Bearer wrong-token-wrong-token"}).status_code == 401
+    assert browser.get("/login?token=nope").status_code == 401
+    login = browser.get(f"/login?token={TOKEN}", follow_redirects=False)
+    assert login.status_code == 303 and login.headers["location"] == "/"  # the token leaves the address bar
+    cookies = login.headers.get_list("set-cookie")
+    session = next(c for c in cookies if c.startswith("fedtune_console_session="))
+    assert all(flag in session.lower() for flag in ("httponly", "secure", "samesite=strict"))
+    assert browser.get("/api/runs").status_code == 200  # the cookie now authenticates
+    with pytest.raises(RuntimeError, match="token"):
+        create_app(filled_store[0], token="", log_dir=tmp_path)
+
+
+def test_a_foreign_host_is_400_and_a_cross_site_post_is_403(filled_store, tmp_path) -> None:
+    from fedserver.console.app import csrf_token
+    from fedserver.store import RunStore
+
+    app = create_app(filled_store[0], token=TOKEN, log_dir=tmp_path)
+    rebinding = TestClient(app, base_url="https://evil.example:8080", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert rebinding.get("/api/runs").status_code == 400  # DNS rebinding: evil.example -> 127.0.0.1
+    browser = TestClient(app, base_url="https://127.0.0.1:8080")
+    browser.get(f"/login?token={TOKEN}")
+    run_id = RunStore(filled_store[0]).create_run(task="tiny", strategy="fedavg", num_rounds=5, config={})
+    stop = f"/api/runs/{run_id}/stop"
+    assert browser.post(stop).status_code == 403  # a cross-site form: the cookie rides along, no CSRF header
+    forged = {"X-CSRF-Token": csrf_token(TOKEN), "Origin": "https://evil.example"}
+    assert browser.post(stop, headers=forged).status_code == 403  # another origin
+    assert browser.post(stop, headers={"X-CSRF-Token": "guess"}).status_code == 403
+    assert browser.post("/api/runs", json={"task": "tiny"}).status_code == 403  # every state-changing endpoint
+    assert browser.post("/api/search", json={"query": "x"}).status_code == 403
+    assert RunStore(filled_store[0]).stop_requested(run_id) is None  # nothing happened
+    by_prefix = browser.post(f"/api/runs/{run_id[:-3]}/stop", headers={"X-CSRF-Token": csrf_token(TOKEN)})
+    assert by_prefix.status_code == 404  # exact run ids only
+    same = browser.post(stop, headers={"X-CSRF-Token": csrf_token(TOKEN), "Origin": "https://127.0.0.1:8080"})
+    assert same.status_code == 202  # the console's own page, with its token: allowed
+    RunStore(filled_store[0]).finish_run(run_id, "stopped", "test")
 
 
 ARTIFACTS = pathlib.Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -160,7 +197,8 @@ def test_browser_shows_runs_and_charts_and_stops_a_running_run(filled_store, tmp
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "fedserver.cli", "--store", url, "console", "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "fedserver.cli", "--store", url, "console", "--port", str(port),
+                               "--token", TOKEN],
                               cwd=tmp_path, stdout=open(tmp_path / "console.log", "w"),  # noqa: SIM115
                               stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "SE_OFFLINE": "true"})
     driver = None
@@ -174,6 +212,9 @@ def test_browser_shows_runs_and_charts_and_stops_a_running_run(filled_store, tmp
         wait = WebDriverWait(driver, 30)
         base = f"http://127.0.0.1:{port}"
         driver.get(base + "/")
+        assert "login URL" in driver.page_source  # no token, no console
+        driver.get(f"{base}/login?token={TOKEN}")  # the URL `fedserver console` prints
+        assert "token=" not in driver.current_url
         link = wait.until(ready.presence_of_element_located((By.LINK_TEXT, "console-fixture")))
         row = link.find_element(By.XPATH, "./ancestor::tr")
         assert "completed" in row.text and "selective-layer" in row.text and "2 / 2" in row.text

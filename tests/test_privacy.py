@@ -4,6 +4,7 @@ privatization, and the rule that a site can only make privacy stronger."""
 from __future__ import annotations
 
 import json
+import pathlib
 
 import dp_accounting
 import numpy as np
@@ -26,6 +27,7 @@ from aggregators.selective_layer import SCORES_KEY
 from aggregators.shared_randomness import OneByteCodec
 from aggregators.zeroth_order import SEED_CODE, SEED_INDEX, SEED_SCALAR
 from privacy.accounting import (
+    LedgerFile,
     PrivacyBudgetExceeded,
     PrivacyLedger,
     Release,
@@ -35,10 +37,12 @@ from privacy.accounting import (
 from privacy.ldp import (
     LdpSettings,
     LocalPrivacy,
+    SitePrivacy,
     clip_norm,
     noisy_vector,
     randomized_membership,
 )
+from privacy.refusal import PolicyRefusal
 from tests.toy import ToyData, ToyModel, toy_state
 
 RUN = {"dp": "gaussian", "dp-epsilon": 8.0, "dp-delta": 1e-5, "clip": 1.0, "dp-noise-multiplier": 0.0,
@@ -46,7 +50,7 @@ RUN = {"dp": "gaussian", "dp-epsilon": 8.0, "dp-delta": 1e-5, "clip": 1.0, "dp-n
 
 
 def settings(**changes) -> LdpSettings:
-    return LdpSettings.resolve({**RUN, **changes}, {})
+    return LdpSettings.resolve({**RUN, **changes})
 
 
 # ---- mechanisms --------------------------------------------------------------------------------
@@ -143,30 +147,44 @@ def test_calibration_spends_the_budget_over_the_planned_releases() -> None:
     assert 0.98 * 8.0 <= epsilon([Release("randomized-response", p, 100)] * 2, 1e-5) <= 8.0
 
 
-def test_ledger_persists_atomically_and_a_stored_budget_can_only_tighten(tmp_path) -> None:
+def test_a_ledger_file_persists_and_caps_both_the_run_and_the_lifetime(tmp_path) -> None:
     path = tmp_path / "site" / "ledger.json"
-    ledger = PrivacyLedger(4.0, 1e-5)
-    ledger.charge(1, "run-a", [Release("gaussian", 2.0)])
-    ledger.save(path)
+    store = LedgerFile(path, budget=4.0, delta=1e-5)
+    with store.transaction() as ledger:
+        ledger.charge(1, "run-a", [Release("gaussian", 2.0)])
     assert json.loads(path.read_text())["entries"][0]["run"] == "run-a"
-    loaded = PrivacyLedger.load(path, budget=10.0, delta=1e-3)  # a looser request is ignored
-    assert (loaded.budget, loaded.delta) == (4.0, 1e-5) and loaded.spent() == pytest.approx(ledger.spent())
-    assert PrivacyLedger.load(path, budget=2.0, delta=1e-6).budget == 2.0
+    assert path.stat().st_mode & 0o777 == 0o600
+    again = LedgerFile(path, budget=4.0, delta=1e-5).read()  # another process
+    assert again.spent() == pytest.approx(epsilon([Release("gaussian", 2.0)], 1e-5))
+    one = epsilon([Release("gaussian", 2.0)], 1e-5)
+    with pytest.raises(PrivacyBudgetExceeded, match="this run's"):
+        again.check("run-a", [Release("gaussian", 2.0)], run_budget=1.2 * one)
+    again.check("run-b", [Release("gaussian", 2.0)], run_budget=1.2 * one)  # another run has its own cap ...
+    with pytest.raises(PrivacyBudgetExceeded, match="lifetime"):
+        LedgerFile(path, budget=1.2 * one, delta=1e-5).read().check("run-b", [Release("gaussian", 2.0)])  # ... not
     path.write_text("{not json")
     with pytest.raises(ValueError, match="unreadable"):
-        PrivacyLedger.load(path, budget=4.0, delta=1e-5)
+        LedgerFile(path, budget=4.0, delta=1e-5).read()
 
 
-def test_site_settings_only_make_privacy_stronger() -> None:
+def test_site_policy_only_makes_privacy_stronger() -> None:
     run = {**RUN, "dp-noise-multiplier": 1.0}
-    looser = LdpSettings.resolve(run, {"dp-epsilon": 20.0, "dp-delta": 1e-3, "clip": 5.0, "dp-noise-multiplier": 0.5})
+    looser = LdpSettings.resolve(run, SitePrivacy(max_epsilon_per_run=20.0, max_delta=1e-3, max_clip=5.0,
+                                                  min_noise_multiplier=0.5))
     assert (looser.epsilon, looser.delta, looser.clip, looser.noise_multiplier) == (8.0, 1e-5, 1.0, 1.0)
-    stricter = LdpSettings.resolve(run, {"dp-epsilon": 2.0, "dp-delta": 1e-7, "clip": 0.5, "dp-noise-multiplier": 3.0})
+    stricter = LdpSettings.resolve(run, SitePrivacy(max_epsilon_per_run=2.0, max_delta=1e-7, max_clip=0.5,
+                                                    min_noise_multiplier=3.0, max_epsilon_lifetime=6.0))
     assert (stricter.epsilon, stricter.delta, stricter.clip, stricter.noise_multiplier) == (2.0, 1e-7, 0.5, 3.0)
+    assert (stricter.lifetime_epsilon, stricter.lifetime_delta) == (6.0, 1e-7)
+    with pytest.raises(PolicyRefusal, match="privacy.required"):
+        LdpSettings.resolve({**RUN, "dp": "off"}, SitePrivacy(required=True))
+    with pytest.raises(PolicyRefusal, match="privacy.mechanisms"):
+        LdpSettings.resolve({**RUN, "dp": "laplace"}, SitePrivacy(mechanisms=("gaussian",)))
+    assert not LdpSettings.resolve({**RUN, "dp": "off"}).enabled
     with pytest.raises(ValueError, match="dp-epsilon"):
-        LdpSettings.resolve({**RUN, "dp-epsilon": -1}, {})
+        LdpSettings.resolve({**RUN, "dp-epsilon": -1})
     with pytest.raises(ValueError, match="dp must be"):
-        LdpSettings.resolve({**RUN, "dp": "magic"}, {})
+        LdpSettings.resolve({**RUN, "dp": "magic"})
 
 
 # ---- the wrapper on each payload type ----------------------------------------------------------
@@ -182,9 +200,10 @@ class Canned:
         return Payload(dict(self.payload.arrays), self.payload.num_examples, dict(self.payload.metrics))
 
 
-def _run(inner, arrays=None, config=None, client_state=None, model=None):
+def _run(inner, arrays=None, config=None, client_state=None, model=None, site=None, ledger_path=None, run="run-a"):
     instruction = Instruction(arrays or {}, {**RUN, "server-round": 1, **(config or {})})
-    return LocalPrivacy(inner).local(model or ToyModel(), ToyData(), instruction, {} if client_state is None else client_state)
+    return LocalPrivacy(inner, site=site, ledger_path=ledger_path, run=run).local(
+        model or ToyModel(), ToyData(), instruction, {} if client_state is None else client_state)
 
 
 def test_fedavg_update_is_clipped_and_noised_as_one_vector_and_metrics_are_withheld() -> None:
@@ -254,11 +273,12 @@ def test_a_site_refuses_before_training_once_the_next_release_would_exceed_its_b
 
 def test_a_site_with_a_smaller_budget_refuses_earlier() -> None:
     inner = Canned(Payload({COEFFICIENTS: np.ones(20, np.float32)}, 9))
-    client_state = {"site.dp-epsilon": epsilon([Release("gaussian", 0.5)], 1e-5) * 1.01}
-    _run(inner, config={"dp-noise-multiplier": 1.0, "dp-epsilon": 100.0}, client_state=client_state)
+    site = SitePrivacy(max_epsilon_per_run=epsilon([Release("gaussian", 0.5)], 1e-5) * 1.01)
+    client_state: dict = {}
+    _run(inner, config={"dp-noise-multiplier": 1.0, "dp-epsilon": 100.0}, client_state=client_state, site=site)
     with pytest.raises(PrivacyBudgetExceeded):
         _run(inner, config={"dp-noise-multiplier": 1.0, "dp-epsilon": 100.0, "server-round": 2},
-             client_state=client_state)
+             client_state=client_state, site=site)
 
 
 def test_privacy_runs_inside_the_codec_so_sites_compress_the_noisy_update() -> None:
@@ -295,15 +315,16 @@ def test_ldp_is_refused_where_it_cannot_be_honoured() -> None:
 
 
 def test_a_ledger_file_carries_spending_across_runs(tmp_path) -> None:
-    """With ``dp-ledger=PATH`` a site's budget covers every run: what run A spent counts in run B."""
-    path = tmp_path / "ledger.json"
+    """The site's ledger file covers every run: what run A spent counts against the lifetime budget
+    in run B, whatever ε each run asks for."""
+    path = str(tmp_path / "ledger.json")
     inner = Canned(Payload({COEFFICIENTS: np.ones(20, np.float32)}, 9))
-    budget = epsilon([Release("gaussian", 0.5)] * 2, 1e-5) * 1.001
-    config = {"dp-noise-multiplier": 1.0, "dp-epsilon": budget}
-    _run(inner, config={**config, "run-id": "run-a"}, client_state={"site.dp-ledger": str(path)})
-    second_run_state = {"site.dp-ledger": str(path)}  # a new run: fresh client state, same file
-    payload = _run(inner, config={**config, "run-id": "run-b"}, client_state=second_run_state)
-    assert payload.metrics["dp-epsilon-spent"] == pytest.approx(budget / 1.001, rel=1e-6)
+    lifetime = epsilon([Release("gaussian", 0.5)] * 2, 1e-5) * 1.001
+    site = SitePrivacy(max_epsilon_lifetime=lifetime, max_delta=1e-5)
+    config = {"dp-noise-multiplier": 1.0, "dp-epsilon": 100.0}
+    _run(inner, config=config, site=site, ledger_path=path, run="run-a")
+    payload = _run(inner, config=config, site=site, ledger_path=path, run="run-b")  # a new run: fresh client state
+    assert payload.metrics["dp-epsilon-lifetime"] == pytest.approx(lifetime / 1.001, rel=1e-6)
     with pytest.raises(PrivacyBudgetExceeded):
-        _run(inner, config={**config, "run-id": "run-b", "server-round": 2}, client_state=second_run_state)
-    assert [e["run"] for e in json.loads(path.read_text())["entries"]] == ["run-a", "run-b"]
+        _run(inner, config={**config, "server-round": 2}, site=site, ledger_path=path, run="run-b")
+    assert [e["run"] for e in json.loads(pathlib.Path(path).read_text())["entries"]] == ["run-a", "run-b"]

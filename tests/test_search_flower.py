@@ -3,6 +3,7 @@ Flower simulation (ServerApp in search mode, ClientApps answering ``query.search
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 
@@ -73,27 +74,40 @@ def test_a_flower_simulation_answers_an_encrypted_query_across_3_sites(tmp_path:
     for site in range(3):
         _write_docs(tmp_path / "sites" / f"site-{site}", list(corpus.texts[site * 40:(site + 1) * 40]))
         VectorStore(tmp_path / "sites" / f"site-{site}").build()
+    store_url = f"sqlite:///{tmp_path / 'coord' / 'store.db'}"
     identity_file = tmp_path / "coord" / "querier.key"
     QuerierIdentity.load_or_create(identity_file)
     text = "mobile phone makers unveil faster handsets"
-    config = resolve_run_config({}, {
-        "mode": "search", "query": text, "k": 5, "store": f"sqlite:///{tmp_path / 'coord' / 'store.db'}",
-        "search-identity": str(identity_file), "search-index-root": str(tmp_path / "sites"),
-        "search-querier-key": str(identity_file) + ".pub", "search-row-bound": 1000, "task": "tiny",
-    })
-    run_simulation(server_app=build_server_app(config, num_clients=3), client_app=build_client_app(config),
+    from fedserver.search import prepare_search
+
+    request_id, new_epoch = prepare_search(RunStore(store_url), text, k=5, row_bound=1000)
+    assert new_epoch
+    config = resolve_run_config({}, {"mode": "search", "search-request": request_id, "store": store_url, "task": "tiny"})
+    assert text not in json.dumps(config)  # the run config names the request, never the text
+
+    def site_config(node: dict) -> dict:  # each simulated site's own settings (fedclient start's flags)
+        return {"search-index": str(tmp_path / "sites" / f"site-{node['partition-id']}"),
+                "search-querier-key": str(identity_file) + ".pub",
+                "state-dir": str(tmp_path / "state" / f"site-{node['partition-id']}")}
+
+    run_simulation(server_app=build_server_app(config, num_clients=3),
+                   client_app=build_client_app(config, site_config=site_config),
                    num_supernodes=3, backend_config=BACKEND)
     rows = RunStore(config["store"]).searches()
     assert sorted(r.site for r in rows) == ["partition-0", "partition-1", "partition-2"]
     assert all(r.status == "ok" and r.k == 5 and len(r.text_sha256) == 64 for r in rows)
+    assert all(r.text_sha256 != hashlib.sha256(text.encode()).hexdigest() for r in rows)  # keyed, not plain
     assert rows[0].bytes_down > 1_000_000 and rows[0].bytes_up > 0  # key bundles down, ciphertexts up
     found = sorted((r.site, h["row"], h["document_id"]) for r in rows for h in r.hits)
     vectors = {f"partition-{s}": VectorStore(tmp_path / "sites" / f"site-{s}").load() for s in range(3)}
     exact = exact_top_k({name: v for name, (v, _) in vectors.items()}, Embedder()([text])[0], 5)
     assert found == sorted((h.site, h.row, vectors[h.site][1][h.row]) for h in exact)
-    for site in range(3):  # each site spent one query of its budget, recorded on its disk
-        budget = json.loads((tmp_path / "sites" / f"site-{site}" / ".fedtune-index" / "budget.json").read_text())
-        assert list(budget.values()) == [1]
+    for site in range(3):  # each site spent one query of its budget, recorded in its state directory
+        ledger = json.loads((tmp_path / "state" / f"site-{site}" / "search" / "search-ledger.json").read_text())
+        assert [q["queries"] for q in ledger["queriers"].values()] == [1]
+        assert all(record["fetched"] for record in ledger["answered"].values())
+    with pytest.raises(Exception, match="runs once"):  # the request was consumed
+        RunStore(store_url).take_search_request(request_id)
 
 
 def test_fedclient_index_encodes_the_rows_ahead_and_the_site_uses_that_cache(tmp_path: pathlib.Path) -> None:
@@ -103,7 +117,7 @@ def test_fedclient_index_encodes_the_rows_ahead_and_the_site_uses_that_cache(tmp
         KeyEpoch,
         Querier,
         QuerierIdentity,
-        QueryBudget,
+        SearchLedger,
         SiteSearcher,
     )
 
@@ -115,7 +129,7 @@ def test_fedclient_index_encodes_the_rows_ahead_and_the_site_uses_that_cache(tmp
     identity = QuerierIdentity.generate()
     backend = "pyfhel" if BACKENDS["pyfhel"].available() else "tenseal"
     epoch = KeyEpoch.create(identity, backend)
-    site = SiteSearcher(vectors, ids, [identity.public_bytes], QueryBudget(None, 3),
+    site = SiteSearcher(vectors, ids, [identity.public_bytes], SearchLedger(None),
                         cache_dir=tmp_path / ".fedtune-index")
     site.accept_keys(epoch.bundle.to_bytes())
     querier = Querier(identity, epoch)

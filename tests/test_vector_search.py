@@ -20,9 +20,10 @@ from privacy.vector_search import (
     KeyEpoch,
     Querier,
     QuerierIdentity,
-    QueryBudget,
     QueryRefused,
     SearchError,
+    SearchLedger,
+    SearchLimits,
     SiteSearcher,
     exact_top_k,
 )
@@ -56,7 +57,7 @@ def _federation(sites: dict[str, np.ndarray], backend: str, tmp_path: pathlib.Pa
     identity = QuerierIdentity.generate()
     epoch = KeyEpoch.create(identity, backend)
     searchers = {name: SiteSearcher(v, [f"{name}/doc-{i}" for i in range(len(v))], [identity.public_bytes],
-                                    QueryBudget(None, budget), cache_dir=(tmp_path / name) if tmp_path else None)
+                                    SearchLedger(None, SearchLimits(query_budget=budget)), cache_dir=(tmp_path / name) if tmp_path else None)
                  for name, v in sites.items()}
     data = epoch.bundle.to_bytes()
     for searcher in searchers.values():
@@ -122,9 +123,9 @@ def test_untrusted_expired_tampered_and_unknown_keys_are_refused(bbc_sites) -> N
     vectors = sites["site-1"][:100]
     identity, stranger = QuerierIdentity.generate(), QuerierIdentity.generate()
     epoch = KeyEpoch.create(identity, "tenseal")
-    site = SiteSearcher(vectors, [str(i) for i in range(100)], [identity.public_bytes], QueryBudget(None, 5))
+    site = SiteSearcher(vectors, [str(i) for i in range(100)], [identity.public_bytes], SearchLedger(None, SearchLimits(query_budget=5)))
     with pytest.raises(SearchError, match="does not trust"):
-        SiteSearcher(vectors, [str(i) for i in range(100)], [stranger.public_bytes], QueryBudget(None, 5)) \
+        SiteSearcher(vectors, [str(i) for i in range(100)], [stranger.public_bytes], SearchLedger(None, SearchLimits(query_budget=5))) \
             .accept_keys(epoch.bundle.to_bytes())
     data = bytearray(epoch.bundle.to_bytes())
     data[-100] ^= 1  # one bit of the public keys
@@ -146,9 +147,9 @@ def test_untrusted_expired_tampered_and_unknown_keys_are_refused(bbc_sites) -> N
         site.answer(dataclasses.replace(query, ciphertext=bytes(flipped)))
     with pytest.raises(SearchError, match="does not trust"):
         site.answer(Querier(stranger, KeyEpoch.create(stranger, "tenseal")).encrypt(queries[0], row_bound=1000))
-    with pytest.raises(SearchError, match="more than the query's row bound"):
+    with pytest.raises(SearchError, match="more rows than the query's row bound"):
         site.answer(querier.encrypt(queries[0], row_bound=50))
-    assert site.budget.remaining(identity.public_bytes) == 5  # refusals cost nothing
+    assert site.ledger.remaining(identity.public_bytes) == 5  # refusals cost nothing
 
 
 def test_an_exhausted_budget_is_refused_and_survives_a_restart(bbc_sites, tmp_path: pathlib.Path) -> None:
@@ -159,7 +160,8 @@ def test_an_exhausted_budget_is_refused_and_survives_a_restart(bbc_sites, tmp_pa
 
     def site() -> SiteSearcher:
         searcher = SiteSearcher(sites["site-2"][:50], [str(i) for i in range(50)], [identity.public_bytes],
-                                QueryBudget(tmp_path / "budget.json", 2), key_dir=tmp_path / "keys")
+                                SearchLedger(tmp_path / "ledger.json", SearchLimits(query_budget=2)),
+                                key_dir=tmp_path / "keys")
         return searcher
 
     first = site()
@@ -174,7 +176,7 @@ def test_an_exhausted_budget_is_refused_and_survives_a_restart(bbc_sites, tmp_pa
 def test_an_empty_store_is_a_clear_error(bbc_sites) -> None:
     identity = QuerierIdentity.generate()
     epoch = KeyEpoch.create(identity, "tenseal")
-    site = SiteSearcher(np.zeros((0, 384)), [], [identity.public_bytes], QueryBudget(None, 5))
+    site = SiteSearcher(np.zeros((0, 384)), [], [identity.public_bytes], SearchLedger(None, SearchLimits(query_budget=5)))
     site.accept_keys(epoch.bundle.to_bytes())
     with pytest.raises(SearchError, match="vector store is empty.*fedclient index"):
         site.answer(Querier(identity, epoch).encrypt(bbc_sites[1][0], row_bound=1000))
@@ -201,3 +203,78 @@ def test_parameters_fix_the_rotation_keys_to_what_the_packing_needs() -> None:
     params = CkksParameters()
     assert params.slots == 4096 and params.giant_steps == 16
     assert len(params.rotation_steps()) == 46  # 31 baby + 15 giant (he.md §3.1)
+
+
+def test_fetch_only_for_an_answered_query_at_most_k_rows_once_and_charged(bbc_sites) -> None:
+    """A coordinator (or anyone replaying the querier's messages) cannot enumerate a site's document
+    ids: a fetch must name a query this site answered for that querier, ask at most its k rows,
+    come once, and fit the querier's fetch budget; a replayed query is not answered twice."""
+    from privacy.vector_search import FetchRequest
+
+    sites, queries = bbc_sites
+    identity = QuerierIdentity.generate()
+    epoch = KeyEpoch.create(identity, "tenseal")
+    querier = Querier(identity, epoch)
+    site = SiteSearcher(sites["site-0"][:100], [f"doc-{i}" for i in range(100)], [identity.public_bytes],
+                        SearchLedger(None, SearchLimits(query_budget=5, fetch_budget=8)))
+    site.accept_keys(epoch.bundle.to_bytes())
+
+    def signed(query_id: str, rows) -> FetchRequest:
+        unsigned = FetchRequest(query_id, tuple(rows), identity.public_bytes)
+        return FetchRequest(query_id, tuple(rows), identity.public_bytes, identity.sign(unsigned.digest()))
+
+    with pytest.raises(SearchError, match="did not answer"):
+        site.fetch(signed("never-asked", range(100)))  # one signed fetch listing range(n)
+    query = querier.encrypt(queries[0], k=3, row_bound=1000)
+    site.answer(query)
+    with pytest.raises(SearchError, match="answered already"):
+        site.answer(query)  # a replay
+    with pytest.raises(SearchError, match="asks for 100 rows.*top 3"):
+        site.fetch(signed(query.query_id, range(100)))
+    assert site.fetch(signed(query.query_id, [5, 1, 7])) == ["doc-5", "doc-1", "doc-7"]
+    with pytest.raises(SearchError, match="fetched already"):
+        site.fetch(signed(query.query_id, [2]))
+    second = querier.encrypt(queries[1], k=10, row_bound=1000)
+    with pytest.raises(Exception, match="max-k"):  # the querier asked for more than the policy's k
+        SiteSearcher(sites["site-0"][:100], [f"doc-{i}" for i in range(100)], [identity.public_bytes],
+                     SearchLedger(None, SearchLimits(max_k=5))).answer(second)
+    site.answer(second)
+    with pytest.raises(QueryRefused, match="fetch budget exhausted"):
+        site.fetch(signed(second.query_id, range(10)))  # 3 + 10 > 8 ids
+    assert site.ledger.used(identity.public_bytes) == {"queries": 2, "rows": 3}
+
+
+def test_the_row_bound_is_capped_by_the_policy_and_expired_epochs_are_pruned(bbc_sites, tmp_path) -> None:
+    sites, queries = bbc_sites
+    identity = QuerierIdentity.generate()
+    site = SiteSearcher(sites["site-1"][:40], [str(i) for i in range(40)], [identity.public_bytes],
+                        SearchLedger(None, SearchLimits(max_rows_per_query=500, max_key_epochs=2)),
+                        key_dir=tmp_path / "keys")
+    epochs = [KeyEpoch.create(identity, "tenseal", lifetime_seconds=3600 * (i + 1)) for i in range(3)]
+    for epoch in epochs:
+        site.accept_keys(epoch.bundle.to_bytes())
+    kept = sorted(p.stem for p in (tmp_path / "keys").glob("*.bundle"))
+    assert kept == sorted(e.bundle.key_id for e in epochs[1:])  # at most 2 per querier: the longest-lived
+    with pytest.raises(Exception, match="max-rows-per-query"):
+        site.answer(Querier(identity, epochs[2]).encrypt(queries[0], row_bound=1_000_000))  # 1M rows: memory
+    assert site.prune_keys(now=time.time() + 2.5 * 3600) == [epochs[1].bundle.key_id]
+    assert [p.stem for p in (tmp_path / "keys").glob("*.bundle")] == [epochs[2].bundle.key_id]
+
+
+def test_a_querier_keeps_its_key_epoch_across_searches_until_it_expires(tmp_path) -> None:
+    identity = QuerierIdentity.generate()
+    first, new = KeyEpoch.current(identity, tmp_path, "tenseal")
+    again, new_again = KeyEpoch.current(identity, tmp_path, "tenseal")
+    assert new and not new_again and again.bundle.key_id == first.bundle.key_id  # one key transfer per epoch
+    assert (tmp_path / f"{first.bundle.epoch}.secret").stat().st_mode & 0o777 == 0o600
+    vector = np.random.default_rng(0).normal(size=384)
+    ciphertext = Querier(identity, first).encrypt(vector).ciphertext
+    assert ciphertext != Querier(identity, again).encrypt(vector).ciphertext  # same key, fresh encryption
+    stale = KeyEpoch.create(identity, "tenseal", lifetime_seconds=60)  # inside the 10-minute margin
+    stale.save(tmp_path)
+    chosen, _ = KeyEpoch.current(identity, tmp_path, "tenseal")
+    assert chosen.bundle.key_id == first.bundle.key_id
+    expired = KeyEpoch.create(identity, "tenseal", lifetime_seconds=-1)
+    expired.save(tmp_path)
+    KeyEpoch.current(identity, tmp_path, "tenseal")
+    assert not (tmp_path / f"{expired.bundle.epoch}.secret").exists()  # expired epochs are deleted

@@ -3,20 +3,36 @@
 Pages (``/``, ``/runs/{id}``, ``/sites``) are static HTML that render from the JSON API
 (``/api/...``, schema at ``/openapi.json``) and poll it every two seconds while a run is in
 progress. Charts use plotly.js served from the installed ``plotly`` package: nothing is fetched
-from the internet. Bound to 127.0.0.1 by default; any other bind requires a token
-(``Authorization: Bearer TOKEN``, or open ``/?token=TOKEN`` once to set a cookie).
+from the internet.
+
+Security (a web page in the operator's browser is not trusted):
+
+* **A token, always**, on loopback too: ``Authorization: Bearer TOKEN`` for API clients; browsers
+  open the login URL ``fedserver console`` prints once (``/login?token=TOKEN``), which sets a
+  session cookie (``HttpOnly``, ``Secure``, ``SameSite=Strict``) and redirects to ``/``.
+* **Host check**: a request whose ``Host`` is not one the console serves is refused with 400, so a
+  DNS-rebinding page (evil.example resolving to 127.0.0.1) reads nothing.
+* **CSRF**: every state-changing request authenticated by the cookie must carry ``X-CSRF-Token``
+  equal to the ``fedtune_csrf`` cookie (set with the session; a page of another site can neither read
+  it nor set the header without a CORS preflight the console never grants), and an ``Origin`` or
+  ``Referer``, when sent, must be the console's own; otherwise 403.
+* **Exact run ids**: the API acts on a run named by its whole id, never by a prefix.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import importlib.util
 import pathlib
+from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from pydantic import BaseModel, Field
 
 from fedserver.console import views
@@ -24,7 +40,10 @@ from fedserver.console.control import DP_MECHANISMS, FormError, RunControl, RunR
 from fedserver.store import RunStore, StoreError
 
 STATIC = pathlib.Path(__file__).parent / "static"
-TOKEN_COOKIE = "fedtune_console_token"
+TOKEN_COOKIE = "fedtune_console_session"
+CSRF_COOKIE, CSRF_HEADER = "fedtune_csrf", "x-csrf-token"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 class NewRun(BaseModel):
@@ -58,31 +77,64 @@ def plotly_js() -> pathlib.Path:
     return path
 
 
-def create_app(store_url: str, *, deployment=None, token: str | None = None,
-               log_dir: pathlib.Path | None = None) -> FastAPI:
-    """The console over ``store_url`` (and ``deployment``, a :class:`fedserver.deployment.Deployment`)."""
+def csrf_token(token: str) -> str:
+    """The CSRF token that goes with a console token (derived, so nothing extra is stored)."""
+    return hmac.new(token.encode(), b"fedtune-console-csrf", hashlib.sha256).hexdigest()
+
+
+def create_app(store_url: str, *, token: str, deployment=None, log_dir: pathlib.Path | None = None,
+               hosts: Sequence[str] = LOOPBACK_HOSTS) -> FastAPI:
+    """The console over ``store_url`` (and ``deployment``, a :class:`fedserver.deployment.Deployment`).
+    ``token`` is required from every client; ``hosts`` are the Host names it answers to."""
+    if not token or len(token) < 16:
+        raise RuntimeError("the console needs a token of at least 16 characters")
     store = RunStore(store_url)
     control = RunControl(store, deployment, log_dir)
     plotly = plotly_js()
+    csrf = csrf_token(token)
     app = FastAPI(title="fedtune console", version="1", docs_url=None, redoc_url=None,
                   description="Runs, rounds, sites and privacy of a fedtune coordinator; start and stop runs.")
     app.state.store, app.state.control = store, control
 
+    def same_origin(request: Request, url: str) -> bool:
+        parts = urlsplit(url)
+        return bool(parts.netloc) and parts.netloc == request.headers.get("host", "")
+
     @app.middleware("http")
     async def require_token(request: Request, call_next):
-        if token is None or request.url.path.startswith("/static/"):
+        if request.url.path.startswith("/static/") or request.url.path == "/login":
             return await call_next(request)
-        given = request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE) or ""
         header = request.headers.get("authorization", "")
-        if header.lower().startswith("bearer "):
-            given = header[7:]
+        bearer = header[7:] if header.lower().startswith("bearer ") else ""
+        given = bearer or request.cookies.get(TOKEN_COOKIE, "")
         if not hmac.compare_digest(given.encode(), token.encode()):
-            return JSONResponse({"detail": "this console needs its token: open /?token=TOKEN or send "
-                                 "'Authorization: Bearer TOKEN'"}, status_code=401)
-        response = await call_next(request)
-        if request.query_params.get("token"):
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+            if request.url.path.startswith("/api/") or request.url.path == "/openapi.json":
+                return JSONResponse({"detail": "this console needs its token: open the login URL "
+                                     "`fedserver console` printed, or send 'Authorization: Bearer TOKEN'"},
+                                    status_code=401)
+            return HTMLResponse("<!doctype html><title>fedtune console: log in</title><p>Open the login URL "
+                                "that <code>fedserver console</code> printed when it started.</p>", status_code=401)
+        if request.method not in SAFE_METHODS:
+            origin = request.headers.get("origin") or request.headers.get("referer")
+            if origin and not same_origin(request, origin):
+                return JSONResponse({"detail": "cross-site request refused (Origin is not this console)"},
+                                    status_code=403)
+            if not bearer and not hmac.compare_digest(request.headers.get(CSRF_HEADER, "").encode(), csrf.encode()):
+                return JSONResponse({"detail": f"missing or wrong {CSRF_HEADER} header (CSRF protection)"},
+                                    status_code=403)
+        return await call_next(request)
+
+    @app.get("/login", include_in_schema=False)
+    def login(request: Request) -> RedirectResponse:
+        if not hmac.compare_digest(request.query_params.get("token", "").encode(), token.encode()):
+            return HTMLResponse("<!doctype html><title>fedtune console</title><p>Wrong or missing token.</p>",
+                                status_code=401)
+        response = RedirectResponse("/", status_code=303)  # the token leaves the address bar at once
+        response.set_cookie(TOKEN_COOKIE, token, httponly=True, secure=True, samesite="strict", path="/")
+        response.set_cookie(CSRF_COOKIE, csrf, httponly=False, secure=True, samesite="strict", path="/")
         return response
+
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(hosts))
 
     @app.exception_handler(StoreError)
     async def store_error(_request: Request, err: StoreError) -> JSONResponse:
@@ -101,7 +153,7 @@ def create_app(store_url: str, *, deployment=None, token: str | None = None,
     @app.get("/runs/{run_id}", include_in_schema=False, response_model=None)
     def run_page(run_id: str) -> FileResponse | HTMLResponse:
         try:
-            store.get_run(run_id)
+            store.get_run(run_id, exact=True)
         except StoreError as err:
             return HTMLResponse(f"<!doctype html><title>not found</title><p>{_escape(str(err))}</p>"
                                 "<p><a href='/'>all runs</a></p>", status_code=404)
@@ -133,7 +185,7 @@ def create_app(store_url: str, *, deployment=None, token: str | None = None,
 
     @app.get("/api/runs/{run_id}", summary="One run: rounds, bytes vs FedAvg, sites, privacy, heat map")
     def get_run(run_id: str) -> dict[str, Any]:
-        return views.run_detail(store, run_id)
+        return views.run_detail(store, store.get_run(run_id, exact=True).id)
 
     @app.post("/api/runs", status_code=202, summary="Start a run (deployment: flwr run; else fedsim)")
     def start_run(form: NewRun) -> dict[str, Any]:
@@ -162,10 +214,6 @@ def create_app(store_url: str, *, deployment=None, token: str | None = None,
             return JSONResponse(dep.search(deployment, form.query, k=form.k))
         except SearchError as err:
             return JSONResponse({"detail": str(err)}, status_code=422)
-
-    @app.get("/token", include_in_schema=False)
-    def with_token() -> RedirectResponse:
-        return RedirectResponse("/")
 
     return app
 

@@ -113,8 +113,8 @@ class RunControl:
         return {"name": name, "engine": self.engine, "log": str(log_path), "pid": process.pid}
 
     def stop(self, run_ref: str, requested_by: str = "console") -> dict[str, Any]:
-        """Ask a running run to stop (StoreError if unknown or not running)."""
-        run = self.store.request_stop(run_ref, requested_by=requested_by)
+        """Ask a running run to stop, named by its exact id (StoreError if unknown or not running)."""
+        run = self.store.request_stop(run_ref, requested_by=requested_by, exact=True)
         flower_run = run.config.get("flower-run-id")
         if self.deployment is not None and flower_run:
             threading.Thread(target=self._flower_stop_if_still_running, args=(run.id, str(flower_run)),

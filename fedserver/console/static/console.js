@@ -20,8 +20,14 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+function csrfToken() {
+  const entry = document.cookie.split("; ").find((c) => c.startsWith("fedtune_csrf="));
+  return entry ? entry.slice("fedtune_csrf=".length) : "";
+}
+
 async function api(path, options = {}) {
-  const response = await fetch(path, { headers: { "Content-Type": "application/json" }, ...options });
+  const headers = { "Content-Type": "application/json", "X-CSRF-Token": csrfToken() };
+  const response = await fetch(path, { ...options, headers, credentials: "same-origin" });
   const body = await response.json().catch(() => ({}));
   if (!response.ok) {
     const detail = Array.isArray(body.detail)

@@ -1,0 +1,300 @@
+"""A partner site's own policy: what it accepts, whatever the coordinator asks.
+
+``fedclient start --policy FILE`` (TOML) makes every decision the site takes come from this file and
+the site's node config, never from a run config or an instruction, which the coordinator writes.
+``fedclient policy init FILE`` writes the commented default below; ``fedclient policy check FILE``
+validates one. A run that asks for something the policy forbids is declined with a reason naming
+the policy key (``site policy privacy.required: ...``), never the site's data.
+
+Without a policy file a site imposes nothing beyond the run's own settings (as a simulation's
+virtual sites do); the flags ``fedclient start --dp-epsilon/--dp-delta/--clip/--dp-noise-multiplier``
+only tighten (any of them makes local DP required), ``--dp-ledger`` names the ledger file and
+``--search-index/--querier-key/--query-budget`` fill the ``[search]`` table.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import pathlib
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from privacy.ldp import DP_MECHANISMS, SitePrivacy
+from privacy.refusal import PolicyRefusal
+from privacy.vector_search import SearchLimits
+
+EVALUATION_MODES = ("refuse", "noised", "exact")
+
+DEFAULT_POLICY = """\
+# fedtune site policy. The coordinator cannot override anything here: a run that asks for more is
+# declined, and the reason it sees names the key below that declined it (never your data).
+# Check this file with `fedclient policy check FILE`; use it with `fedclient start --policy FILE`.
+
+[training]
+# Tasks and strategies this site trains; [] accepts any.
+tasks = []
+strategies = []
+# The largest example count this site reports (the weight of its update in a weighted mean).
+max-num-examples = 100000
+
+[privacy]
+# true: decline every run without local differential privacy on what this site sends.
+required = true
+# Mechanisms accepted ("gaussian", "laplace").
+mechanisms = ["gaussian", "laplace"]
+# epsilon caps: for one run, and over every run this site's ledger ever recorded (at max-delta).
+max-epsilon-per-run = 4.0
+max-epsilon-lifetime = 16.0
+max-delta = 1e-6
+# The largest clip norm and the least noise multiplier (0: calibrate to the budget).
+max-clip = 1.0
+min-noise-multiplier = 0.0
+# The ledger file ("": privacy-ledger.json in the site's state directory).
+ledger = ""
+
+[evaluation]
+# Federated evaluation of weights the coordinator sends: "refuse"; "noised" (loss and accuracy get
+# Gaussian noise and are charged to the privacy ledger); "exact" (only without required privacy:
+# exact metrics on private data answer any question the coordinator encodes in the weights).
+mode = "refuse"
+noise-multiplier = 4.0
+loss-bound = 5.0
+
+[search]
+# Encrypted search over a document store built with `fedclient index DIR` ("": not offered).
+index = ""
+# The querier public key this site trusts (the coordinator's querier.key.pub).
+querier-key = ""
+# Per querier, over the life of the data: queries answered (each reveals every score) and
+# document ids revealed.
+query-budget = 64
+fetch-budget = 640
+# The largest row bound a query may ask results to be padded to, and the most rows one fetch asks.
+max-rows-per-query = 10000
+max-k = 50
+"""
+
+
+@dataclass(frozen=True)
+class SearchPolicy:
+    """The ``[search]`` table: where the store is, whom it trusts, and the limits it grants."""
+
+    index: str = ""
+    querier_key: str = ""
+    limits: SearchLimits = field(default_factory=SearchLimits)
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """Everything a site decides (see the module docstring and :data:`DEFAULT_POLICY`)."""
+
+    tasks: tuple[str, ...] = ()
+    strategies: tuple[str, ...] = ()
+    max_num_examples: int = 100_000
+    privacy: SitePrivacy = field(default_factory=SitePrivacy)
+    ledger: str = ""
+    evaluation: str = ""  # "": exact unless privacy is required, then refuse
+    evaluation_noise_multiplier: float = 4.0
+    evaluation_loss_bound: float = 5.0
+    search: SearchPolicy = field(default_factory=SearchPolicy)
+    source: str = ""  # the file it came from ("" for the built-in default)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_num_examples, int) or self.max_num_examples < 1:
+            raise ValueError(f"training.max-num-examples must be a whole number >= 1, got {self.max_num_examples!r}")
+        if self.evaluation and self.evaluation not in EVALUATION_MODES:
+            raise ValueError(f"evaluation.mode must be one of {', '.join(EVALUATION_MODES)}, got '{self.evaluation}'")
+        if self.privacy.required and self.evaluation == "exact":
+            raise ValueError("evaluation.mode = \"exact\" with privacy.required = true: exact metrics on private data "
+                             "are an oracle outside the privacy guarantee; use \"noised\" or \"refuse\"")
+        if not (self.evaluation_noise_multiplier > 0 and math.isfinite(self.evaluation_noise_multiplier)):
+            raise ValueError(f"evaluation.noise-multiplier must be positive, got {self.evaluation_noise_multiplier}")
+        if not self.evaluation_loss_bound > 0:
+            raise ValueError(f"evaluation.loss-bound must be positive, got {self.evaluation_loss_bound}")
+
+    @property
+    def evaluation_mode(self) -> str:
+        return self.evaluation or ("refuse" if self.privacy.required else "exact")
+
+    # ---- decisions -------------------------------------------------------------------------
+    def check_training(self, task: str, strategy: str) -> None:
+        """PolicyRefusal unless this site trains ``task`` with ``strategy``."""
+        if self.tasks and task not in self.tasks:
+            raise PolicyRefusal("training.tasks", f"this site does not train task '{task}'")
+        if self.strategies and strategy not in self.strategies:
+            raise PolicyRefusal("training.strategies", f"this site does not train with strategy '{strategy}'")
+
+    def reported_examples(self, count: int) -> int:
+        """The example count this site reports: its own, capped by ``training.max-num-examples``."""
+        return max(1, min(int(count), self.max_num_examples))
+
+    # ---- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_toml(cls, text: str, source: str = "") -> SitePolicy:
+        """Parse and validate a policy; ValueError naming every unknown or bad key."""
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{source or 'policy'} is not valid TOML ({err})") from err
+        known = {"training": {"tasks", "strategies", "max-num-examples"},
+                 "privacy": {"required", "mechanisms", "max-epsilon-per-run", "max-epsilon-lifetime", "max-delta",
+                             "max-clip", "min-noise-multiplier", "ledger"},
+                 "evaluation": {"mode", "noise-multiplier", "loss-bound"},
+                 "search": {"index", "querier-key", "query-budget", "fetch-budget", "max-rows-per-query", "max-k"}}
+        problems = [f"unknown table [{name}]" for name in data if name not in known]
+        for name, keys in known.items():
+            table = data.get(name, {})
+            if not isinstance(table, dict):
+                problems.append(f"[{name}] must be a table")
+                continue
+            problems += [f"unknown key {name}.{key}" for key in table if key not in keys]
+        if problems:
+            raise ValueError(f"{source or 'policy'}: " + "; ".join(problems) + " (see `fedclient policy init`)")
+        training, private, evaluation, search = (data.get(n, {}) for n in ("training", "privacy", "evaluation", "search"))
+
+        def typed(table: Mapping[str, Any], key: str, kind: type, default: Any, section: str) -> Any:
+            value = table.get(key, default)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if kind is tuple:
+                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                    raise ValueError(f"{section}.{key} must be a list of strings, got {value!r}")
+                return tuple(value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"{section}.{key} must be a {kind.__name__}, got {value!r}")
+            return value
+
+        default = SitePrivacy()
+        try:
+            privacy = SitePrivacy(
+                required=typed(private, "required", bool, False, "privacy"),
+                mechanisms=typed(private, "mechanisms", tuple, list(default.mechanisms), "privacy"),
+                max_epsilon_per_run=typed(private, "max-epsilon-per-run", float, math.inf, "privacy"),
+                max_epsilon_lifetime=typed(private, "max-epsilon-lifetime", float, math.inf, "privacy"),
+                max_delta=typed(private, "max-delta", float, 1.0, "privacy"),
+                max_clip=typed(private, "max-clip", float, math.inf, "privacy"),
+                min_noise_multiplier=typed(private, "min-noise-multiplier", float, 0.0, "privacy"),
+            )
+            limits = SearchLimits(
+                query_budget=typed(search, "query-budget", int, SearchLimits.query_budget, "search"),
+                fetch_budget=typed(search, "fetch-budget", int, SearchLimits.fetch_budget, "search"),
+                max_rows_per_query=typed(search, "max-rows-per-query", int, SearchLimits.max_rows_per_query, "search"),
+                max_k=typed(search, "max-k", int, SearchLimits.max_k, "search"),
+            )
+            return cls(
+                tasks=typed(training, "tasks", tuple, [], "training"),
+                strategies=typed(training, "strategies", tuple, [], "training"),
+                max_num_examples=typed(training, "max-num-examples", int, 100_000, "training"),
+                privacy=privacy,
+                ledger=typed(private, "ledger", str, "", "privacy"),
+                evaluation=typed(evaluation, "mode", str, "", "evaluation"),
+                evaluation_noise_multiplier=typed(evaluation, "noise-multiplier", float, 4.0, "evaluation"),
+                evaluation_loss_bound=typed(evaluation, "loss-bound", float, 5.0, "evaluation"),
+                search=SearchPolicy(typed(search, "index", str, "", "search"),
+                                    typed(search, "querier-key", str, "", "search"), limits),
+                source=source,
+            )
+        except ValueError as err:
+            raise ValueError(f"{source or 'policy'}: {err}") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SitePolicy:
+        target = pathlib.Path(path).expanduser()
+        try:
+            text = target.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ValueError(f"cannot read the site policy {target} ({err}); write one with "
+                             "`fedclient policy init FILE`") from err
+        policy = cls.from_toml(text, str(target))
+        base = target.resolve().parent  # relative paths in the file are relative to it
+
+        def absolute(value: str) -> str:
+            return str((base / value).resolve()) if value and not os.path.isabs(value) else value
+
+        return replace(policy, ledger=absolute(policy.ledger),
+                       search=replace(policy.search, index=absolute(policy.search.index),
+                                      querier_key=absolute(policy.search.querier_key)))
+
+    def with_node_config(self, node_config: Mapping[str, Any]) -> SitePolicy:
+        """This policy with the site's ``fedclient start`` flags applied: the DP flags only tighten
+        (and make DP required), the others set what they name."""
+        privacy, changes = self.privacy, {}
+        tightened = {}
+        if "dp-epsilon" in node_config:
+            tightened["max_epsilon_per_run"] = min(privacy.max_epsilon_per_run, float(node_config["dp-epsilon"]))
+        if "dp-delta" in node_config:
+            tightened["max_delta"] = min(privacy.max_delta, float(node_config["dp-delta"]))
+        if "clip" in node_config:
+            tightened["max_clip"] = min(privacy.max_clip, float(node_config["clip"]))
+        if "dp-noise-multiplier" in node_config:
+            tightened["min_noise_multiplier"] = max(privacy.min_noise_multiplier, float(node_config["dp-noise-multiplier"]))
+        if tightened:
+            changes["privacy"] = replace(privacy, required=True, **tightened)
+            if not self.evaluation:
+                changes["evaluation"] = "refuse"
+        if node_config.get("dp-ledger"):
+            changes["ledger"] = str(node_config["dp-ledger"])
+        search = self.search
+        if node_config.get("search-index"):
+            search = replace(search, index=str(node_config["search-index"]))
+        if node_config.get("search-querier-key"):
+            search = replace(search, querier_key=str(node_config["search-querier-key"]))
+        if "query-budget" in node_config:
+            budget = int(node_config["query-budget"])
+            search = replace(search, limits=replace(search.limits, query_budget=min(budget, search.limits.query_budget)
+                                                    if self.source else budget))
+        if search is not self.search:
+            changes["search"] = search
+        return replace(self, **changes) if changes else self
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(setting, value) rows for ``fedclient policy check``."""
+        p, s = self.privacy, self.search
+        rows = [("training.tasks", ", ".join(self.tasks) or "any"),
+                ("training.strategies", ", ".join(self.strategies) or "any"),
+                ("training.max-num-examples", str(self.max_num_examples)),
+                ("privacy.required", str(p.required).lower()),
+                ("privacy.mechanisms", ", ".join(p.mechanisms))]
+        rows += [(f"privacy.{f.name.replace('_', '-')}", f"{getattr(p, f.name):g}") for f in fields(p)
+                 if f.name not in ("required", "mechanisms")]
+        rows += [("privacy.ledger", self.ledger or "STATE/privacy-ledger.json"),
+                 ("evaluation.mode", self.evaluation_mode),
+                 ("search.index", s.index or "(no search)"), ("search.querier-key", s.querier_key or "-")]
+        rows += [(f"search.{f.name.replace('_', '-')}", str(getattr(s.limits, f.name))) for f in fields(s.limits)]
+        return rows
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(path: str, _mtime_ns: int) -> SitePolicy:
+    return SitePolicy.load(path)
+
+
+def site_policy(node_config: Mapping[str, Any]) -> SitePolicy:
+    """The policy a ClientApp enforces: the file named by the node config's ``policy`` (set by
+    ``fedclient start --policy``), else the built-in default, with the node config's flags applied."""
+    path = str(node_config.get("policy", "") or "")
+    policy = SitePolicy()
+    if path:
+        try:
+            policy = _load_cached(path, os.stat(path).st_mtime_ns)
+        except OSError as err:
+            raise ValueError(f"cannot read the site policy {path} ({err})") from err
+    return policy.with_node_config(node_config)
+
+
+def write_default(path: str | os.PathLike) -> pathlib.Path:
+    """Write :data:`DEFAULT_POLICY` to ``path`` (refuses to overwrite a file)."""
+    target = pathlib.Path(path).expanduser()
+    if target.exists():
+        raise FileExistsError(f"{target} exists; a site's policy is never overwritten (edit it, or choose another path)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(DEFAULT_POLICY, encoding="utf-8")
+    return target
+
+
+__all__ = ["DEFAULT_POLICY", "DP_MECHANISMS", "EVALUATION_MODES", "SearchPolicy", "SitePolicy", "site_policy",
+           "write_default"]

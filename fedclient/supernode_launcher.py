@@ -1,0 +1,147 @@
+"""``flower-supernode`` that runs only signed apps, optionally with shorter fixed waits:
+``python -m fedclient.supernode_launcher --trusted-publisher FILE [--poll-interval S] -- ARGS...``.
+
+**App verification** (:mod:`fedclient.app_trust`). Flower 1.39's SuperNode receives a run's FAB in
+``_pull_and_store_message`` (``flwr/supernode/start_client_internal.py``): it asks the SuperLink for
+the run (``get_run``) and the FAB (``get_fab``), stores both, and only later does a ClientApp
+process install and import that FAB. This launcher wraps that function so the FAB is verified the
+moment ``get_fab`` returns it, against the run's ``fab-signature`` and the site's trusted publisher
+key. A FAB that fails is never stored: the SuperNode answers the message with an ``INVALID_FAB``
+error (as Flower does for its own Hub verification) and no code of it runs. Flower's own
+``--trusted-entities`` cannot serve here: it verifies only Hub records, which a FAB submitted with
+``flwr run`` lacks, and it then refuses every such FAB.
+
+**Shorter waits.** Flower's SuperNode sleeps a hard-coded 3 s whenever ``PullMessages`` finds nothing
+and polls every 0.5 s for the ClientApp's reply; neither is configurable. ``--poll-interval S``
+replaces those two waits with ``S`` (at most the originals), at the price of an idle site calling
+``PullMessages`` 1/S times per second (keep S ≥ 0.2 beyond a few dozen sites). Measured in
+``bench/deployment_latency.py``.
+
+Both reach into Flower's module internals, so the launcher refuses to start on any Flower but the
+one it was written against (:data:`FLOWER_VERSION`) and checks the shape of what it wraps;
+``tests/test_hostile_coordinator.py`` pins the wrapped source, so an upgrade fails a test first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import pathlib
+import sys
+import time as _time
+from typing import Any
+
+FLOWER_VERSION = "1.39.0"
+IDLE_WAIT_S = 3.0  # the SuperNode's wait after an empty PullMessages
+REPLY_WAIT_S = 0.5  # its poll for the ClientApp's reply
+WRAPPED_PARAMETERS = ("state", "object_store", "node_config", "receive", "get_run", "get_fab", "pull_object",
+                      "confirm_message_received", "trusted_entities")
+
+
+class _ShorterWaits:
+    """Stands in for the ``time`` module inside Flower's SuperNode loop: the two fixed waits shrink
+    to ``interval``; every other call goes to the real ``time`` module."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+
+    def sleep(self, seconds: float) -> None:
+        if seconds in (IDLE_WAIT_S, REPLY_WAIT_S):
+            seconds = min(seconds, self.interval)
+        _time.sleep(seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_time, name)
+
+
+def _supernode_module() -> Any:
+    import flwr
+    from flwr.supernode import start_client_internal
+
+    if flwr.__version__ != FLOWER_VERSION:
+        raise RuntimeError(f"fedclient's SuperNode launcher is written for flwr {FLOWER_VERSION}, this is "
+                           f"{flwr.__version__}: its app verification would not be where Flower installs apps")
+    return start_client_internal
+
+
+def install_shorter_waits(interval: float) -> None:
+    """Shorten the SuperNode's fixed waits in this process."""
+    if not 0.01 <= interval <= IDLE_WAIT_S:
+        raise ValueError(f"poll interval must be in 0.01..{IDLE_WAIT_S} s, got {interval}")
+    module = _supernode_module()
+    if getattr(module, "time", None) is not _time:
+        raise RuntimeError("this Flower version's SuperNode loop is not the one fedclient patches; start without "
+                           "--poll-interval")
+    module.time = _ShorterWaits(interval)  # type: ignore[assignment]
+
+
+def install_app_check(publisher: Any) -> None:
+    """Make this process's SuperNode refuse every FAB not signed by ``publisher`` (an Ed25519
+    public key), before the FAB is stored or any of its code runs."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode
+    from flwr.supercore import log
+
+    from fedclient.app_trust import SIGNATURE_KEY, UntrustedApp, verify_fab
+
+    module = _supernode_module()
+    original = module._pull_and_store_message
+    if tuple(inspect.signature(original).parameters) != WRAPPED_PARAMETERS:
+        raise RuntimeError("this Flower version's _pull_and_store_message is not the one fedclient wraps")
+
+    def pull_and_store_verified(state, object_store, node_config, receive, get_run, get_fab, pull_object,
+                                confirm_message_received, trusted_entities):
+        received: dict[str, Any] = {}
+        runs: dict[int, Any] = {}
+
+        def receive_noting() -> Any:
+            pulled = receive()
+            if pulled is not None:
+                received["message"] = pulled[0]
+            return pulled
+
+        def get_run_noting(run_id: int) -> Any:
+            runs[run_id] = get_run(run_id)
+            return runs[run_id]
+
+        def get_fab_verified(fab_hash: str, run_id: int) -> Any:
+            fab = get_fab(fab_hash, run_id)
+            run = runs.get(run_id) or get_run_noting(run_id)
+            verify_fab(fab.content, fab_hash, str(run.override_config.get(SIGNATURE_KEY, "")), publisher)
+            return fab
+
+        try:
+            return original(state, object_store, node_config, receive_noting, get_run_noting, get_fab_verified,
+                            pull_object, confirm_message_received, trusted_entities)
+        except UntrustedApp as err:
+            message = received["message"]
+            log(logging.ERROR, "fedtune: refusing the app of run %s: %s", message.metadata.run_id, err)
+            reply = Message(Error(ErrorCode.INVALID_FAB, f"fedtune site refused the app: {err}"), reply_to=message)
+            module._insert_message(reply, state, object_store)
+            return message.metadata.run_id
+
+    module._pull_and_store_message = pull_and_store_verified
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fedclient.supernode_launcher",
+                                     description="flower-supernode that runs only signed fedtune apps")
+    parser.add_argument("--trusted-publisher", required=True, help="the publisher's Ed25519 public key (PEM)")
+    parser.add_argument("--poll-interval", type=float, default=None, help="shorter fixed waits, in seconds")
+    parser.add_argument("arguments", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
+    args = parser.parse_args(argv)
+    from fedclient.app_trust import load_publisher
+
+    install_app_check(load_publisher(pathlib.Path(args.trusted_publisher)))
+    if args.poll_interval is not None:
+        install_shorter_waits(args.poll_interval)
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    arguments = args.arguments[1:] if args.arguments[:1] == ["--"] else args.arguments
+    sys.argv = ["flower-supernode", *arguments]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()
