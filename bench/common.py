@@ -64,3 +64,67 @@ def run_arms(names: list[str], run_one, describe) -> list[dict]:
 def size_text(num_bytes: float) -> str:
     """Bytes as MB from 1 MB up, else KB."""
     return f"{num_bytes / 1e6:.2f} MB" if num_bytes >= 1e6 else f"{num_bytes / 1e3:.1f} KB"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LoopbackDeployment:
+    """A real deployment on 127.0.0.1, as the README's sections run it: ``fedserver init/start/enrol``
+    and one ``fedclient start`` per site (TLS, node authentication, the publisher key pinned).
+    ``site_arguments(index)`` gives each site's own ``fedclient start`` flags. Stops everything on exit."""
+
+    def __init__(self, root, sites: int, site_arguments, env: dict | None = None) -> None:
+        import pathlib
+
+        self.root, self.count, self.site_arguments = pathlib.Path(root), sites, site_arguments
+        self.env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1]), **(env or {})}
+        self.processes: list = []
+        self.coord = None
+
+    def __enter__(self) -> LoopbackDeployment:
+        import subprocess
+        import sys
+        import time
+
+        from fedclient.keys import create_site_keys
+        from fedserver import deployment as dep
+
+        self.coord = dep.init(self.root / "coord", ["127.0.0.1"], fleet_port=free_port(), control_port=free_port(),
+                              fleet_host="127.0.0.1")
+        try:
+            dep.start(self.coord)
+            for index in range(self.count):
+                name = f"site-{index}"
+                private, public = create_site_keys(self.root / name / "site.key")
+                dep.enrol(self.coord, name, public)
+                command = [sys.executable, "-m", "fedclient.cli", "start", "--superlink", self.coord.fleet_address,
+                           "--ca", str(self.coord.tls / "ca.crt"), "--key", str(private),
+                           "--trusted-publisher", str(self.coord.directory / "publisher.key.pub"),
+                           "--site-name", name, "--port", str(free_port()), "--home", str(self.root / name / "home"),
+                           *self.site_arguments(index)]
+                with open(self.root / f"{name}.log", "w") as log:
+                    self.processes.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                           env=self.env, start_new_session=True))
+            deadline = time.monotonic() + 120
+            while sum(n["status"] == "online" for n in dep.status(self.coord)["nodes"]) < self.count:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the sites did not come online; see {self.root}/site-*.log")
+                time.sleep(1)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        from fedserver import deployment as dep
+
+        for process in self.processes:
+            dep.stop_group(process.pid, grace=5)
+        if self.coord is not None:
+            dep.stop(self.coord)

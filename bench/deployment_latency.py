@@ -11,7 +11,7 @@ trains every round, central evaluation on the coordinator):
 - ``cached``: fedtune's defaults: the ClientApp's on-disk cache (fedclient/tasks/cache.py, warm)
   and ``fedclient start``'s SuperExec task poll of 0.1 s;
 - ``fast-poll``: ``cached`` plus ``fedclient start --poll-interval 0.2`` (the SuperNode's fixed
-  3 s / 0.5 s waits shortened; fedclient/fast_supernode.py).
+  3 s / 0.5 s waits shortened; fedclient/supernode_launcher.py).
 
 Per arm it prints the mean round time over rounds 2..N (round 1 also pays the FAB install), the
 ClientApp start-up measured inside each ClientApp (process start to first training step:
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-from bench.common import simulate_arm
+from bench.common import LoopbackDeployment, simulate_arm
 
 ARMS = ("simulation", "stock", "cached", "fast-poll")
 SETTINGS = {
@@ -46,12 +45,6 @@ SETTINGS = {
     "cached": {},
     "fast-poll": {},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _config(args: argparse.Namespace) -> dict:
@@ -80,50 +73,28 @@ def simulation_arm(args: argparse.Namespace, tmp: str) -> dict:
 
 
 def deployment_arm(arm: str, args: argparse.Namespace, tmp: str) -> dict:
-    from fedclient.keys import create_site_keys
     from fedserver import deployment as dep
     from fedserver.store import RunStore
 
     root = pathlib.Path(tmp) / arm
-    coord = dep.init(root / "coord", ["127.0.0.1"], fleet_port=_free_port(), control_port=_free_port(),
-                     fleet_host="127.0.0.1")
-    env = {**os.environ, "PYTHONPATH": str(dep.app_directory()), **SETTINGS[arm]}
+    env = dict(SETTINGS[arm])
     if arm != "stock":  # warm the site cache as the site's first message of any run would
         env.setdefault("FEDTUNE_CACHE_DIR", str(pathlib.Path(tmp) / "site-cache"))
         warm = ("from fedclient.tasks import PartitionSpec, get_task; "
                 f"get_task('tiny').client_data(PartitionSpec('dirichlet', {args.sites}, 0.5, 0), 0)")
-        subprocess.run([sys.executable, "-c", warm], env=env, check=True)
-    sites = []
-    try:
-        dep.start(coord)
-        for index in range(args.sites):
-            name = f"site-{index}"
-            private, public = create_site_keys(root / name / "site.key")
-            dep.enrol(coord, name, public)
-            command = [sys.executable, "-m", "fedclient.cli", "start", "--superlink", coord.fleet_address,
-                       "--ca", str(coord.tls / "ca.crt"), "--key", str(private), "--partition-id", str(index),
-                       "--num-partitions", str(args.sites), "--site-name", name, "--port", str(_free_port()),
-                       "--home", str(root / name / "home")]
-            if arm == "fast-poll":
-                command += ["--poll-interval", "0.2"]
-            with open(root / f"{name}.log", "w") as log:
-                sites.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                              start_new_session=True))
-        deadline = time.monotonic() + 90
-        while sum(n["status"] == "online" for n in dep.status(coord)["nodes"]) < args.sites:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{arm}: the sites did not come online; see {root}/*.log")
-            time.sleep(1)
-        result = dep.submit(coord, _config(args), timeout=900)
+        subprocess.run([sys.executable, "-c", warm], env={**os.environ, **env}, check=True)
+
+    def site_arguments(index: int) -> list[str]:
+        return ["--partition-id", str(index), "--num-partitions", str(args.sites),
+                *(["--poll-interval", "0.2"] if arm == "fast-poll" else [])]
+
+    with LoopbackDeployment(root, args.sites, site_arguments, env) as deployment:
+        result = dep.submit(deployment.coord, _config(args), timeout=900)
         if result.returncode != 0:
             raise RuntimeError(f"{arm}: flwr run failed:\n{result.stderr[-2000:]}")
-        store = RunStore(coord.store_url)
+        store = RunStore(deployment.coord.store_url)
         (run,) = store.list_runs()
         return _rounds_summary(arm, store, run.id)
-    finally:
-        for process in sites:
-            dep.stop_group(process.pid, grace=5)
-        dep.stop(coord)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -216,24 +216,18 @@ def index(directory: str, encoder_weights: str, row_bound: int = 10_000) -> int:
     console.print(f"indexed {report.total} documents in {store.path} with {report.encoder}: {report.added} added, "
                   f"{report.changed} changed, {report.removed} removed, {report.unchanged} unchanged")
     if report.total and row_bound:
-        from privacy.he_backends import BackendError, choose_backend, chunks_for
-        from privacy.vector_search import cached_preparation
+        from privacy.he_backends import BackendError
 
         try:
-            backend = choose_backend("auto")
+            backend, seconds = store.encode_for_search(row_bound)
         except BackendError as err:
             console.print(f"[yellow]not pre-encoding for encrypted search:[/] {err}")
             return 0
-        if report.total > row_bound:
-            console.print(f"[red]error:[/] {report.total} documents exceed --row-bound {row_bound}; queries must use "
-                          "a larger bound")
+        except VectorStoreError as err:
+            console.print(f"[red]error:[/] {err} (--row-bound)")
             return 2
-        started = time.perf_counter()
-        vectors, _ = store.load()
-        cached_preparation(backend, backend.encoding_context(), vectors,
-                           chunks_for(row_bound, backend.rows_per_ciphertext()), store.path)
-        console.print(f"encoded the rows for encrypted search ({backend.name}, row bound {row_bound}) in "
-                      f"{time.perf_counter() - started:.1f} s; cached in {store.path}")
+        console.print(f"encoded the rows for encrypted search ({backend}, row bound {row_bound}) in "
+                      f"{seconds:.1f} s; cached in {store.path}")
     return 0
 
 

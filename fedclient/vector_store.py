@@ -148,16 +148,39 @@ class VectorStore:
         report = IndexReport(added=sum(d.id not in old_ids for d in todo), changed=sum(d.id in old_ids for d in todo),
                              removed=len(old_ids - {d.id for d in documents}), unchanged=len(documents) - len(todo),
                              total=len(documents), encoder=encoder)
-        self.path.mkdir(exist_ok=True)
-        for stale in self.path.glob("prepared-*.bin"):  # encodings of the old vectors
-            if todo or report.removed:
-                stale.unlink()
-        _atomic(self.path / "vectors.npy", lambda f: np.save(f, vectors))
+        self.save(vectors, [(d.id, d.sha256) for d in documents], encoder, stale=bool(todo or report.removed))
+        return report
+
+    def save(self, vectors: np.ndarray, documents: list[tuple[str, str]], encoder: str, stale: bool = True) -> None:
+        """Write the store: ``vectors`` (n × 384, L2-normalised) with each row's (document id, text
+        SHA-256); ``stale`` drops the encodings made for the previous vectors."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        for old in self.path.glob("prepared-*.bin"):
+            if stale:
+                old.unlink()
+        _atomic(self.path / "vectors.npy", lambda f: np.save(f, np.asarray(vectors, dtype=np.float32)))
         _atomic(self.path / "documents.json",
-                lambda f: f.write(json.dumps([{"id": d.id, "sha256": d.sha256} for d in documents]).encode()))
+                lambda f: f.write(json.dumps([{"id": i, "sha256": h} for i, h in documents]).encode()))
         _atomic(self.path / "meta.json", lambda f: f.write(json.dumps(
             {"encoder": encoder, "dimension": 384, "count": len(documents), "max_tokens": MAX_TOKENS}).encode()))
-        return report
+
+    def encode_for_search(self, row_bound: int) -> tuple[str, float]:
+        """Encode the rows for encrypted queries with ``row_bound`` ahead of any query (the encoding
+        does not depend on the querier's keys); returns the backend used and the seconds it took."""
+        import time
+
+        from privacy.he_backends import choose_backend, chunks_for
+        from privacy.vector_search import cached_preparation
+
+        backend = choose_backend("auto")
+        vectors, _ = self.load()
+        if len(vectors) > row_bound:
+            raise VectorStoreError(f"{len(vectors)} documents exceed the row bound {row_bound}; queries must use "
+                                   "a larger bound")
+        started = time.perf_counter()
+        cached_preparation(backend, backend.encoding_context(), vectors,
+                           chunks_for(row_bound, backend.rows_per_ciphertext()), self.path)
+        return backend.name, time.perf_counter() - started
 
 
 def _atomic(path: pathlib.Path, write: Callable) -> None:

@@ -520,8 +520,13 @@ def _owner_only(database: str | None) -> None:
         return
     path = pathlib.Path(database)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
-    os.close(descriptor)
+    # never open (and close) an existing store file here: closing any descriptor of a database file
+    # drops every POSIX lock this process's SQLite connections hold on it
+    if not path.exists():
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
     for sibling in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         try:
             if sibling.stat().st_uid == os.getuid() and sibling.stat().st_mode & 0o077:

@@ -23,6 +23,8 @@ from fedserver import deployment as dep
 from fedserver.store import RunStore
 
 pytestmark = pytest.mark.deployment
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+QUERY = "central bank lifts interest rates again amid inflation fears"
 
 
 def _free_port() -> int:
@@ -68,7 +70,7 @@ def _kill_site(needle: str) -> int:
     killed = 0
     for line in table.splitlines():
         pid, _, args = line.strip().partition(" ")
-        if needle in args and any(name in args for name in ("flower-", "flwr-", "fedclient.cli", "fedclient.fast_supernode")):
+        if needle in args and any(name in args for name in ("flower-", "flwr-", "fedclient.cli", "fedclient.supernode_launcher")):
             try:
                 os.kill(int(pid), signal.SIGKILL)
                 killed += 1
@@ -89,7 +91,30 @@ def _submit_in_background(coord: dep.Deployment, config: dict, log: pathlib.Path
               "print(r.stdout[-3000:], r.stderr[-3000:]); sys.exit(r.returncode)")
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "-c", script, json.dumps(config)], stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(dep.app_directory())})
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _write_documents(directory: pathlib.Path, offset: int, count: int = 12) -> None:
+    """A site's documents for encrypted search: BBC articles, one text file each."""
+    from fedclient.tasks.data import load_bbc_news
+
+    corpus = load_bbc_news()
+    directory.mkdir(parents=True)
+    for row in range(offset, offset + count):
+        (directory / f"article-{row}.txt").write_text(corpus.texts[row][:600])
+
+
+def _files_holding(root: pathlib.Path, needle: bytes) -> list[str]:
+    """Every file under ``root`` whose bytes contain ``needle`` (databases, logs, caches, stores)."""
+    found = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                if needle in path.read_bytes():
+                    found.append(str(path))
+            except OSError:
+                pass
+    return found
 
 
 def _write_site_data(directory: pathlib.Path, rows: int) -> None:
@@ -119,13 +144,21 @@ def test_a_tls_deployment_survives_a_killed_site_and_a_killed_coordinator(tmp_pa
     sites = {name: create_site_keys(tmp_path / name / "site.key") for name in names}
     _write_site_data(tmp_path / "site-b" / "data", rows=80)
     processes: dict[str, subprocess.Popen] = {}
-    env = {**os.environ, "PYTHONPATH": str(dep.app_directory())}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    from fedclient.cli import index
+
+    for number, name in enumerate(names[:3]):  # each site's private document store for encrypted search
+        _write_documents(tmp_path / name / "docs", offset=40 * number)
+        assert index(str(tmp_path / name / "docs"), "", row_bound=1000) == 0
 
     def start_site(name: str, port: int) -> None:
         data = ["--data", str(tmp_path / name / "data")] if name == "site-b" else [
             "--partition-id", str(names.index(name) % 2), "--num-partitions", "2"]
         command = _fedclient(
             "start", "--superlink", f"127.0.0.1:{fleet}", "--ca", str(coord.tls / "ca.crt"),
+            "--trusted-publisher", str(coord.directory / "publisher.key.pub"),
+            *(["--search-index", str(tmp_path / name / "docs"), "--querier-key", str(coord.directory / "querier.key.pub")]
+              if name != "rogue" else []),
             "--key", str(sites[name][0]), *data, "--site-name", name, "--port", str(port),
             "--home", str(tmp_path / name / "home"), "--poll-interval", "0.2",
             *(["--max-retries", "3"] if name == "rogue" else []),  # the others wait out a coordinator restart
@@ -216,6 +249,37 @@ def test_a_tls_deployment_survives_a_killed_site_and_a_killed_coordinator(tmp_pa
                 assert 0 < c.bytes_up < 200_000  # compressed, not 7 MB
         assert rounds[-1].central_accuracy > 0
         assert any(r["status"].startswith("finished") for r in dep.status(coord)["runs"])
+
+        # the app each site installed is code only: no site's data, no coordinator file
+        installed = [p for n in ("site-a", "site-b", "site-c") for p in (tmp_path / n / "home").rglob("*")
+                     if p.is_file() and "apps" in p.parts]
+        assert installed and all(p.suffix in (".py", ".toml", "") and p.name != "articles.csv" for p in installed), \
+            sorted({p.name for p in installed if p.suffix not in (".py", ".toml")})
+
+        # one encrypted search: the query text never reaches a site, the SuperLink, a log or the store
+        found = dep.search(coord, QUERY, k=3, row_bound=1000, timeout=300)
+        assert found["refusals"] == {} and len(found["hits"]) == 3, found
+        assert {h["site"] for h in found["hits"]} <= {"site-a", "site-b", "site-c"}
+        assert all(h["document_id"].startswith("article-") for h in found["hits"])
+        from fedclient.tasks.cache import cache_dir
+
+        store.engine.dispose()  # reading the database file below must not drop this process's SQLite locks
+        for root in [tmp_path, *([cache_dir()] if cache_dir() else [])]:
+            assert _files_holding(root, QUERY.encode()) == [], "the query text was written down"
+        store = RunStore(coord.store_url)
+        (row,) = [r for r in store.searches() if r.site == "site-a"]
+        assert row.status == "ok" and QUERY not in json.dumps(store.get_run(run.id).config)
+
+        # an app the publisher did not sign is refused by every site before any of its code runs
+        from fedserver.app_package import stage_app
+
+        app = stage_app(coord.directory / "apps")
+        forged = dep.flwr_cli(coord, "run", str(app), dep.CONNECTION, "--stream", "--run-config",
+                              dep.run_config_text({**config, "num-server-rounds": 1, "fab-signature": "AAAA"}),
+                              timeout=240)
+        refused = [r for r in store.list_runs() if r.id != run.id]
+        assert len(refused) == 1 and refused[0].status == "stopped", (forged.stdout[-2000:], _logs(tmp_path))
+        assert "not signed by the publisher" in refused[0].error and not store.rounds(refused[0].id)
     finally:
         if run_process is not None and run_process.poll() is None:
             run_process.kill()

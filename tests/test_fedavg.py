@@ -162,3 +162,25 @@ def test_local_is_reproducible_for_the_same_instruction(tiny_task, tiny_model):
         np.testing.assert_array_equal(first.arrays[key], second.arrays[key])
     other = algorithm.local(copy.deepcopy(tiny_model), data, algorithm.plan(2, [5], state)[5], {})
     assert any(not np.array_equal(first.arrays[k], other.arrays[k]) for k in keys)
+
+
+def test_one_site_claiming_a_billion_examples_gets_at_most_its_share() -> None:
+    """``num-examples`` is self-reported: with ``max-site-weight`` 0.5 a liar claiming 10^9 examples
+    moves the mean exactly as far as a site with half the total weight, no further; exact against a
+    direct computation with the capped weights, for the streaming mean and the default run config."""
+    from aggregators.streaming import share_cap
+    from fedclient.runconfig import DEFAULT_RUN_CONFIG
+
+    state = {"w": torch.zeros(4)}
+    values = {1: np.full(4, 1.0, np.float32), 2: np.full(4, 3.0, np.float32), 3: np.full(4, 1000.0, np.float32)}
+    counts = {1: 100, 2: 300, 3: 10**9}
+    replies = [Reply(c, Payload({"w": v}, counts[c])) for c, v in values.items()]
+    assert DEFAULT_RUN_CONFIG["max-site-weight"] == 0.5
+    capped = make_algorithm("fedavg", DEFAULT_RUN_CONFIG).aggregate(1, state, iter(replies)).state["w"]
+    threshold = share_cap(list(counts.values()), 0.5)
+    weights = {c: min(n, threshold) for c, n in counts.items()}
+    expected = sum(weights[c] * values[c] for c in values) / sum(weights.values())
+    assert weights[3] / sum(weights.values()) == pytest.approx(0.5)
+    assert torch.allclose(capped, torch.from_numpy(expected).float())
+    uncapped = FedAvg().aggregate(1, state, iter(replies)).state["w"]  # the paper's weighting: the liar wins
+    assert float(uncapped[0]) > 999 and float(capped[0]) == pytest.approx((100 + 900 + 400 * 1000) / 800)
