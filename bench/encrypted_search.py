@@ -89,9 +89,9 @@ def plaintext_baseline(sites: dict[str, np.ndarray], queries: np.ndarray, k: int
     return name, statistics.median(times)
 
 
-def run(backend: str, rows: int, queries: np.ndarray, k: int) -> dict:
+def run(backend: str, rows: int, queries: np.ndarray, k: int, count: int = SITES) -> dict:
     rng = np.random.default_rng(rows)
-    sites = {f"site-{i}": unit_vectors(rng, rows) for i in range(SITES)}
+    sites = {f"site-{i}": unit_vectors(rng, rows) for i in range(count)}
     identity = QuerierIdentity.generate()
     started = time.perf_counter()
     epoch = KeyEpoch.create(identity, backend)
@@ -200,18 +200,18 @@ def main(argv: list[str] | None = None) -> int:
           "|---|---|---|---|---|---|---|---|")
     for rows in rows_list:
         plain_name, plain = plaintext_baseline({f"site-{i}": unit_vectors(np.random.default_rng(rows), rows)
-                                                for i in range(SITES)}, queries, args.k)
+                                                for i in range(args.sites)}, queries, args.k)
         for backend in backends:
             if not BACKENDS[backend].available():
                 print(f"| {backend} | {rows} | not installed |")
                 continue
-            r = run(backend, rows, queries, args.k)
+            r = run(backend, rows, queries, args.k, args.sites)
             later = r["queries"][1:]
             baseline[(backend, rows)] = statistics.median(q["latency"] for q in later)
             print(f"| {backend} | {rows:,} | {r['key_bytes'] / 1e6:.1f} MB | {r['queries'][0]['site_max']:.2f} | "
                   f"{statistics.median(q['site_max'] for q in later):.2f} | **{baseline[(backend, rows)]:.2f}** | "
                   f"{min(q['recall'] for q in r['queries']):.2f} | {plain * 1e3:.2f} |", flush=True)
-    print(f"(in process: {SITES} sites one after another; plaintext: {plain_name})")
+    print(f"(in process: {args.sites} sites one after another; plaintext: {plain_name})")
     if args.in_process_only:
         return 0
     rows = rows_list[-1]
