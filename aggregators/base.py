@@ -311,6 +311,12 @@ def check_arrays(
         check_array(client, key, value, state[key])
 
 
+def check_max_site_weight(value: float) -> None:
+    """``max-site-weight``, the largest share one site may have in a weighted mean, is in (0, 1]."""
+    if not 0 < value <= 1:
+        raise ValueError(f"max-site-weight must be in (0, 1], got {value}")
+
+
 def check_weight(client: ClientId, num_examples: int) -> float:
     """The aggregation weight of a reply; refuses non-positive or non-finite counts."""
     weight = float(num_examples)

@@ -34,6 +34,7 @@ from aggregators.base import (
     PayloadError,
     Reply,
     check_arrays,
+    check_max_site_weight,
     check_weight,
 )
 from aggregators.local_training import check_local_training, train_steps
@@ -58,8 +59,7 @@ class FedAvgConfig:
 
     def __post_init__(self) -> None:
         check_local_training(self.lr, self.local_steps, self.batch_size)
-        if not 0 < self.max_site_weight <= 1:
-            raise ValueError(f"max-site-weight must be in (0, 1], got {self.max_site_weight}")
+        check_max_site_weight(self.max_site_weight)
 
 
 class FedAvg(Algorithm):

@@ -54,6 +54,7 @@ from aggregators.base import (
     Payload,
     PayloadError,
     Reply,
+    check_max_site_weight,
     check_weight,
 )
 from aggregators.fedavg import derive_seed
@@ -91,8 +92,7 @@ class FerretConfig:
 
     def __post_init__(self) -> None:
         check_local_training(self.lr, self.local_steps, self.batch_size)
-        if not 0 < self.max_site_weight <= 1:
-            raise ValueError(f"max-site-weight must be in (0, 1], got {self.max_site_weight}")
+        check_max_site_weight(self.max_site_weight)
         if self.ferret_bases < 1:
             raise ValueError(f"ferret-bases must be at least 1, got {self.ferret_bases}")
         if self.ferret_block_size < 1:

@@ -58,6 +58,7 @@ from aggregators.base import (
     PayloadError,
     Reply,
     check_arrays,
+    check_max_site_weight,
     check_weight,
 )
 from aggregators.fedavg import derive_seed
@@ -94,8 +95,7 @@ class SelectiveLayerConfig:
     max_site_weight: float = 1.0  # the largest share one site may have in the weighted mean (1: uncapped)
 
     def __post_init__(self) -> None:
-        if not 0 < self.max_site_weight <= 1:
-            raise ValueError(f"max-site-weight must be in (0, 1], got {self.max_site_weight}")
+        check_max_site_weight(self.max_site_weight)
         if self.selection not in SELECTIONS:
             raise ValueError(f"unknown selection '{self.selection}'; choose one of: {', '.join(SELECTIONS)}")
         if self.layer_scores not in ("fresh", "stale"):

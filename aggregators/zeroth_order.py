@@ -55,6 +55,7 @@ from aggregators.base import (
     Payload,
     PayloadError,
     Reply,
+    check_max_site_weight,
     check_weight,
 )
 from aggregators.fedavg import derive_seed
@@ -93,8 +94,7 @@ class ZerothOrderConfig:
     max_site_weight: float = 1.0  # the largest share one site may have in the weighted mean (1: uncapped)
 
     def __post_init__(self) -> None:
-        if not 0 < self.max_site_weight <= 1:
-            raise ValueError(f"max-site-weight must be in (0, 1], got {self.max_site_weight}")
+        check_max_site_weight(self.max_site_weight)
         if not 1 <= self.seed_pool <= 2**32:
             raise ValueError(f"seed-pool must be between 1 and 2^32, got {self.seed_pool}")
         if self.zo_steps < 1:

@@ -84,8 +84,12 @@ def deployment_arm(arm: str, args: argparse.Namespace, tmp: str) -> dict:
                 f"get_task('tiny').client_data(PartitionSpec('dirichlet', {args.sites}, 0.5, 0), 0)")
         subprocess.run([sys.executable, "-c", warm], env={**os.environ, **env}, check=True)
 
+    policy = root / "no-dp-policy.toml"  # this bench trains without DP: the sites opt out of the built-in policy
+    policy.parent.mkdir(parents=True, exist_ok=True)
+    policy.write_text('[privacy]\nrequired = false\n[evaluation]\nmode = "exact"\n')
+
     def site_arguments(index: int) -> list[str]:
-        return ["--partition-id", str(index), "--num-partitions", str(args.sites),
+        return ["--policy", str(policy), "--partition-id", str(index), "--num-partitions", str(args.sites),
                 *(["--poll-interval", "0.2"] if arm == "fast-poll" else [])]
 
     with LoopbackDeployment(root, args.sites, site_arguments, env) as deployment:

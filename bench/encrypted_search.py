@@ -149,7 +149,7 @@ def end_to_end(args: argparse.Namespace, root: pathlib.Path) -> dict:
     poll = ["--poll-interval", str(args.poll_interval)] if args.poll_interval else []
 
     def site_arguments(index: int) -> list[str]:
-        return ["--partition-id", "0", "--search-index", str(root / f"site-{index}" / "docs"),
+        return ["--search-index", str(root / f"site-{index}" / "docs"),
                 "--querier-key", str(root / "coord" / "querier.key.pub"), *poll]
 
     embed = Embedder()

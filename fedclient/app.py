@@ -256,6 +256,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         node = node_config(context)
         try:
             policy = policy_of(node)
+            policy.check_training(str(resolve_run_config(context.run_config, overrides)["task"]), "")
             if policy.evaluation_mode == "refuse":
                 raise PolicyRefusal("evaluation.mode", "this site does not evaluate the coordinator's weights on "
                                     "its data")
@@ -287,11 +288,11 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         try:
             with settings.ledger(ledger_path(policy, node), client_state).transaction() as ledger:
                 server_round = int(msg.content[CONFIG].get("server-round", 0)) if CONFIG in msg.content else 0
-                lifetime = ledger.charge(server_round, settings.run, [release], settings.epsilon, settings.delta)
+                ledger.charge(server_round, settings.run, [release], settings.epsilon, settings.delta)
         except PrivacyBudgetExceeded as err:
             return Message(refusal_record(f"privacy budget: {err}"), reply_to=msg)
         _save_client_state(context, client_state)
-        noisy.update({"num-examples": 1, "dp-epsilon-lifetime": lifetime})
+        noisy["num-examples"] = 1
         return Message(RecordDict({"metrics": MetricRecord(noisy)}), reply_to=msg)
 
     @app.query("search")

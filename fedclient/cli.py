@@ -316,8 +316,9 @@ def start(args: argparse.Namespace) -> int:
     home = pathlib.Path(args.home).expanduser().resolve()
     node_config["state-dir"] = str(pathlib.Path(args.state_dir).expanduser().resolve() if args.state_dir
                                    else home / "state")
-    if args.policy:
-        node_config["policy"] = str(pathlib.Path(args.policy).expanduser().resolve())
+    from fedclient.policy import BUILT_IN
+
+    node_config["policy"] = str(pathlib.Path(args.policy).expanduser().resolve()) if args.policy else BUILT_IN
     if args.search_index:
         node_config["search-index"] = str(pathlib.Path(args.search_index).expanduser().resolve())
     if args.querier_key:
@@ -352,7 +353,7 @@ def start(args: argparse.Namespace) -> int:
         console.print(f"encrypted search: {len(vectors)} documents in {policy.search.index}, "
                       f"{policy.search.limits.query_budget} queries per querier")
     privacy = policy.privacy
-    console.print("site policy " + (policy.source or "(built-in default: the run's own settings)") + ": local DP "
+    console.print(f"site policy {policy.source}: local DP "
                   + (f"required (epsilon <= {privacy.max_epsilon_per_run:g} per run, {privacy.max_epsilon_lifetime:g} "
                      f"over the ledger's life)" if privacy.required else "not required")
                   + f"; evaluation {policy.evaluation_mode}; state in {node_config['state-dir']}")
@@ -438,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                      "site runs must carry (the coordinator's publisher.key.pub); unsigned apps are refused before "
                      "any of their code runs")
     run.add_argument("--policy", default="", help="this site's policy (TOML, from `fedclient policy init`): what it "
-                     "accepts, whatever the coordinator asks; default: the run's own settings")
+                     "accepts, whatever the coordinator asks; default: the built-in policy `fedclient policy init` "
+                     "writes (local DP required, evaluation refused)")
     run.add_argument("--state-dir", default="", help="where this site keeps its privacy ledger and search records "
                      "(default: HOME/state)")
     run.add_argument("--data", default="", help="this site's own labelled text: a directory of CSV/JSONL files "

@@ -6,10 +6,14 @@ the site's node config, never from a run config or an instruction, which the coo
 validates one. A run that asks for something the policy forbids is declined with a reason naming
 the policy key (``site policy privacy.required: ...``), never the site's data.
 
-Without a policy file a site imposes nothing beyond the run's own settings (as a simulation's
-virtual sites do); the flags ``fedclient start --dp-epsilon/--dp-delta/--clip/--dp-noise-multiplier``
-only tighten (any of them makes local DP required), ``--dp-ledger`` names the ledger file and
-``--search-index/--querier-key/--query-budget`` fill the ``[search]`` table.
+``fedclient start`` without ``--policy`` enforces :data:`DEFAULT_POLICY` itself (local DP required,
+ε ≤ 4 per run and 16 over the site's life, evaluation refused): a site opts out of a guarantee
+only by writing a policy that says so. Only a simulation's virtual sites, which no ``fedclient
+start`` launched, take the run's own settings. The flags ``fedclient start --dp-epsilon/--dp-delta/
+--clip/--dp-noise-multiplier`` only tighten (any of them makes local DP required; ``--dp-epsilon``
+caps the run and the site's lifetime), ``--dp-ledger`` names the ledger file and
+``--search-index/--querier-key/--query-budget`` fill the ``[search]`` table (a budget flag can only
+lower the policy's).
 """
 
 from __future__ import annotations
@@ -122,10 +126,10 @@ class SitePolicy:
 
     # ---- decisions -------------------------------------------------------------------------
     def check_training(self, task: str, strategy: str) -> None:
-        """PolicyRefusal unless this site trains ``task`` with ``strategy``."""
+        """PolicyRefusal unless this site trains ``task`` with ``strategy`` ("" checks the task only)."""
         if self.tasks and task not in self.tasks:
             raise PolicyRefusal("training.tasks", f"this site does not train task '{task}'")
-        if self.strategies and strategy not in self.strategies:
+        if strategy and self.strategies and strategy not in self.strategies:
             raise PolicyRefusal("training.strategies", f"this site does not train with strategy '{strategy}'")
 
     def reported_examples(self, count: int) -> int:
@@ -175,7 +179,7 @@ class SitePolicy:
                 mechanisms=typed(private, "mechanisms", tuple, list(default.mechanisms), "privacy"),
                 max_epsilon_per_run=typed(private, "max-epsilon-per-run", float, math.inf, "privacy"),
                 max_epsilon_lifetime=typed(private, "max-epsilon-lifetime", float, math.inf, "privacy"),
-                max_delta=typed(private, "max-delta", float, 1.0, "privacy"),
+                max_delta=typed(private, "max-delta", float, default.max_delta, "privacy"),
                 max_clip=typed(private, "max-clip", float, math.inf, "privacy"),
                 min_noise_multiplier=typed(private, "min-noise-multiplier", float, 0.0, "privacy"),
             )
@@ -224,8 +228,10 @@ class SitePolicy:
         (and make DP required), the others set what they name."""
         privacy, changes = self.privacy, {}
         tightened = {}
-        if "dp-epsilon" in node_config:
-            tightened["max_epsilon_per_run"] = min(privacy.max_epsilon_per_run, float(node_config["dp-epsilon"]))
+        if "dp-epsilon" in node_config:  # one budget for this site's whole ledger, as before policies existed
+            budget = float(node_config["dp-epsilon"])
+            tightened["max_epsilon_per_run"] = min(privacy.max_epsilon_per_run, budget)
+            tightened["max_epsilon_lifetime"] = min(privacy.max_epsilon_lifetime, budget)
         if "dp-delta" in node_config:
             tightened["max_delta"] = min(privacy.max_delta, float(node_config["dp-delta"]))
         if "clip" in node_config:
@@ -246,7 +252,7 @@ class SitePolicy:
         if "query-budget" in node_config:
             budget = int(node_config["query-budget"])
             search = replace(search, limits=replace(search.limits, query_budget=min(budget, search.limits.query_budget)
-                                                    if self.source else budget))
+                                                    if self.source else budget))  # a file's budget only drops
         if search is not self.search:
             changes["search"] = search
         return replace(self, **changes) if changes else self
@@ -273,17 +279,30 @@ def _load_cached(path: str, _mtime_ns: int) -> SitePolicy:
     return SitePolicy.load(path)
 
 
+BUILT_IN = "built-in"
+"""The node config's ``policy`` when ``fedclient start`` got no ``--policy``: :data:`DEFAULT_POLICY`."""
+
+
 def site_policy(node_config: Mapping[str, Any]) -> SitePolicy:
-    """The policy a ClientApp enforces: the file named by the node config's ``policy`` (set by
-    ``fedclient start --policy``), else the built-in default, with the node config's flags applied."""
+    """The policy a ClientApp enforces: the file named by the node config's ``policy`` (``fedclient
+    start --policy``; ``built-in`` without one: :data:`DEFAULT_POLICY`, local DP required), with the
+    node config's flags applied. A node config without ``policy`` (a simulation's virtual site)
+    gets :class:`SitePolicy`'s defaults: the run's own settings."""
     path = str(node_config.get("policy", "") or "")
     policy = SitePolicy()
-    if path:
+    if path == BUILT_IN:
+        policy = _built_in()
+    elif path:
         try:
             policy = _load_cached(path, os.stat(path).st_mtime_ns)
         except OSError as err:
             raise ValueError(f"cannot read the site policy {path} ({err})") from err
     return policy.with_node_config(node_config)
+
+
+@functools.lru_cache(maxsize=1)
+def _built_in() -> SitePolicy:
+    return SitePolicy.from_toml(DEFAULT_POLICY, "the built-in default policy")
 
 
 def write_default(path: str | os.PathLike) -> pathlib.Path:
@@ -296,5 +315,5 @@ def write_default(path: str | os.PathLike) -> pathlib.Path:
     return target
 
 
-__all__ = ["DEFAULT_POLICY", "DP_MECHANISMS", "EVALUATION_MODES", "SearchPolicy", "SitePolicy", "site_policy",
+__all__ = ["BUILT_IN", "DEFAULT_POLICY", "DP_MECHANISMS", "EVALUATION_MODES", "SearchPolicy", "SitePolicy", "site_policy",
            "write_default"]

@@ -54,8 +54,13 @@ def site_searcher(policy: SitePolicy, state_dir: str | None) -> SiteSearcher:
     except VectorStoreError as err:
         print(f"fedtune site: its vector store cannot be read: {err}", file=sys.stderr, flush=True)
         raise SearchError("this site's vector store cannot be read (its log says why)") from None
+    try:
+        trusted = load_trusted_key(pathlib.Path(search.querier_key))
+    except SearchError as err:
+        print(f"fedtune site: {err}", file=sys.stderr, flush=True)
+        raise SearchError("this site's trusted querier key cannot be read (its log says why)") from None
     state = pathlib.Path(state_dir) / "search" if state_dir else store.source / INDEX_DIR
-    return SiteSearcher(vectors, ids, [load_trusted_key(pathlib.Path(search.querier_key))],
+    return SiteSearcher(vectors, ids, [trusted],
                         SearchLedger(state / "search-ledger.json", search.limits), key_dir=state / "keys",
                         cache_dir=store.source / INDEX_DIR)
 

@@ -4,7 +4,6 @@ runs :class:`~fedserver.strategy.AlgorithmStrategy` for the configured number of
 from __future__ import annotations
 
 import os
-import pathlib
 import threading
 import traceback
 from collections.abc import Callable, Mapping
@@ -98,8 +97,6 @@ def run_federation(
         store.annotate_run(run_id, {"flower-run-id": str(flower_run_id)})
     if on_run_created:
         on_run_created(run_id)
-    if privacy:
-        settings.message_config["run-id"] = run_id
     strategy = AlgorithmStrategy(
         algorithm, settings, store=store, run_id=run_id, central_evaluate=central_evaluate, observer=observer,
         layers=layers, enrolled=enrolled_names(store),
@@ -139,7 +136,11 @@ def coordinator_config(config: Mapping[str, Any]) -> dict[str, Any]:
     path of the coordinator's has to travel in the run config that every site receives."""
     config = dict(config)
     if os.environ.get("FEDTUNE_DEPLOYMENT"):
-        config["store"] = f"sqlite:///{pathlib.Path(os.environ['FEDTUNE_DEPLOYMENT']).resolve() / 'store.db'}"
+        from fedserver.deployment import Deployment, enrolled_sites
+
+        deployment = Deployment.load(os.environ["FEDTUNE_DEPLOYMENT"])
+        enrolled_sites(deployment)  # moves enrolments an older fedtune kept in sites.json into the store
+        config["store"] = deployment.store_url
     return config
 
 

@@ -87,13 +87,21 @@ def deployment_command(args: argparse.Namespace) -> int:
                              str(r.get("elapsed", "")))
             console.print(nodes)
             console.print(runs)
+    elif args.command == "app-hash":
+        from fedclient.app_trust import fab_hash
+        from fedserver.app_package import build_fab, stage_app
+
+        app = stage_app(deployment.directory / "apps")
+        digest = fab_hash(build_fab(app))
+        console.print(f"app {app}\nFAB sha256 {digest}\n"
+                      f"review the files in {app}, then sign: `fedserver sign-app KEY {digest}`", soft_wrap=True)
     elif args.command == "run":
         config = {"strategy": args.strategy, "num-server-rounds": args.rounds, "task": args.task}
         for item in args.run_config:
             for pair in item.split():
                 key, _, value = pair.partition("=")
                 config[key] = _typed(value)
-        result = dep.submit(deployment, config, stream=True)
+        result = dep.submit(deployment, config, stream=True, signature=args.signature or None)
         print(result.stdout, end="")
         if result.returncode != 0:
             err_console.print(result.stderr.strip()[-2000:])
@@ -109,8 +117,17 @@ def search_command(args: argparse.Namespace) -> int:
     from privacy.vector_search import SearchError
 
     try:
-        result = dep.search(dep.Deployment.load(args.directory), args.query, k=args.k, backend=args.backend,
+        if args.query_file:
+            text = pathlib.Path(args.query_file).read_text(encoding="utf-8")
+        else:  # stdin, so the text never sits on a command line other users can read with `ps`
+            if sys.stdin.isatty():
+                err_console.print("query (end with Enter, then Ctrl-D):")
+            text = sys.stdin.read()
+        result = dep.search(dep.Deployment.load(args.directory), text, k=args.k, backend=args.backend,
                             row_bound=args.row_bound)
+    except OSError as err:
+        err_console.print(f"[red]error:[/] cannot read the query ({err})")
+        return 2
     except (dep.DeploymentError, SearchError) as err:
         err_console.print(f"[red]error:[/] {err}")
         return 2
@@ -141,12 +158,17 @@ def console_command(args: argparse.Namespace) -> int:
             deployment = Deployment.load(args.directory)
         store_url = deployment.store_url if deployment else args.store
         token = args.token or secrets.token_urlsafe(24)
-        hosts = list(dict.fromkeys([args.host, *LOOPBACK_HOSTS, *args.allowed_host]))
+        hosts = list(dict.fromkeys([args.host, *LOOPBACK_HOSTS, *(deployment.hosts if deployment else []),
+                                    *args.allowed_host]))
         tls = {}
         if args.tls:
             if deployment is None:
                 raise DeploymentError("--tls serves the deployment's certificate: give the deployment DIR")
             tls = {"ssl_certfile": str(deployment.tls / "server.pem"), "ssl_keyfile": str(deployment.tls / "server.key")}
+        elif args.host not in LOOPBACK_HOSTS:
+            raise DeploymentError(f"--host {args.host} is not loopback: the token and session would cross the network "
+                                  "in clear; add --tls (the deployment's certificate), or keep 127.0.0.1 and reach "
+                                  "it through an SSH tunnel")
         app = create_app(store_url, deployment=deployment, token=token, hosts=hosts,
                          log_dir=(deployment.directory if deployment else pathlib.Path.cwd()) / "console-logs")
     except (DeploymentError, StoreError, RuntimeError) as err:
@@ -202,13 +224,25 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--rounds", type=int, default=DEFAULT_RUN_CONFIG["num-server-rounds"])
     run.add_argument("--task", default=DEFAULT_RUN_CONFIG["task"])
     run.add_argument("--run-config", action="append", default=[], help="extra run config, e.g. 'codec=\"q8\"'")
+    run.add_argument("--signature", default="", help="a publisher's signature over the app's FAB hash, made offline "
+                     "(`fedserver sign-app`); default: signed with DIR/publisher.key")
+    app_hash = sub.add_parser("app-hash", help="stage the app (code only) and print its FAB hash, to review and "
+                              "sign it offline")
+    app_hash.add_argument("directory")
+    sign = sub.add_parser("sign-app", help="sign a FAB hash with a publisher key (Ed25519 PEM); prints the signature",
+                          description="Sign the FAB hash `fedserver app-hash` printed. Whoever holds KEY vouches "
+                          "for that exact app; sites pin KEY.pub with `fedclient start --trusted-publisher`.")
+    sign.add_argument("key", help="the publisher's private key (created if absent, with KEY.pub)")
+    sign.add_argument("fab_hash", help="the SHA-256 `fedserver app-hash` printed")
     find = sub.add_parser("search", help="one encrypted top-k query across the sites' document stores",
-                          description="Embed the query with MiniLM, encrypt it under a fresh CKKS key epoch (the secret "
-                          "key stays here) and ask every site of the deployment; sites score all their rows under "
-                          "encryption; the global top-k and the winning documents' ids are printed. Sites must trust "
-                          "DIR/querier.key.pub (fedclient start --querier-key).")
+                          description="Read the query from standard input (or --query-file; never from the command "
+                          "line, which other users of this host can read), embed it with MiniLM and encrypt it under "
+                          "the deployment's current CKKS key epoch (made on the first search and reused until it "
+                          "expires; the secret key stays here), and ask every site of the deployment; sites score "
+                          "all their rows under encryption; the global top-k and the winning documents' ids are "
+                          "printed. Sites must trust DIR/querier.key.pub (fedclient start --querier-key).")
     find.add_argument("directory", help="the deployment directory")
-    find.add_argument("query", help="the query text")
+    find.add_argument("--query-file", default="", help="read the query text from this file instead of stdin")
     find.add_argument("--k", type=int, default=10, help="how many documents to return")
     find.add_argument("--backend", default="auto", choices=("auto", "pyfhel", "tenseal"), help="CKKS library")
     find.add_argument("--row-bound", type=int, default=10_000, help="public bound on rows per site (results are "
@@ -235,7 +269,21 @@ def main(argv: list[str] | None = None) -> int:
         return console_command(args)
     if args.command == "search":
         return search_command(args)
-    if args.command in ("init", "start", "stop", "status", "enrol", "run"):
+    if args.command == "sign-app":
+        from fedclient.app_trust import sign_fab
+        from privacy.signing import KeyFileError, load_or_create_private_key
+
+        if len(args.fab_hash) != 64 or any(c not in "0123456789abcdef" for c in args.fab_hash):
+            err_console.print(f"[red]error:[/] '{args.fab_hash}' is not a SHA-256 hex digest")
+            return 2
+        try:
+            key = load_or_create_private_key(pathlib.Path(args.key))
+        except KeyFileError as err:
+            err_console.print(f"[red]error:[/] {err}")
+            return 2
+        print(sign_fab(key, args.fab_hash))
+        return 0
+    if args.command in ("init", "start", "stop", "status", "enrol", "run", "app-hash"):
         try:
             return deployment_command(args)
         except DeploymentError as err:

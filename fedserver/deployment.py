@@ -291,9 +291,16 @@ def enrolled_sites(deployment: Deployment) -> dict[str, dict[str, str]]:
     """Sites enrolled through ``fedserver enrol``: name → node id, key fingerprint, date."""
     from fedserver.store import RunStore
 
+    store = RunStore(deployment.store_url)
+    legacy = deployment.directory / "sites.json"  # where enrolments lived before the store held them
+    if legacy.is_file():
+        for name, info in json.loads(legacy.read_text()).items():
+            if name not in {row.name for row in store.enrolled_sites()}:
+                store.enrol_site(name, int(info["node-id"]), str(info.get("fingerprint", "")), "")
+        legacy.rename(legacy.with_name("sites.json.migrated"))
     return {row.name: {"node-id": row.node_id, "fingerprint": row.fingerprint,
                        "enrolled-at": row.enrolled_at.strftime("%Y-%m-%dT%H:%M:%SZ")}
-            for row in RunStore(deployment.store_url).enrolled_sites()}
+            for row in store.enrolled_sites()}
 
 
 def status(deployment: Deployment) -> dict[str, Any]:
@@ -322,24 +329,29 @@ def run_config_text(config: Mapping[str, Any]) -> str:
 
 
 def submit(deployment: Deployment, config: Mapping[str, Any], *, stream: bool = True,
-           timeout: float | None = None) -> subprocess.CompletedProcess:
+           timeout: float | None = None, signature: str | None = None) -> subprocess.CompletedProcess:
     """``flwr run`` the fedtune app on this deployment with ``config`` (the ServerApp uses the
     deployment's store: :func:`fedserver.app.coordinator_config`)."""
-    command = run_command(deployment, config) + (["--stream"] if stream else [])
+    command = run_command(deployment, config, signature) + (["--stream"] if stream else [])
     return subprocess.run(command, env=environment(deployment.flwr_home), cwd=deployment.directory,
                           timeout=timeout, text=True, capture_output=True, check=False)
 
 
-def run_command(deployment: Deployment, config: Mapping[str, Any]) -> list[str]:
+def run_command(deployment: Deployment, config: Mapping[str, Any], signature: str | None = None) -> list[str]:
     """The ``flwr run`` command line submitting the fedtune app (code only, staged in ``DIR/apps``)
-    with ``config`` and the publisher's signature over the app's FAB hash (``fab-signature``)."""
+    with ``config`` and a publisher's signature over the app's FAB hash (``fab-signature``): the one
+    given (made offline by whoever reviews releases: ``fedserver app-hash`` / ``fedserver sign-app``),
+    else this deployment's ``publisher.key``'s."""
     from fedclient.app_trust import SIGNATURE_KEY
-    from fedserver.app_package import signed_app
+    from fedserver.app_package import signed_app, stage_app
 
     if "store" in config or SIGNATURE_KEY in config:
         raise DeploymentError("a deployment's runs use its own store and signature; drop 'store' and "
-                              f"'{SIGNATURE_KEY}' from the run config")
-    app, _, signature = signed_app(deployment.directory / "apps", deployment.directory / "publisher.key")
+                              f"'{SIGNATURE_KEY}' from the run config (`fedserver run --signature` passes one)")
+    if signature:
+        app = stage_app(deployment.directory / "apps")
+    else:
+        app, _, signature = signed_app(deployment.directory / "apps", deployment.directory / "publisher.key")
     return [flower_command("flwr"), "run", str(app), CONNECTION,
             "--run-config", run_config_text({**config, SIGNATURE_KEY: signature})]
 

@@ -83,7 +83,14 @@ def text_digest(base: pathlib.Path, text: str) -> str:
     """HMAC-SHA256 of ``text`` under the deployment's secret salt (``base/search-salt``, created 0600)."""
     salt_file = base / "search-salt"
     if not salt_file.exists():
-        write_atomic(salt_file, secrets.token_bytes(32))
+        try:  # O_EXCL: two first searches at once end up with one salt
+            descriptor = os.open(salt_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(secrets.token_bytes(32))
+                handle.flush()
+                os.fsync(handle.fileno())
+        except FileExistsError:
+            pass
     return hmac.new(salt_file.read_bytes(), text.encode(), hashlib.sha256).hexdigest()
 
 

@@ -367,7 +367,9 @@ class RunStore:
             return list(session.scalars(query.order_by(SearchRow.id)))
 
     def add_search_request(self, request_id: str, payload: bytes) -> None:
+        """Store an encrypted search request; requests nobody ran within a day are deleted."""
         with self._session.begin() as session:
+            session.execute(delete(SearchRequestRow).where(SearchRequestRow.created_at < now() - dt.timedelta(days=1)))
             session.add(SearchRequestRow(id=request_id, created_at=now(), payload=payload))
 
     def take_search_request(self, request_id: str) -> bytes:

@@ -64,7 +64,6 @@ from privacy.refusal import PolicyRefusal
 
 DP_MECHANISMS = ("off", "gaussian", "laplace")
 PASSTHROUGH_METRICS = (BUDGET_METRIC,)  # site configuration, not data
-RUN_KEYS = ("dp", "dp-epsilon", "dp-delta", "clip", "dp-noise-multiplier", "dp-releases")
 
 
 @dataclass(frozen=True)
@@ -74,16 +73,18 @@ class SitePrivacy:
 
     ``required``: refuse any run without local DP. ``mechanisms``: the ones it accepts.
     ``max_epsilon_per_run`` / ``max_epsilon_lifetime``: ε caps for one run and over every run the
-    site's ledger ever recorded; ``max_delta``: the largest δ (also the δ of the lifetime account);
-    ``max_clip``: the largest clip norm; ``min_noise_multiplier``: the least noise it adds. The
-    defaults (no policy) impose nothing beyond the run's own settings.
+    site's ledger ever recorded; ``max_delta``: the largest δ, and always the δ at which the
+    lifetime account is kept (so the coordinator can never re-value the site's past spending at a
+    large δ); ``max_clip``: the largest clip norm; ``min_noise_multiplier``: the least noise it
+    adds. The ε defaults impose nothing beyond the run's own settings (a simulation's virtual
+    sites); ``fedclient start`` gives a real site its policy.
     """
 
     required: bool = False
     mechanisms: tuple[str, ...] = ("gaussian", "laplace")
     max_epsilon_per_run: float = math.inf
     max_epsilon_lifetime: float = math.inf
-    max_delta: float = 1.0
+    max_delta: float = 1e-5
     max_clip: float = math.inf
     min_noise_multiplier: float = 0.0
 
@@ -94,7 +95,7 @@ class SitePrivacy:
         for name in ("max_epsilon_per_run", "max_epsilon_lifetime", "max_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"privacy.{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not 0 < self.max_delta <= 1:
+        if not 0 < self.max_delta < 1:
             raise ValueError(f"privacy.max-delta must be in (0, 1), got {self.max_delta}")
         if not (self.min_noise_multiplier >= 0 and math.isfinite(self.min_noise_multiplier)):
             raise ValueError(f"privacy.min-noise-multiplier must be >= 0, got {self.min_noise_multiplier}")
@@ -149,11 +150,8 @@ class LdpSettings:
             raise ValueError(f"dp-noise-multiplier must be >= 0 (0: calibrate), got {noise}")
         if site.min_noise_multiplier:
             noise = max(noise, site.min_noise_multiplier)
-        if delta >= 1:
-            raise ValueError(f"dp-delta must be below 1, got {delta}")
-        lifetime_delta = site.max_delta if site.max_delta < 1 else delta
-        return cls(mechanism, epsilon, delta, clip, noise, max(1, int(run.get("dp-releases", 1))),
-                   run_key or str(run.get("run-id", "")), site.max_epsilon_lifetime, lifetime_delta)
+        return cls(mechanism, epsilon, delta, clip, noise, max(1, int(run.get("dp-releases", 1))), run_key,
+                   site.max_epsilon_lifetime, site.max_delta)
 
     @property
     def enabled(self) -> bool:
@@ -261,11 +259,12 @@ class LocalPrivacy(WrappedAlgorithm):
                 payload, instruction, settings, ledger, rng,
                 shapes={k: tuple(p.shape) for k, p in model.named_parameters()}, client_state=client_state,
             )
-            lifetime = ledger.charge(server_round, settings.run, releases, settings.epsilon, settings.delta)
+            ledger.charge(server_round, settings.run, releases, settings.epsilon, settings.delta)
             spent = ledger.spent_in_run(settings.run, settings.delta)
         metrics = {k: v for k, v in payload.metrics.items() if k in PASSTHROUGH_METRICS}
+        # this run's spending only: what the site spent for other runs or coordinators stays local
         metrics.update({"dp-epsilon-spent": spent, "dp-epsilon-budget": settings.epsilon, "dp-delta": settings.delta,
-                        "dp-clip": settings.clip, "dp-epsilon-lifetime": lifetime, **figures})
+                        "dp-clip": settings.clip, **figures})
         return Payload(arrays, 1, metrics)
 
     def privatize(

@@ -386,7 +386,13 @@ class SearchLedger:
             return result
 
     def used(self, querier: bytes) -> dict[str, int]:
-        return dict(self._update(lambda data: data["queriers"].get(fingerprint(querier), {"queries": 0, "rows": 0})))
+        if self.path is None:
+            data = self._memory
+        else:
+            with locked(self.path) as state:
+                text = state.read_text()
+            data = json.loads(text) if text else {"queriers": {}}
+        return dict(data["queriers"].get(fingerprint(querier), {"queries": 0, "rows": 0}))
 
     def remaining(self, querier: bytes) -> int:
         return max(self.limits.query_budget - self.used(querier)["queries"], 0)
@@ -530,7 +536,8 @@ class SiteSearcher:
 
     def answer(self, query: EncryptedQuery) -> list[bytes]:
         """Encrypted scores of every row (padded to the query's row bound) for a valid query; the
-        querier's budget is charged (durably) before any computation."""
+        querier's budget is charged (durably) before anything that depends on the site's data, so a
+        refusal that reveals something (e.g. more rows than the bound) costs a query too."""
         if query.querier not in self.trusted_queriers:
             raise SearchError(f"query from querier {fingerprint(query.querier)}, which this site does not trust")
         _verify(query.querier, query.signature, query.digest(), f"query {query.query_id}")
@@ -541,14 +548,14 @@ class SiteSearcher:
             raise PolicyRefusal("search.max-rows-per-query", f"the query's row bound is {query.row_bound}; this "
                                 f"site pads results to at most {self.limits.max_rows_per_query} rows")
         bundle = self._bundle(query.key_id)
+        self.ledger.charge_query(query)  # from here on any answer, a refusal included, says something of the data
         if len(self.vectors) == 0:
             raise SearchError("this site's vector store is empty: build it with `fedclient index DIR`")
         if len(self.vectors) > query.row_bound:
             raise SearchError(f"this site holds more rows than the query's row bound {query.row_bound}; ask with "
                               "a larger bound")
         if self.vectors.shape[1] >= bundle.params.block:
-            raise SearchError(f"vectors of dimension {self.vectors.shape[1]} do not fit the epoch's block")
-        self.ledger.charge_query(query)
+            raise SearchError("this site's vectors do not fit the epoch's block")
         try:
             backend, context = self._context(query.key_id, bundle)
             chunks = chunks_for(query.row_bound, backend.rows_per_ciphertext())

@@ -46,6 +46,9 @@ def test_the_fab_holds_the_package_code_only_even_from_a_tree_full_of_deployment
         assert str(path.relative_to(tree)) not in names
     assert not any("coord" in n or "site-" in n or "store.db" in n or n.endswith((".json", ".jsonl")) for n in names)
     assert len(fab) < 2_000_000
+    installed = package_files()  # the default: found from the installed packages, wherever we run from
+    assert installed and {path.split("/")[0] for path in installed} == set(PACKAGES)
+    assert all(path.endswith(".py") and file.is_file() for path, file in installed.items())
 
 
 def test_the_signature_covers_the_fab_flower_builds(tmp_path: pathlib.Path) -> None:

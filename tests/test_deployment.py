@@ -147,6 +147,8 @@ def test_a_tls_deployment_survives_a_killed_site_and_a_killed_coordinator(tmp_pa
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     from fedclient.cli import index
 
+    policy = tmp_path / "no-dp-policy.toml"  # these sites opt out of the built-in policy's required DP
+    policy.write_text('[privacy]\nrequired = false\n[evaluation]\nmode = "exact"\n')
     for number, name in enumerate(names[:3]):  # each site's private document store for encrypted search
         _write_documents(tmp_path / name / "docs", offset=40 * number)
         assert index(str(tmp_path / name / "docs"), "", row_bound=1000) == 0
@@ -156,7 +158,7 @@ def test_a_tls_deployment_survives_a_killed_site_and_a_killed_coordinator(tmp_pa
             "--partition-id", str(names.index(name) % 2), "--num-partitions", "2"]
         command = _fedclient(
             "start", "--superlink", f"127.0.0.1:{fleet}", "--ca", str(coord.tls / "ca.crt"),
-            "--trusted-publisher", str(coord.directory / "publisher.key.pub"),
+            "--trusted-publisher", str(coord.directory / "publisher.key.pub"), "--policy", str(policy),
             *(["--search-index", str(tmp_path / name / "docs"), "--querier-key", str(coord.directory / "querier.key.pub")]
               if name != "rogue" else []),
             "--key", str(sites[name][0]), *data, "--site-name", name, "--port", str(port),
@@ -253,7 +255,7 @@ def test_a_tls_deployment_survives_a_killed_site_and_a_killed_coordinator(tmp_pa
         # the app each site installed is code only: no site's data, no coordinator file
         installed = [p for n in ("site-a", "site-b", "site-c") for p in (tmp_path / n / "home").rglob("*")
                      if p.is_file() and "apps" in p.parts]
-        assert installed and all(p.suffix in (".py", ".toml", "") and p.name != "articles.csv" for p in installed), \
+        assert installed and all(p.suffix in (".py", ".toml") or p.name == "CONTENT" for p in installed), \
             sorted({p.name for p in installed if p.suffix not in (".py", ".toml")})
 
         # one encrypted search: the query text never reaches a site, the SuperLink, a log or the store

@@ -111,6 +111,30 @@ def test_a_weaker_epsilon_or_delta_than_the_policy_gets_the_policys(app, tmp_pat
     assert LedgerFile(tmp_path / "state" / "privacy-ledger.json", 5.0, 1e-6).read().spent() <= 5.0
 
 
+def test_a_site_started_with_dp_flags_or_a_policy_without_delta_keeps_delta_and_lifetime(app, tmp_path,
+                                                                                       flower_identity) -> None:
+    """``fedclient start --dp-epsilon 2`` caps the run and the site's lifetime at ε = 2, and the δ of
+    every account is the site's (1e-5 unless its policy says less): a coordinator asking
+    ``dp-delta = 0.9`` or starting new runs gets neither weaker noise nor a fresh budget."""
+    from fedclient.policy import BUILT_IN, site_policy
+
+    flags = {**NODE, "dp-epsilon": 2.0, "state-dir": str(tmp_path / "flags")}
+    assert (site_policy(flags).privacy.max_epsilon_lifetime, site_policy(flags).privacy.max_delta) == (2.0, 1e-5)
+    metrics = dict(_deliver(app, "train", _train_content({**DP_RUN, "dp-delta": 0.9}), flags).content["metrics"])
+    assert metrics["dp-delta"] == 1e-5 and metrics["dp-epsilon-budget"] == 2.0
+    for run_id in range(20, 30):  # fresh Flower runs (or resumes) do not reset the budget
+        reply = _deliver(app, "train", _train_content({**DP_RUN, "dp-delta": 0.9, "dp-releases": 1}), flags,
+                         run_id=run_id)
+        if refusal_reason(reply.content):
+            break
+    assert "lifetime" in refusal_reason(reply.content)
+    assert LedgerFile(tmp_path / "flags" / "privacy-ledger.json", 2.0, 1e-5).read().spent() <= 2.0
+    partial = {**NODE, "policy": _policy(tmp_path, "[privacy]\nrequired = true\nmax-epsilon-lifetime = 3.0\n")}
+    assert site_policy(partial).privacy.max_delta == 1e-5  # not the run's to choose
+    built_in = site_policy({**NODE, "policy": BUILT_IN})  # `fedclient start` without --policy
+    assert built_in.privacy.required and built_in.evaluation_mode == "refuse"
+
+
 def test_federated_evaluation_is_refused_or_noised_and_charged(app, tmp_path, flower_identity) -> None:
     from fedclient.tasks import get_task
 
@@ -125,18 +149,18 @@ def test_federated_evaluation_is_refused_or_noised_and_charged(app, tmp_path, fl
     node = {**NODE, "state-dir": str(tmp_path / "state"), "policy": _policy(noised_policy, """
         [privacy]
         required = true
-        max-epsilon-lifetime = 50.0
+        max-epsilon-lifetime = 100000.0
         max-delta = 1e-6
         [evaluation]
         mode = "noised"
-        noise-multiplier = 4.0
+        noise-multiplier = 0.1  # small enough not to clamp: values differ
     """)}
     exact = dict(_deliver(app, "evaluate", content, NODE).content["metrics"])  # a site with no policy
     noisy = [dict(_deliver(app, "evaluate", content, node).content["metrics"]) for _ in range(3)]
     assert all(m["num-examples"] == 1 and 0 <= m["accuracy"] <= 1 for m in noisy)
     assert len({m["accuracy"] for m in noisy}) > 1 and any(m["accuracy"] != exact["accuracy"] for m in noisy)
-    ledger = LedgerFile(tmp_path / "state" / "privacy-ledger.json", 50.0, 1e-6).read()
-    assert len(ledger.entries) == 3 and all(e.release.parameter == 4.0 for e in ledger.entries)  # charged
+    ledger = LedgerFile(tmp_path / "state" / "privacy-ledger.json", 1e5, 1e-6).read()
+    assert len(ledger.entries) == 3 and all(e.release.parameter == 0.1 for e in ledger.entries)  # charged
 
 
 def test_example_counts_are_capped_and_refusals_never_quote_site_data(app, tmp_path, flower_identity) -> None:
@@ -250,31 +274,34 @@ def _search_message(app, kind: str, node: dict, run_config: dict, **fields) -> M
 
 
 def test_budget_index_and_key_paths_in_the_run_config_are_ignored(app, search_site, tmp_path, flower_identity) -> None:
-    from privacy.vector_search import Querier
+    """The site's budget, index and trusted key come from its policy file alone: the same settings
+    in the run config (where the coordinator used to be able to put them) change nothing."""
+    from privacy.vector_search import KeyEpoch, Querier
 
     root, docs, identity, attacker, epoch = search_site
-    node = {"search-index": str(docs), "search-querier-key": str(root / "querier.key.pub"), "query-budget": 1,
-            "state-dir": str(tmp_path / "state")}
+    policy = _policy(tmp_path, f"""
+        [search]
+        index = "{docs}"
+        querier-key = "{root / 'querier.key.pub'}"
+        query-budget = 2
+    """)
+    node = {"policy": policy, "state-dir": str(tmp_path / "state")}  # no search flags at all
     hostile = {"task": "tiny", "query-budget": 1_000_000, "search-index-root": str(tmp_path / "elsewhere"),
-               "search-index": "/etc", "search-querier-key": str(root / "attacker.key.pub"),
-               "search-querier": str(root / "attacker.key.pub")}
-    reply = _search_message(app, "keys", node, hostile, bundle=epoch.bundle.to_bytes())
-    assert refusal_reason(reply.content) is None
-    own = KeyEpochOf(attacker)
-    refused = _search_message(app, "keys", node, hostile, bundle=own.bundle.to_bytes())
+               "search-index": "/etc", "search-querier-key": str(root / "attacker.key.pub")}
+    assert refusal_reason(_search_message(app, "keys", node, hostile, bundle=epoch.bundle.to_bytes()).content) is None
+    foreign = KeyEpoch.create(attacker, "tenseal")
+    refused = _search_message(app, "keys", node, hostile, bundle=foreign.bundle.to_bytes())
     assert "does not trust" in refusal_reason(refused.content)  # the run config's key is not trusted
     querier = Querier(identity, epoch)
     vector = np.random.default_rng(0).normal(size=384)
-    first = _search_message(app, "query", node, hostile, **querier.encrypt(vector, k=2, row_bound=100).to_record())
-    assert refusal_reason(first.content) is None and len(first.content["search-reply"]["results"]) == 1
-    second = _search_message(app, "query", node, hostile, **querier.encrypt(vector, k=2, row_bound=100).to_record())
-    assert "query budget exhausted" in refusal_reason(second.content)  # the site's budget of 1, not 1,000,000
-
-
-def KeyEpochOf(identity):  # noqa: N802
-    from privacy.vector_search import KeyEpoch
-
-    return KeyEpoch.create(identity, "tenseal")
+    for _ in range(2):
+        answer = _search_message(app, "query", node, hostile, **querier.encrypt(vector, k=2, row_bound=100).to_record())
+        assert refusal_reason(answer.content) is None and len(answer.content["search-reply"]["results"]) == 1
+    third = _search_message(app, "query", node, hostile, **querier.encrypt(vector, k=2, row_bound=100).to_record())
+    assert "query budget exhausted" in refusal_reason(third.content)  # the policy's 2, not 1,000,000
+    bare = {"state-dir": str(tmp_path / "bare")}  # a site that offers no search: the run config cannot add one
+    assert "search.index" in refusal_reason(_search_message(app, "keys", bare, hostile,
+                                                             bundle=epoch.bundle.to_bytes()).content)
 
 
 def test_fetch_of_rows_not_answered_or_more_than_k_is_refused(app, search_site, tmp_path, flower_identity) -> None:
@@ -301,7 +328,7 @@ def test_fetch_of_rows_not_answered_or_more_than_k_is_refused(app, search_site, 
 
 
 # ---- identity: the enrolled name, bound to the key -------------------------------------------------------
-def test_a_site_claiming_another_enrolled_name_is_refused() -> None:
+def test_a_site_claiming_another_enrolled_name_is_refused(flower_identity) -> None:
     from fedserver.strategy import AlgorithmStrategy, stable_client_id
     from tests.grids import IdentifyingGrid
 

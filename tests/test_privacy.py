@@ -46,7 +46,7 @@ from privacy.refusal import PolicyRefusal
 from tests.toy import ToyData, ToyModel, toy_state
 
 RUN = {"dp": "gaussian", "dp-epsilon": 8.0, "dp-delta": 1e-5, "clip": 1.0, "dp-noise-multiplier": 0.0,
-       "dp-releases": 5, "run-id": "run-a"}
+       "dp-releases": 5}
 
 
 def settings(**changes) -> LdpSettings:
@@ -324,7 +324,8 @@ def test_a_ledger_file_carries_spending_across_runs(tmp_path) -> None:
     config = {"dp-noise-multiplier": 1.0, "dp-epsilon": 100.0}
     _run(inner, config=config, site=site, ledger_path=path, run="run-a")
     payload = _run(inner, config=config, site=site, ledger_path=path, run="run-b")  # a new run: fresh client state
-    assert payload.metrics["dp-epsilon-lifetime"] == pytest.approx(lifetime / 1.001, rel=1e-6)
+    assert "dp-epsilon-lifetime" not in payload.metrics  # what other runs spent stays at the site
+    assert LedgerFile(path, lifetime, 1e-5).read().spent() == pytest.approx(lifetime / 1.001, rel=1e-6)
     with pytest.raises(PrivacyBudgetExceeded):
         _run(inner, config={**config, "server-round": 2}, site=site, ledger_path=path, run="run-b")
     assert [e["run"] for e in json.loads(pathlib.Path(path).read_text())["entries"]] == ["run-a", "run-b"]
