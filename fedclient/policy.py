@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from privacy.ldp import DP_MECHANISMS, SitePrivacy
+from privacy.site_privacy import DP_MECHANISMS, SitePrivacy
 from privacy.refusal import PolicyRefusal
 from privacy.vector_search import SearchLimits
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedclient.tasks.embedding import MAX_TOKENS, Embedder, EmbeddingError
 
 INDEX_DIR = ".fedtune-index"
 
@@ -128,6 +127,8 @@ class VectorStore:
         todo = [d for d, row in zip(documents, keep, strict=True) if row is None]
         fresh = np.zeros((0, 384), dtype=np.float32)
         if todo:
+            from fedclient.tasks.embedding import Embedder, EmbeddingError  # torch: only when embedding
+
             try:
                 embed = Embedder(encoder_run)
             except EmbeddingError as err:
@@ -154,6 +155,7 @@ class VectorStore:
     def save(self, vectors: np.ndarray, documents: list[tuple[str, str]], encoder: str, stale: bool = True) -> None:
         """Write the store: ``vectors`` (n × 384, L2-normalised) with each row's (document id, text
         SHA-256); ``stale`` drops the encodings made for the previous vectors."""
+        from fedclient.tasks.embedding import MAX_TOKENS
         self.path.mkdir(parents=True, exist_ok=True)
         for old in self.path.glob("prepared-*.bin"):
             if stale:

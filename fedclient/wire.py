@@ -6,11 +6,14 @@ it (``fedserver`` -> ``fedclient.tasks``/``fedclient.wire`` are the allowed arro
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from aggregators.base import PayloadError, RecordParts
+if TYPE_CHECKING:  # aggregators (torch) is imported where it is used: a search reply needs none of it
+    from aggregators.base import RecordParts
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"
 FATAL = "fatal"
@@ -73,6 +76,8 @@ def to_recorddict(parts: RecordParts, arrays: ArrayRecord | None = None) -> Reco
 
 def from_recorddict(content: RecordDict) -> RecordParts:
     """Decode a ``RecordDict`` made by :func:`to_recorddict`; raise PayloadError if malformed."""
+    from aggregators.base import PayloadError, RecordParts
+
     unexpected = set(content.keys()) - {ARRAYS, CONFIG, METRICS}
     if unexpected:
         raise PayloadError(f"unexpected record(s) {sorted(unexpected)}")

@@ -50,7 +50,7 @@ def diverging_client_app(config: dict) -> ClientApp:
     """fedtune's ClientApp, except that partition 1 perturbs its copy of the global weights before
     round 3 (as a site with a different BLAS might): the weights-hash check must stop the run."""
     from aggregators.shared_randomness import HELD_VECTOR
-    from fedclient.app import CLIENT_STATE_ARRAYS
+    from fedclient.local import CLIENT_STATE_ARRAYS
 
     honest = build_client_app(config)
     app = ClientApp()

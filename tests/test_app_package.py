@@ -69,3 +69,24 @@ def test_the_signature_covers_the_fab_flower_builds(tmp_path: pathlib.Path) -> N
     with pytest.raises(dep.DeploymentError, match="own store"):
         dep.run_command(coord, {"store": "sqlite:////tmp/elsewhere.db"})
     assert (coord.directory / "store.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_reviewer_signs_the_app_offline_and_sites_pin_the_reviewers_key(tmp_path, capsys) -> None:
+    """The coordinator's operator need not hold the key sites trust: `fedserver app-hash` prints the
+    FAB hash of the staged app, `fedserver sign-app` signs it with the reviewer's key, and
+    `fedserver run --signature` submits exactly that signature."""
+    from fedserver.cli import main
+
+    coord = dep.init(tmp_path / "coord", ["127.0.0.1"])
+    assert main(["app-hash", str(coord.directory)]) == 0
+    digest = capsys.readouterr().out.split("FAB sha256 ")[1].split()[0]
+    reviewer = tmp_path / "reviewer" / "publisher.key"
+    assert main(["sign-app", str(reviewer), digest]) == 0
+    signature = capsys.readouterr().out.strip()
+    app = stage_app(coord.directory / "apps")
+    verify_fab(build_fab(app), digest, signature, load_publisher(reviewer.with_name("publisher.key.pub")))
+    command = dep.run_command(coord, {"num-server-rounds": 1}, signature=signature)
+    assert f'fab-signature="{signature}"' in command[-1] and command[2] == str(app)
+    with pytest.raises(UntrustedApp):  # the coordinator's own key is not the reviewer's
+        verify_fab(build_fab(app), digest, signature, load_publisher(coord.directory / "publisher.key.pub"))
+    assert main(["sign-app", str(reviewer), "not-a-hash"]) == 2

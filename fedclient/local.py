@@ -1,0 +1,240 @@
+"""The ClientApp's training side: everything that needs torch, the task's model and the site's
+data (train, probe, evaluate), imported by :mod:`fedclient.app` only for messages that need it, so a
+search or identify message does not pay for the training stack in its fresh ClientApp process."""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from aggregators import Instruction, make_algorithm
+from aggregators.shared_randomness import WeightsMismatchError
+from fedclient.budget import draw_budget
+from fedclient.device import best_device
+from fedclient.policy import SitePolicy
+from fedclient.tasks import (
+    ClientData,
+    PartitionSpec,
+    SiteDataError,
+    evaluate_model,
+    get_task,
+)
+from fedclient.wire import (
+    ARRAYS,
+    CONFIG,
+    array_record,
+    fatal_record,
+    from_recorddict,
+    refusal_record,
+    to_recorddict,
+)
+from privacy.accounting import PrivacyBudgetExceeded
+from privacy.ldp import LdpSettings, LocalPrivacy, private_evaluation
+from privacy.refusal import PolicyRefusal
+
+CLIENT_STATE_ARRAYS = "fedtune.client-state.arrays"
+CLIENT_STATE_CONFIG = "fedtune.client-state.config"
+
+
+@functools.lru_cache(maxsize=2)
+def _model(task_name: str, device: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The task model on ``device`` (built once per process) and its pristine state to reset to."""
+    model = get_task(task_name).build_model().to(device)
+    pristine = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return model, pristine
+
+
+def _seconds_since_process_start() -> float | None:
+    """Age of this process (Linux), or None where /proc cannot say."""
+    import os
+
+    try:
+        fields = open("/proc/self/stat", encoding="ascii").read().rsplit(")", 1)[1].split()  # noqa: SIM115
+        uptime = float(open("/proc/uptime", encoding="ascii").read().split()[0])  # noqa: SIM115
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def _fresh_model(task_name: str, device: torch.device) -> torch.nn.Module:
+    model, pristine = _model(task_name, str(device))
+    model.load_state_dict(pristine)  # no trace of what a previous message trained
+    return model
+
+
+def site_data(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> ClientData:
+    """This site's training and evaluation data: its own files when the node config names a
+    ``data-dir`` (``fedclient start --data``), else its share of the task's built-in corpus."""
+    if data_dir := node_config.get("data-dir"):
+        return get_task(str(config["task"])).site_client_data(str(data_dir), int(config["seed"]))
+    missing = [k for k in ("partition-id", "num-partitions") if k not in node_config]
+    if missing:
+        raise ValueError(
+            f"node config lacks {missing}; start the SuperNode with "
+            "--node-config 'partition-id=0 num-partitions=N'"
+        )
+    spec = PartitionSpec(
+        scheme=str(config["partition"]),
+        num_partitions=int(node_config["num-partitions"]),
+        alpha=float(config["alpha"]),
+        seed=int(config["seed"]),
+    )
+    return get_task(str(config["task"])).client_data(spec, int(node_config["partition-id"]))
+
+
+def site_layer_budget(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> int | None:
+    """How many layers this site can train: ``layer-budget`` from the node config, else drawn
+    from the run config's simulated budget distribution (see :func:`fedclient.budget.draw_budget`)."""
+    if "layer-budget" in node_config:
+        budget = node_config["layer-budget"]
+        if not isinstance(budget, int) or budget < 0:
+            raise ValueError(f"node config layer-budget must be a whole number >= 0, got {budget!r}")
+        return budget
+    spec = str(config.get("layer-budget", ""))
+    if not spec:
+        return None
+    return draw_budget(spec, int(config["seed"]), int(node_config.get("partition-id", 0)))
+
+
+def _load_client_state(context: Context) -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    if CLIENT_STATE_ARRAYS in context.state:
+        state.update({k: a.numpy() for k, a in context.state[CLIENT_STATE_ARRAYS].items()})
+    if CLIENT_STATE_CONFIG in context.state:
+        state.update(dict(context.state[CLIENT_STATE_CONFIG]))
+    return state
+
+
+def _save_client_state(context: Context, state: Mapping[str, Any]) -> None:
+    arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+    scalars = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
+    if arrays:
+        context.state[CLIENT_STATE_ARRAYS] = array_record(arrays)
+    if scalars:
+        context.state[CLIENT_STATE_CONFIG] = ConfigRecord(scalars)
+
+
+def run_key(context: Context) -> str:
+    """What this site's ledger records a run's spending under: Flower's run id, which the
+    coordinator cannot vary from one message to the next (the instruction's ``run-id`` it can)."""
+    return f"flower-run-{context.run_id}"
+
+
+def ledger_path(policy: SitePolicy, node_config: Mapping[str, Any]) -> str | None:
+    """The site's privacy ledger file: the policy's ``privacy.ledger``, else ``privacy-ledger.json``
+    in its state directory; None (the client state, one run) only for a simulation's virtual sites
+    that have neither."""
+    if policy.ledger:
+        return policy.ledger
+    if node_config.get("state-dir"):
+        return str(pathlib.Path(str(node_config["state-dir"])) / "privacy-ledger.json")
+    return None
+
+
+def site_log(text: str) -> None:
+    """Details that stay at the site (its SuperNode log), never in a reply."""
+    print(f"fedtune site: {text}", file=sys.stderr, flush=True)
+
+
+def train_reply(msg: Message, context: Context, node: Mapping[str, Any], config: Mapping[str, Any],
+                policy: SitePolicy, probe: bool) -> Message:
+    """Run this site's half of a round (``Algorithm.local`` or ``local_probe``) as its policy allows."""
+    instruction = Instruction.from_record(from_recorddict(msg.content))
+    try:
+        policy.check_training(str(config["task"]), str(instruction.config["strategy"]))
+        privacy = LdpSettings.resolve(instruction.config, policy.privacy, run_key(context))
+    except PolicyRefusal as err:
+        return Message(refusal_record(str(err)), reply_to=msg)
+    wrap = functools.partial(LocalPrivacy, site=policy.privacy, ledger_path=ledger_path(policy, node),
+                             run=run_key(context)) if privacy.enabled else None
+    algorithm = make_algorithm(str(instruction.config["strategy"]), {"codec": instruction.config.get("codec", "")},
+                               wrap=wrap)
+    device = best_device(str(node.get("device", "auto")))
+    try:
+        data = site_data(config, node)
+    except SiteDataError as err:  # this site cannot take part until its files are fixed
+        site_log(f"its data does not fit task {config['task']}: {err}")
+        return Message(refusal_record(f"site data: this site's files do not fit task '{config['task']}' "
+                                      "(the site's log names the problems)"), reply_to=msg)
+    model = _fresh_model(str(config["task"]), device)
+    client_state = _load_client_state(context)
+    budget = site_layer_budget(config, node)
+    if budget is not None:
+        client_state["site.layer-budget"] = budget
+    started = time.perf_counter()
+    # In deployment every message gets a new ClientApp process: its age now is the start-up cost
+    # (interpreter, imports, data, model) that bench/deployment_latency.py reports
+    startup = _seconds_since_process_start() if sys.argv[0].endswith("flwr-clientapp") else None
+    run = algorithm.local_probe if probe else algorithm.local
+    try:
+        payload = run(model, data.train, instruction, client_state)
+    except WeightsMismatchError as err:  # replaying would silently train a different model
+        return Message(fatal_record(f"{type(err).__name__}: {err}"), reply_to=msg)
+    except PrivacyBudgetExceeded as err:  # nothing leaves the site but the refusal
+        _save_client_state(context, client_state)
+        return Message(refusal_record(f"privacy budget: {err}"), reply_to=msg)
+    _save_client_state(context, client_state)
+    if not privacy.enabled:  # timings and counts depend on the data: withheld under local DP
+        payload.num_examples = policy.reported_examples(payload.num_examples)
+        payload.metrics.setdefault("train-seconds" if not probe else "probe-seconds", time.perf_counter() - started)
+        if startup is not None:
+            payload.metrics["startup-seconds"] = startup
+    if "partition-id" in node:
+        payload.metrics["partition-id"] = int(node["partition-id"])
+    return Message(to_recorddict(payload.to_record()), reply_to=msg)
+
+
+def evaluate_reply(msg: Message, context: Context, node: Mapping[str, Any], config: Mapping[str, Any],
+                   policy: SitePolicy) -> Message:
+    """Loss and accuracy of the coordinator's weights on this site's evaluation split, as the
+    policy's ``evaluation.mode`` allows (the caller refused ``refuse``): exact (example count
+    capped), or noised (:func:`privacy.ldp.private_evaluation`) and charged to the ledger before it
+    is sent."""
+    try:
+        settings = LdpSettings.resolve({"dp": "gaussian", "dp-epsilon": 1e12, "dp-delta": 1e-5, "clip": 1.0},
+                                       policy.privacy, run_key(context))
+    except PolicyRefusal as err:
+        return Message(refusal_record(str(err)), reply_to=msg)
+    mode = policy.evaluation_mode
+    try:
+        data = site_data(config, node)
+    except SiteDataError as err:
+        site_log(f"its data does not fit task {config['task']}: {err}")
+        return Message(refusal_record(f"site data: this site's files do not fit task '{config['task']}' "
+                                      "(the site's log names the problems)"), reply_to=msg)
+    device = best_device(str(node.get("device", "auto")))
+    model = _fresh_model(str(config["task"]), device)
+    if ARRAYS in msg.content:
+        model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict(), strict=False)
+    metrics = evaluate_model(model, data.evaluate)
+    if mode == "exact":
+        metrics["num-examples"] = policy.reported_examples(metrics["num-examples"]) if metrics["num-examples"] else 0
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    if not metrics["num-examples"]:
+        return Message(refusal_record("this site holds no evaluation rows"), reply_to=msg)
+    noisy, release = private_evaluation(metrics, policy.evaluation_noise_multiplier, policy.evaluation_loss_bound,
+                                        np.random.default_rng())
+    client_state = _load_client_state(context)
+    try:
+        with settings.ledger(ledger_path(policy, node), client_state).transaction() as ledger:
+            server_round = int(msg.content[CONFIG].get("server-round", 0)) if CONFIG in msg.content else 0
+            ledger.charge(server_round, settings.run, [release], settings.epsilon, settings.delta)
+    except PrivacyBudgetExceeded as err:
+        return Message(refusal_record(f"privacy budget: {err}"), reply_to=msg)
+    _save_client_state(context, client_state)
+    noisy["num-examples"] = 1
+    return Message(RecordDict({"metrics": MetricRecord(noisy)}), reply_to=msg)
+
+
+def describe_device(node: Mapping[str, Any]) -> str:
+    """What this site trains on, as it reports it (e.g. ``cuda:0 NVIDIA H100``)."""
+    device = best_device(str(node.get("device", "auto")))
+    return f"{device} {torch.cuda.get_device_name(device)}" if device.type == "cuda" else str(device)
