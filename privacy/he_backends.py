@@ -196,15 +196,21 @@ class PyfhelBackend(CkksBackend):
                 "secret_key": private.to_bytes_secret_key()}
 
     def load_private(self, parts: dict[str, bytes]) -> Any:
+        return self._loaded(parts, ("context", "public_key", "secret_key"), "key epoch")
+
+    @staticmethod
+    def _loaded(parts: dict[str, bytes], names: tuple[str, ...], what: str) -> Any:
+        """A Pyfhel context with the serialized ``names`` of ``parts`` loaded in order."""
         from Pyfhel import Pyfhel
 
         he = Pyfhel()
+        loaders = {"context": he.from_bytes_context, "public_key": he.from_bytes_public_key,
+                   "secret_key": he.from_bytes_secret_key, "rotation_keys": he.from_bytes_rotate_key}
         try:
-            he.from_bytes_context(parts["context"])
-            he.from_bytes_public_key(parts["public_key"])
-            he.from_bytes_secret_key(parts["secret_key"])
+            for name in names:
+                loaders[name](parts[name])
         except (KeyError, RuntimeError, ValueError) as err:
-            raise BackendError(f"cannot load the querier's key epoch ({err})") from err
+            raise BackendError(f"cannot load the querier's {what} ({err})") from err
         return he
 
     def encrypt_query(self, private: Any, query: np.ndarray) -> bytes:
@@ -217,16 +223,7 @@ class PyfhelBackend(CkksBackend):
             else np.zeros(0)
 
     def load_public(self, parts: dict[str, bytes]) -> Any:
-        from Pyfhel import Pyfhel
-
-        he = Pyfhel()
-        try:
-            he.from_bytes_context(parts["context"])
-            he.from_bytes_public_key(parts["public_key"])
-            he.from_bytes_rotate_key(parts["rotation_keys"])
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise BackendError(f"cannot load the querier's public keys ({err})") from err
-        return he
+        return self._loaded(parts, ("context", "public_key", "rotation_keys"), "public keys")
 
     def is_private(self, context: Any) -> bool:
         return not context.is_secret_key_empty()
