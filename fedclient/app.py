@@ -18,17 +18,19 @@ state directory (``state-dir``), so no new run and no resume starts with a fresh
 
 from __future__ import annotations
 
-import sys
+import functools
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 
-from fedclient.policy import SitePolicy, site_policy
+from fedclient.policy import SitePolicy, evaluation_refused, in_flower_simulation, site_policy
 from fedclient.runconfig import quiet_environment, resolve_run_config
 from fedclient.wire import refusal_record
-from privacy.refusal import PolicyRefusal
+from privacy.refusal import PolicyRefusal, site_log
 
 quiet_environment()
 
@@ -40,6 +42,31 @@ def site_name(node_config: Mapping[str, Any]) -> str:
     if "partition-id" in node_config:
         return f"partition-{int(node_config['partition-id'])}"
     return ""
+
+
+Handler = Callable[[Message, Context], Message]
+
+
+def keeps_errors_at_the_site(handler: Handler) -> Handler:
+    """``handler`` whose unexpected exceptions stay at the site: Flower would send ``str(error)``
+    to the coordinator, and an error's text can quote a path, a file or a figure of the site's. The
+    traceback goes to the site's log; the reply is a failure naming only the exception's type
+    (the round goes on without the site, which is asked again later). In Flower's simulation
+    engine, whose virtual sites keep nothing from the researcher, the error propagates as before."""
+
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as err:
+            if in_flower_simulation():
+                raise
+            site_log(f"a {msg.metadata.message_type} message failed:\n{traceback.format_exc()}")
+            return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                 f"the site could not process this message ({type(err).__name__}; the site's log "
+                                 "has the details)"), reply_to=msg)
+
+    return guarded
 
 
 def build_client_app(overrides: Mapping[str, Any] | None = None, *,
@@ -61,7 +88,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         try:
             return site_policy(node)
         except ValueError as err:
-            print(f"fedtune site: {err}", file=sys.stderr, flush=True)
+            site_log(str(err))
             raise PolicyRefusal("file", "the site's policy cannot be used (its log says why)") from None
 
     def run_local(msg: Message, context: Context, probe: bool) -> Message:
@@ -76,14 +103,17 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         return train_reply(msg, context, node, config, policy, probe)
 
     @app.train()
+    @keeps_errors_at_the_site
     def train(msg: Message, context: Context) -> Message:
         return run_local(msg, context, probe=False)
 
     @app.query("probe")
+    @keeps_errors_at_the_site
     def probe(msg: Message, context: Context) -> Message:
         return run_local(msg, context, probe=True)
 
     @app.evaluate()
+    @keeps_errors_at_the_site
     def evaluate(msg: Message, context: Context) -> Message:
         """Federated evaluation, if the site's policy allows it (:func:`fedclient.local.evaluate_reply`)."""
         node = node_config(context)
@@ -92,8 +122,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
             policy = policy_of(node)
             policy.check_training(str(config["task"]), "")
             if policy.evaluation_mode == "refuse":
-                raise PolicyRefusal("evaluation.mode", "this site does not evaluate the coordinator's weights on "
-                                    "its data")
+                raise evaluation_refused()
         except PolicyRefusal as err:
             return Message(refusal_record(str(err)), reply_to=msg)
         from fedclient.local import evaluate_reply
@@ -101,6 +130,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         return evaluate_reply(msg, context, node, config, policy)
 
     @app.query("search")
+    @keeps_errors_at_the_site
     def search(msg: Message, context: Context) -> Message:
         from fedclient.search import answer
 
@@ -112,6 +142,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         return answer(msg, policy, node.get("state-dir") or None)
 
     @app.query("identify")
+    @keeps_errors_at_the_site
     def identify(msg: Message, context: Context) -> Message:
         from fedclient.local import describe_device
 

@@ -19,7 +19,7 @@ from aggregators import Instruction, make_algorithm
 from aggregators.shared_randomness import WeightsMismatchError
 from fedclient.budget import draw_budget
 from fedclient.device import best_device
-from fedclient.policy import SitePolicy
+from fedclient.policy import SitePolicy, evaluation_refused
 from fedclient.tasks import (
     ClientData,
     PartitionSpec,
@@ -38,7 +38,7 @@ from fedclient.wire import (
 )
 from privacy.accounting import PrivacyBudgetExceeded
 from privacy.ldp import LdpSettings, LocalPrivacy, private_evaluation
-from privacy.refusal import PolicyRefusal
+from privacy.refusal import PolicyRefusal, site_log
 
 CLIENT_STATE_ARRAYS = "fedtune.client-state.arrays"
 CLIENT_STATE_CONFIG = "fedtune.client-state.config"
@@ -139,9 +139,12 @@ def ledger_path(policy: SitePolicy, node_config: Mapping[str, Any]) -> str | Non
     return None
 
 
-def site_log(text: str) -> None:
-    """Details that stay at the site (its SuperNode log), never in a reply."""
-    print(f"fedtune site: {text}", file=sys.stderr, flush=True)
+def budget_refusal(err: PrivacyBudgetExceeded) -> RecordDict:
+    """A refusal for a spent privacy budget naming the policy key; the figures (what this site has
+    spent, for this and other runs) stay in the site's log."""
+    site_log(f"privacy budget: {err}")
+    key = "privacy.max-epsilon-per-run" if err.scope == "run" else "privacy.max-epsilon-lifetime"
+    return refusal_record(str(PolicyRefusal(key, "the privacy budget allows no further release")))
 
 
 def train_reply(msg: Message, context: Context, node: Mapping[str, Any], config: Mapping[str, Any],
@@ -180,7 +183,7 @@ def train_reply(msg: Message, context: Context, node: Mapping[str, Any], config:
         return Message(fatal_record(f"{type(err).__name__}: {err}"), reply_to=msg)
     except PrivacyBudgetExceeded as err:  # nothing leaves the site but the refusal
         _save_client_state(context, client_state)
-        return Message(refusal_record(f"privacy budget: {err}"), reply_to=msg)
+        return Message(budget_refusal(err), reply_to=msg)
     _save_client_state(context, client_state)
     if not privacy.enabled:  # timings and counts depend on the data: withheld under local DP
         payload.num_examples = policy.reported_examples(payload.num_examples)
@@ -198,8 +201,9 @@ def evaluate_reply(msg: Message, context: Context, node: Mapping[str, Any], conf
     policy's ``evaluation.mode`` allows (the caller refused ``refuse``): exact (example count
     capped), or noised (:func:`privacy.ldp.private_evaluation`) and charged to the ledger before it
     is sent."""
+    mechanism = "gaussian" if "gaussian" in policy.privacy.mechanisms else "laplace"  # one the site accepts
     try:
-        settings = LdpSettings.resolve({"dp": "gaussian", "dp-epsilon": 1e12, "dp-delta": 1e-5, "clip": 1.0},
+        settings = LdpSettings.resolve({"dp": mechanism, "dp-epsilon": 1e12, "dp-delta": 1e-5, "clip": 1.0},
                                        policy.privacy, run_key(context))
     except PolicyRefusal as err:
         return Message(refusal_record(str(err)), reply_to=msg)
@@ -218,17 +222,18 @@ def evaluate_reply(msg: Message, context: Context, node: Mapping[str, Any], conf
     if mode == "exact":
         metrics["num-examples"] = policy.reported_examples(metrics["num-examples"]) if metrics["num-examples"] else 0
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-    if not metrics["num-examples"]:
-        return Message(refusal_record("this site holds no evaluation rows"), reply_to=msg)
+    if not metrics["num-examples"]:  # nothing to noise: the same refusal as a site that does not evaluate
+        site_log("no evaluation rows for noised evaluation")
+        return Message(refusal_record(str(evaluation_refused())), reply_to=msg)
     noisy, release = private_evaluation(metrics, policy.evaluation_noise_multiplier, policy.evaluation_loss_bound,
-                                        np.random.default_rng())
+                                        np.random.default_rng(), settings.mechanism)
     client_state = _load_client_state(context)
     try:
         with settings.ledger(ledger_path(policy, node), client_state).transaction() as ledger:
             server_round = int(msg.content[CONFIG].get("server-round", 0)) if CONFIG in msg.content else 0
             ledger.charge(server_round, settings.run, [release], settings.epsilon, settings.delta)
     except PrivacyBudgetExceeded as err:
-        return Message(refusal_record(f"privacy budget: {err}"), reply_to=msg)
+        return Message(budget_refusal(err), reply_to=msg)
     _save_client_state(context, client_state)
     noisy["num-examples"] = 1
     return Message(RecordDict({"metrics": MetricRecord(noisy)}), reply_to=msg)

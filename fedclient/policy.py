@@ -7,9 +7,10 @@ validates one. A run that asks for something the policy forbids is declined with
 the policy key (``site policy privacy.required: ...``), never the site's data.
 
 ``fedclient start`` without ``--policy`` enforces :data:`DEFAULT_POLICY` itself (local DP required,
-ε ≤ 4 per run and 16 over the site's life, evaluation refused): a site opts out of a guarantee
-only by writing a policy that says so. Only a simulation's virtual sites, which no ``fedclient
-start`` launched, take the run's own settings. The flags ``fedclient start --dp-epsilon/--dp-delta/
+ε ≤ 4 per run and 16 over the site's life, evaluation refused), and so does a SuperNode started by
+hand with no ``policy`` in its node config; a key a policy file leaves out keeps the default's
+value. A site opts out of a guarantee only by writing a policy that says so. Only the virtual
+sites of Flower's simulation engine (:func:`in_flower_simulation`) take the run's own settings. The flags ``fedclient start --dp-epsilon/--dp-delta/
 --clip/--dp-noise-multiplier`` only tighten (any of them makes local DP required; ``--dp-epsilon``
 caps the run and the site's lifetime), ``--dp-ledger`` names the ledger file and
 ``--search-index/--querier-key/--query-budget`` fill the ``[search]`` table (a budget flag can only
@@ -22,6 +23,7 @@ import functools
 import math
 import os
 import pathlib
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -80,6 +82,8 @@ fetch-budget = 640
 # The largest row bound a query may ask results to be padded to, and the most rows one fetch asks.
 max-rows-per-query = 10000
 max-k = 50
+# The longest a querier's key bundle may stay valid (days from its arrival); expired ones are deleted.
+max-key-days = 7.0
 """
 
 
@@ -114,11 +118,12 @@ class SitePolicy:
             raise ValueError(f"evaluation.mode must be one of {', '.join(EVALUATION_MODES)}, got '{self.evaluation}'")
         if self.privacy.required and self.evaluation == "exact":
             raise ValueError("evaluation.mode = \"exact\" with privacy.required = true: exact metrics on private data "
-                             "are an oracle outside the privacy guarantee; use \"noised\" or \"refuse\"")
+                             "are an oracle outside the privacy guarantee; use \"noised\" or \"refuse\", or set "
+                             "privacy.required = false (a key the file leaves out keeps the built-in default)")
         if not (self.evaluation_noise_multiplier > 0 and math.isfinite(self.evaluation_noise_multiplier)):
             raise ValueError(f"evaluation.noise-multiplier must be positive, got {self.evaluation_noise_multiplier}")
-        if not self.evaluation_loss_bound > 0:
-            raise ValueError(f"evaluation.loss-bound must be positive, got {self.evaluation_loss_bound}")
+        if not (self.evaluation_loss_bound > 0 and math.isfinite(self.evaluation_loss_bound)):
+            raise ValueError(f"evaluation.loss-bound must be positive and finite, got {self.evaluation_loss_bound}")
 
     @property
     def evaluation_mode(self) -> str:
@@ -144,11 +149,7 @@ class SitePolicy:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"{source or 'policy'} is not valid TOML ({err})") from err
-        known = {"training": {"tasks", "strategies", "max-num-examples"},
-                 "privacy": {"required", "mechanisms", "max-epsilon-per-run", "max-epsilon-lifetime", "max-delta",
-                             "max-clip", "min-noise-multiplier", "ledger"},
-                 "evaluation": {"mode", "noise-multiplier", "loss-bound"},
-                 "search": {"index", "querier-key", "query-budget", "fetch-budget", "max-rows-per-query", "max-k"}}
+        known = {name: set(table) for name, table in _default_tables().items()}  # every key init writes
         problems = [f"unknown table [{name}]" for name in data if name not in known]
         for name, keys in known.items():
             table = data.get(name, {})
@@ -158,10 +159,12 @@ class SitePolicy:
             problems += [f"unknown key {name}.{key}" for key in table if key not in keys]
         if problems:
             raise ValueError(f"{source or 'policy'}: " + "; ".join(problems) + " (see `fedclient policy init`)")
-        training, private, evaluation, search = (data.get(n, {}) for n in ("training", "privacy", "evaluation", "search"))
+        defaults = _default_tables()  # a key the file leaves out keeps the built-in policy's value: fail closed
+        training, private, evaluation, search = ({**defaults[n], **data.get(n, {})}
+                                                 for n in ("training", "privacy", "evaluation", "search"))
 
-        def typed(table: Mapping[str, Any], key: str, kind: type, default: Any, section: str) -> Any:
-            value = table.get(key, default)
+        def typed(table: Mapping[str, Any], key: str, kind: type, section: str) -> Any:
+            value = table[key]
             if kind is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
             if kind is tuple:
@@ -172,34 +175,34 @@ class SitePolicy:
                 raise ValueError(f"{section}.{key} must be a {kind.__name__}, got {value!r}")
             return value
 
-        default = SitePrivacy()
         try:
             privacy = SitePrivacy(
-                required=typed(private, "required", bool, False, "privacy"),
-                mechanisms=typed(private, "mechanisms", tuple, list(default.mechanisms), "privacy"),
-                max_epsilon_per_run=typed(private, "max-epsilon-per-run", float, math.inf, "privacy"),
-                max_epsilon_lifetime=typed(private, "max-epsilon-lifetime", float, math.inf, "privacy"),
-                max_delta=typed(private, "max-delta", float, default.max_delta, "privacy"),
-                max_clip=typed(private, "max-clip", float, math.inf, "privacy"),
-                min_noise_multiplier=typed(private, "min-noise-multiplier", float, 0.0, "privacy"),
+                required=typed(private, "required", bool, "privacy"),
+                mechanisms=typed(private, "mechanisms", tuple, "privacy"),
+                max_epsilon_per_run=typed(private, "max-epsilon-per-run", float, "privacy"),
+                max_epsilon_lifetime=typed(private, "max-epsilon-lifetime", float, "privacy"),
+                max_delta=typed(private, "max-delta", float, "privacy"),
+                max_clip=typed(private, "max-clip", float, "privacy"),
+                min_noise_multiplier=typed(private, "min-noise-multiplier", float, "privacy"),
             )
             limits = SearchLimits(
-                query_budget=typed(search, "query-budget", int, SearchLimits.query_budget, "search"),
-                fetch_budget=typed(search, "fetch-budget", int, SearchLimits.fetch_budget, "search"),
-                max_rows_per_query=typed(search, "max-rows-per-query", int, SearchLimits.max_rows_per_query, "search"),
-                max_k=typed(search, "max-k", int, SearchLimits.max_k, "search"),
+                query_budget=typed(search, "query-budget", int, "search"),
+                fetch_budget=typed(search, "fetch-budget", int, "search"),
+                max_rows_per_query=typed(search, "max-rows-per-query", int, "search"),
+                max_k=typed(search, "max-k", int, "search"),
+                max_key_days=typed(search, "max-key-days", float, "search"),
             )
             return cls(
-                tasks=typed(training, "tasks", tuple, [], "training"),
-                strategies=typed(training, "strategies", tuple, [], "training"),
-                max_num_examples=typed(training, "max-num-examples", int, 100_000, "training"),
+                tasks=typed(training, "tasks", tuple, "training"),
+                strategies=typed(training, "strategies", tuple, "training"),
+                max_num_examples=typed(training, "max-num-examples", int, "training"),
                 privacy=privacy,
-                ledger=typed(private, "ledger", str, "", "privacy"),
-                evaluation=typed(evaluation, "mode", str, "", "evaluation"),
-                evaluation_noise_multiplier=typed(evaluation, "noise-multiplier", float, 4.0, "evaluation"),
-                evaluation_loss_bound=typed(evaluation, "loss-bound", float, 5.0, "evaluation"),
-                search=SearchPolicy(typed(search, "index", str, "", "search"),
-                                    typed(search, "querier-key", str, "", "search"), limits),
+                ledger=typed(private, "ledger", str, "privacy"),
+                evaluation=typed(evaluation, "mode", str, "evaluation"),
+                evaluation_noise_multiplier=typed(evaluation, "noise-multiplier", float, "evaluation"),
+                evaluation_loss_bound=typed(evaluation, "loss-bound", float, "evaluation"),
+                search=SearchPolicy(typed(search, "index", str, "search"), typed(search, "querier-key", str, "search"),
+                                    limits),
                 source=source,
             )
         except ValueError as err:
@@ -274,6 +277,11 @@ class SitePolicy:
         return rows
 
 
+@functools.lru_cache(maxsize=1)
+def _default_tables() -> dict[str, dict[str, Any]]:
+    return tomllib.loads(DEFAULT_POLICY)
+
+
 @functools.lru_cache(maxsize=8)
 def _load_cached(path: str, _mtime_ns: int) -> SitePolicy:
     return SitePolicy.load(path)
@@ -283,20 +291,40 @@ BUILT_IN = "built-in"
 """The node config's ``policy`` when ``fedclient start`` got no ``--policy``: :data:`DEFAULT_POLICY`."""
 
 
+def evaluation_refused() -> PolicyRefusal:
+    """The refusal of federated evaluation (``evaluation.mode = "refuse"``, or nothing to noise)."""
+    return PolicyRefusal("evaluation.mode", "this site does not evaluate the coordinator's weights on its data")
+
+
+def in_flower_simulation() -> bool:
+    """Whether this process is an actor of Flower's simulation engine (Ray), where every site is a
+    virtual one of the same experiment. A SuperNode's ClientApp (a process Flower starts at the site)
+    never is, whatever the coordinator sends: this is a fact about the site's own process."""
+    ray = sys.modules.get("ray")
+    if ray is None or "flwr.simulation.ray_transport.ray_actor" not in sys.modules:
+        return False
+    try:
+        return bool(ray.is_initialized()) and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001 (any doubt: not a simulation, the stricter answer)
+        return False
+
+
 def site_policy(node_config: Mapping[str, Any]) -> SitePolicy:
     """The policy a ClientApp enforces: the file named by the node config's ``policy`` (``fedclient
     start --policy``; ``built-in`` without one: :data:`DEFAULT_POLICY`, local DP required), with the
-    node config's flags applied. A node config without ``policy`` (a simulation's virtual site)
-    gets :class:`SitePolicy`'s defaults: the run's own settings."""
+    node config's flags applied. A node config without ``policy`` gets the built-in policy too (a
+    SuperNode started by hand is protected like one ``fedclient start`` launched), except in Flower's
+    simulation engine, whose virtual sites get :class:`SitePolicy`'s defaults: the run's own settings."""
     path = str(node_config.get("policy", "") or "")
-    policy = SitePolicy()
-    if path == BUILT_IN:
+    if path == BUILT_IN or (not path and not in_flower_simulation()):
         policy = _built_in()
     elif path:
         try:
             policy = _load_cached(path, os.stat(path).st_mtime_ns)
         except OSError as err:
             raise ValueError(f"cannot read the site policy {path} ({err})") from err
+    else:
+        policy = SitePolicy()
     return policy.with_node_config(node_config)
 
 
@@ -315,5 +343,5 @@ def write_default(path: str | os.PathLike) -> pathlib.Path:
     return target
 
 
-__all__ = ["BUILT_IN", "DEFAULT_POLICY", "DP_MECHANISMS", "EVALUATION_MODES", "SearchPolicy", "SitePolicy", "site_policy",
-           "write_default"]
+__all__ = ["BUILT_IN", "DEFAULT_POLICY", "DP_MECHANISMS", "EVALUATION_MODES", "SearchPolicy", "SitePolicy",
+           "evaluation_refused", "in_flower_simulation", "site_policy", "write_default"]

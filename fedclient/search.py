@@ -19,14 +19,13 @@ computed for it. A query naming a key epoch the site lacks is refused with code
 from __future__ import annotations
 
 import pathlib
-import sys
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedclient.policy import SitePolicy
 from fedclient.vector_store import INDEX_DIR, VectorStore, VectorStoreError
 from fedclient.wire import refusal_record
-from privacy.refusal import PolicyRefusal
+from privacy.refusal import PolicyRefusal, site_log
 from privacy.vector_search import (
     EncryptedQuery,
     FetchRequest,
@@ -52,12 +51,12 @@ def site_searcher(policy: SitePolicy, state_dir: str | None) -> SiteSearcher:
     try:
         vectors, ids = store.load()
     except VectorStoreError as err:
-        print(f"fedtune site: its vector store cannot be read: {err}", file=sys.stderr, flush=True)
+        site_log(f"its vector store cannot be read: {err}")
         raise SearchError("this site's vector store cannot be read (its log says why)") from None
     try:
         trusted = load_trusted_key(pathlib.Path(search.querier_key))
     except SearchError as err:
-        print(f"fedtune site: {err}", file=sys.stderr, flush=True)
+        site_log(str(err))
         raise SearchError("this site's trusted querier key cannot be read (its log says why)") from None
     state = pathlib.Path(state_dir) / "search" if state_dir else store.source / INDEX_DIR
     return SiteSearcher(vectors, ids, [trusted],
@@ -87,6 +86,9 @@ def answer(msg: Message, policy: SitePolicy, state_dir: str | None) -> Message:
         return Message(refusal_record(f"search: {err}", code="unknown-key-epoch"), reply_to=msg)
     except PolicyRefusal as err:
         return Message(refusal_record(str(err)), reply_to=msg)
-    except (SearchError, KeyError, TypeError, ValueError) as err:
+    except SearchError as err:
         return Message(refusal_record(f"search: {err}"), reply_to=msg)
+    except (KeyError, TypeError, ValueError) as err:  # its text may quote a file of the site's: kept here
+        site_log(f"a search message could not be used: {err!r}")
+        return Message(refusal_record(f"search: malformed request ({type(err).__name__})"), reply_to=msg)
     return Message(RecordDict({REPLY: ConfigRecord(reply)}), reply_to=msg)

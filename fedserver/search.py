@@ -246,14 +246,22 @@ def run_search(grid: Grid, config: Mapping[str, Any], names: Mapping[int, str] |
                 lost.append(node)
                 continue
             reason = _reason(reply)
+            raw = None if reason else reply.content.config_records[REPLY].get("results")
+            if not reason and not (isinstance(raw, list) and all(isinstance(b, bytes) for b in raw)):
+                reason = "malformed reply"
             if reason:
                 refusals[site[node]] = reason
             else:
-                results[site[node]] = [bytes(b) for b in reply.content.config_records[REPLY]["results"]]
+                results[site[node]] = list(raw)
         ready = send_keys(lost)
         if not ready:
             break
-    scores = querier.scores(results)
+    scores = {}
+    for name, ciphertexts in results.items():  # a site's reply is as untrusted as the site
+        try:
+            scores[name] = querier.site_scores(ciphertexts, query.row_bound)
+        except SearchError as err:
+            refusals[name] = f"unusable reply: {err}"
     hits = querier.top_k(scores, query.k)
     by_name = {site[n]: n for n in nodes}
     requests = querier.fetch_requests(query.query_id, hits, scores, query.k)
@@ -262,11 +270,13 @@ def run_search(grid: Grid, config: Mapping[str, Any], names: Mapping[int, str] |
     replies = {}
     for name in requests:
         reason = _reason(fetched.get(by_name[name]))
+        ids = None if reason else fetched[by_name[name]].content.config_records[REPLY].get("ids")
+        if not reason and not (isinstance(ids, list) and len(ids) == len(requests[name].rows)):
+            reason = f"unusable fetch reply: not one id for each of the {len(requests[name].rows)} rows"
         if reason:
             refusals[name] = reason
-            replies[name] = [""] * len(requests[name].rows)
-        else:
-            replies[name] = [str(i) for i in fetched[by_name[name]].content.config_records[REPLY]["ids"]]
+            ids = [""] * len(requests[name].rows)
+        replies[name] = [str(i) for i in ids]
     hits = Querier.resolve(hits, requests, replies)
     for name, reason in refusals.items():
         log(WARNING, "search: site '%s' did not answer: %s", name, reason)

@@ -45,7 +45,13 @@ VALUE_DISCRETIZATION = 1e-4
 
 
 class PrivacyBudgetExceeded(Exception):
-    """A release would spend more than the site's budget; nothing was released."""
+    """A release would spend more than the site's budget; nothing was released. ``scope`` says which
+    budget: ``"lifetime"`` (every run the ledger recorded) or ``"run"`` (this run's). The message
+    holds the site's figures: it belongs in the site's log, not in a reply."""
+
+    def __init__(self, message: str, scope: str = "lifetime") -> None:
+        super().__init__(message)
+        self.scope = scope
 
 
 @dataclass(frozen=True)
@@ -174,10 +180,11 @@ def gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
 
 
 def calibrate(mechanism: str, budget: float, delta: float, releases: int, count: int = 1,
-              spent: Sequence[Release] = ()) -> float:
+              spent: Sequence[Release] = (), scope: str = "lifetime") -> float:
     """The least noisy parameter with which ``releases`` more releases (each of ``count``
     mechanisms) after ``spent`` stay within ε = ``budget`` at ``delta``. Bisection on the
-    parameter (noise multiplier; for randomized response the flip probability p)."""
+    parameter (noise multiplier; for randomized response the flip probability p).
+    PrivacyBudgetExceeded (with ``scope``, the budget ``budget`` is) when none fits."""
     if releases < 1:
         raise ValueError(f"calibrating needs at least one planned release, got {releases}")
 
@@ -187,7 +194,7 @@ def calibrate(mechanism: str, budget: float, delta: float, releases: int, count:
     if mechanism == "randomized-response":
         low, high = 1e-9, 1 - 1e-9  # more flipping (larger p) is more private
         if not fits(high):
-            raise PrivacyBudgetExceeded(f"no randomized response fits ε = {budget} after what was spent")
+            raise PrivacyBudgetExceeded(f"no randomized response fits ε = {budget} after what was spent", scope)
         while high - low > 1e-6 * high:
             middle = math.sqrt(low * high) if high / low > 4 else (low + high) / 2
             low, high = (low, middle) if fits(middle) else (middle, high)
@@ -196,7 +203,7 @@ def calibrate(mechanism: str, budget: float, delta: float, releases: int, count:
     while not fits(high):
         low, high = high, high * 2
         if high > 1e6:
-            raise PrivacyBudgetExceeded(f"no {mechanism} noise fits ε = {budget} after what was spent")
+            raise PrivacyBudgetExceeded(f"no {mechanism} noise fits ε = {budget} after what was spent", scope)
     for _ in range(40):
         middle = math.sqrt(low * high)
         low, high = (low, middle) if fits(middle) else (middle, high)
@@ -265,7 +272,8 @@ class PrivacyLedger:
             if in_run > run_budget:
                 raise PrivacyBudgetExceeded(
                     f"this release would bring this run's ε to {in_run:.3f} > budget {run_budget:g} at "
-                    f"δ = {run_delta or self.delta:g} (spent in this run: {self.spent_in_run(run, run_delta):.3f})"
+                    f"δ = {run_delta or self.delta:g} (spent in this run: {self.spent_in_run(run, run_delta):.3f})",
+                    "run",
                 )
 
     def charge(self, server_round: int, run: str, new: Sequence[Release], run_budget: float = math.inf,

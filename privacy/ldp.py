@@ -167,18 +167,26 @@ def randomized_membership(ranking: np.ndarray, keep: int, flip: float, rng: np.r
 
 
 def private_evaluation(metrics: Mapping[str, float], noise_multiplier: float, loss_bound: float,
-                       rng: np.random.Generator) -> tuple[dict[str, float], Release]:
+                       rng: np.random.Generator, mechanism: str = "gaussian") -> tuple[dict[str, float], Release]:
     r"""Local-DP evaluation metrics: ``v = (accuracy, min(loss, L)/L)`` lies in :math:`[0,1]^2`, so
-    replacing the whole dataset moves it by at most :math:`\sqrt 2` in :math:`\ell_2`; each
-    coordinate gets :math:`\mathcal N(0, (z\sqrt 2)^2)` and the result is clamped back to
-    :math:`[0,1]` (post-processing). Returns the noisy loss and accuracy and the release to charge
-    (Gaussian, parameter z). One site's noisy figure is nearly useless on its own (σ ≈ 5.7 at
-    z = 4); the unweighted mean over many sites is what carries signal."""
-    scale = noise_multiplier * math.sqrt(2.0)
-    accuracy = float(np.clip(float(metrics["accuracy"]) + rng.normal(0.0, scale), 0.0, 1.0))
+    replacing the whole dataset moves it by at most :math:`\sqrt 2` in :math:`\ell_2` and 2 in
+    :math:`\ell_1`. Gaussian: each coordinate gets :math:`\mathcal N(0, (z\sqrt 2)^2)`; Laplace:
+    :math:`\mathrm{Lap}(2z)`; the result is clamped back to :math:`[0,1]` (post-processing). Returns
+    the noisy loss and accuracy and the release to charge (``mechanism``, parameter z). One site's
+    noisy figure is nearly useless on its own (σ ≈ 5.7 at z = 4); the unweighted mean over many
+    sites is what carries signal."""
+    if mechanism == "gaussian":
+        def noise() -> float:
+            return float(rng.normal(0.0, noise_multiplier * math.sqrt(2.0)))
+    elif mechanism == "laplace":
+        def noise() -> float:
+            return float(rng.laplace(0.0, noise_multiplier * 2.0))
+    else:
+        raise ValueError(f"noised evaluation uses gaussian or laplace noise, not '{mechanism}'")
+    accuracy = float(np.clip(float(metrics["accuracy"]) + noise(), 0.0, 1.0))
     loss = min(float(metrics["loss"]), loss_bound) / loss_bound
-    loss = float(np.clip(loss + rng.normal(0.0, scale), 0.0, 1.0)) * loss_bound
-    return {"loss": loss, "accuracy": accuracy}, Release("gaussian", noise_multiplier)
+    loss = float(np.clip(loss + noise(), 0.0, 1.0)) * loss_bound
+    return {"loss": loss, "accuracy": accuracy}, Release(mechanism, noise_multiplier)
 
 
 # ---- the wrapper ------------------------------------------------------------------------------
@@ -216,7 +224,7 @@ class LocalPrivacy(WrappedAlgorithm):
                     ledger.check(settings.run, last, settings.epsilon, settings.delta)
                 except PrivacyBudgetExceeded as err:
                     raise PrivacyBudgetExceeded(f"privacy budget spent: another release like the last one "
-                                                f"would exceed it ({err})") from None
+                                                f"would exceed it ({err})", err.scope) from None
         payload = run(model, data, instruction, client_state)
         rng = np.random.default_rng()  # the noise must be unpredictable: never seeded
         with store.transaction() as ledger:  # charged under the lock, before anything is sent
@@ -309,7 +317,7 @@ def _calibrated(client_state: dict[str, Any], settings: LdpSettings, ledger: Pri
     key = f"{CALIBRATED_PREFIX}{settings.run}/{mechanism}/{count}/{settings.epsilon}/{settings.delta}"
     if key not in client_state:
         parameter = calibrate(mechanism, settings.epsilon, settings.delta, settings.releases, count,
-                              spent=ledger.run_releases(settings.run))
+                              spent=ledger.run_releases(settings.run), scope="run")
         if math.isfinite(settings.lifetime_epsilon):
             parameter = max(parameter, calibrate(mechanism, ledger.budget, ledger.delta, settings.releases, count,
                                                  spent=ledger.releases))

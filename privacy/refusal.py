@@ -1,6 +1,10 @@
-"""The one way a site says no because its own policy forbids something."""
+"""What a site says and what it keeps: the one way it says no because its own policy forbids
+something (:class:`PolicyRefusal`, naming the policy key), and :func:`site_log` for the details
+(figures, paths, file names, tracebacks) that stay in the site's own log."""
 
 from __future__ import annotations
+
+import sys
 
 
 class PolicyRefusal(Exception):
@@ -13,4 +17,9 @@ class PolicyRefusal(Exception):
         self.reason = reason
 
 
-__all__ = ["PolicyRefusal"]
+def site_log(text: str) -> None:
+    """Details that stay at the site (its SuperNode log, stderr), never in a reply."""
+    print(f"fedtune site: {text}", file=sys.stderr, flush=True)
+
+
+__all__ = ["PolicyRefusal", "site_log"]

@@ -341,7 +341,9 @@ class SearchLimits:
     reveals every score, so keep it far below the vectors' dimension, 384); ``fetch_budget``:
     document ids revealed per querier in total; ``max_rows_per_query``: the largest row bound it
     pads results to (bounds its memory and work); ``max_k``: the most rows one fetch may ask;
-    ``max_key_epochs``: accepted key bundles kept per querier (expired ones are always deleted).
+    ``max_key_epochs``: accepted key bundles kept per querier (expired ones are always deleted);
+    ``max_key_days``: the longest a key bundle may stay valid from when it arrives (the querier
+    chooses its expiry; a longer one is refused).
     """
 
     query_budget: int = DEFAULT_QUERY_BUDGET
@@ -349,6 +351,7 @@ class SearchLimits:
     max_rows_per_query: int = DEFAULT_ROW_BOUND
     max_k: int = 50
     max_key_epochs: int = 4
+    max_key_days: float = 7.0
 
     def __post_init__(self) -> None:
         for name in ("query_budget", "fetch_budget"):
@@ -357,6 +360,8 @@ class SearchLimits:
         for name in ("max_rows_per_query", "max_k", "max_key_epochs"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"search.{name.replace('_', '-')} must be a whole number >= 1, got {getattr(self, name)!r}")
+        if not (isinstance(self.max_key_days, (int, float)) and 0 < self.max_key_days <= 366):
+            raise ValueError(f"search.max-key-days must be in (0, 366], got {self.max_key_days!r}")
         if self.max_rows_per_query > 1_000_000:
             raise ValueError(f"search.max-rows-per-query is at most 1000000, got {self.max_rows_per_query}")
 
@@ -474,6 +479,9 @@ class SiteSearcher:
         ``max_key_epochs`` per querier are kept (the ones expiring last)."""
         bundle = KeyBundle.from_bytes(data)
         bundle.verify(self.trusted_queriers)
+        if bundle.expires_at - time.time() > self.limits.max_key_days * 86400:
+            raise PolicyRefusal("search.max-key-days", f"the key bundle stays valid for more than the "
+                                f"{self.limits.max_key_days:g} days this site accepts")
         key_id = bundle.key_id  # a hash over ~36 MB of keys: computed once
         self._bundles[key_id] = bundle
         if self.key_dir is not None:
@@ -521,7 +529,11 @@ class SiteSearcher:
             self._bundles[key_id] = bundle
         if bundle is None:
             raise UnknownKeyEpoch(f"unknown key epoch {key_id[:16]}…: send this site the key bundle first")
-        bundle.check_current()
+        try:
+            bundle.check_current()
+        except SearchError:
+            self.prune_keys()  # an expired bundle does not wait on disk for the next one to arrive
+            raise
         return bundle
 
     def _context(self, key_id: str, bundle: KeyBundle) -> tuple[CkksBackend, Any]:
@@ -642,14 +654,26 @@ class Querier:
                                   self.identity.public_bytes)
         return EncryptedQuery(**{**unsigned.__dict__, "signature": self.identity.sign(unsigned.digest())})
 
-    def scores(self, results: Mapping[str, list[bytes]]) -> dict[str, np.ndarray]:
-        """Each site's decrypted scores for its real rows (padding rows, at −2, dropped)."""
-        out = {}
-        for site, ciphertexts in results.items():
-            values = self.epoch.backend.decrypt_scores(self.epoch.private, ciphertexts)
-            real = np.flatnonzero(values > PADDING_SCORE / 2)
-            out[site] = values[: real[-1] + 1] if len(real) else values[:0]
-        return out
+    def site_scores(self, ciphertexts: Sequence[bytes], row_bound: int) -> np.ndarray:
+        """One site's decrypted scores for its real rows (padding rows, at −2, dropped). SearchError
+        for a reply no honest site sends (a site is not trusted either): more ciphertexts than the
+        row bound needs, bytes that are no ciphertext of this epoch, or scores outside
+        [−2, 1] beyond CKKS noise (cosines of unit vectors lie in [−1, 1], padding at −2)."""
+        backend = self.epoch.backend
+        if len(ciphertexts) > chunks_for(row_bound, backend.rows_per_ciphertext()):
+            raise SearchError(f"{len(ciphertexts)} result ciphertexts for a row bound of {row_bound}")
+        try:
+            values = backend.decrypt_scores(self.epoch.private, list(ciphertexts))
+        except BackendError as err:
+            raise SearchError(f"results that do not decrypt ({err})") from None
+        if not (np.all(np.isfinite(values)) and np.all(values >= PADDING_SCORE - 0.01) and np.all(values <= 1.01)):
+            raise SearchError("scores outside the range of cosines and padding")
+        real = np.flatnonzero(values > PADDING_SCORE / 2)
+        return values[: real[-1] + 1] if len(real) else values[:0]
+
+    def scores(self, results: Mapping[str, Sequence[bytes]], row_bound: int) -> dict[str, np.ndarray]:
+        """:meth:`site_scores` of every site (SearchError on the first unusable reply)."""
+        return {site: self.site_scores(ciphertexts, row_bound) for site, ciphertexts in results.items()}
 
     def top_k(self, scores: Mapping[str, np.ndarray], k: int) -> list[Hit]:
         """The global top-k over (site, row), ties broken by site name then row."""

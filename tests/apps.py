@@ -70,3 +70,30 @@ def diverging_client_app(config: dict) -> ClientApp:
         return honest(msg, context)
 
     return app
+
+
+def hostile_search_client_app(config: dict, site_config) -> ClientApp:
+    """fedtune's ClientApp (with each simulated site's ``site_config``), except two hostile sites:
+    partition 3 answers a query with bytes that are no ciphertext of the epoch, partition 4 answers
+    its fetch with fewer document ids than the rows asked."""
+    from fedclient.search import REPLY
+
+    honest = build_client_app(config, site_config=site_config)
+    app = ClientApp()
+
+    @app.query("search")
+    def search(msg: Message, context: Context) -> Message:
+        reply = honest(msg, context)
+        partition, kind = int(context.node_config["partition-id"]), str(msg.content["search"]["kind"])
+        if REPLY in reply.content:
+            if (partition, kind) == (3, "query"):
+                reply.content[REPLY]["results"] = [b"\x00" * 64]
+            elif (partition, kind) == (4, "fetch"):
+                reply.content[REPLY]["ids"] = list(reply.content[REPLY]["ids"])[:1]
+        return reply
+
+    @app.query("identify")
+    def identify(msg: Message, context: Context) -> Message:
+        return honest(msg, context)
+
+    return app

@@ -25,7 +25,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from aggregators import make_algorithm
 from fedclient.app import build_client_app
 from fedclient.wire import ARRAYS, CONFIG, refusal_reason, to_recorddict
-from privacy.accounting import LedgerFile
+from fedclient.policy import BUILT_IN
+from privacy.accounting import LedgerFile, Release
+
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DP_RUN = {"dp": "gaussian", "dp-epsilon": 100.0, "dp-delta": 1e-3, "clip": 5.0, "dp-noise-multiplier": 0.0,
@@ -64,7 +66,8 @@ def _train_content(config: dict | None = None, server_round: int = 1) -> RecordD
     return to_recorddict(parts)
 
 
-NODE = {"partition-id": 0, "num-partitions": 2}
+NODE = {"partition-id": 0, "num-partitions": 2}  # no policy: a SuperNode started by hand gets the built-in one
+OPEN = '[privacy]\nrequired = false\n[evaluation]\nmode = "exact"\n'  # a site that opted out of DP, in writing
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +82,13 @@ def test_dp_off_towards_a_site_that_requires_it_is_declined(app, tmp_path, flowe
     reason = refusal_reason(reply.content)
     assert reason and reason.startswith("site policy privacy.required")
     assert ARRAYS not in reply.content  # nothing trained, nothing sent
-    node_flags = {**NODE, "dp-epsilon": 2.0, "state-dir": str(tmp_path / "flags")}  # fedclient start --dp-epsilon 2
+    node_flags = {**NODE, "policy": BUILT_IN, "dp-epsilon": 2.0,  # fedclient start --dp-epsilon 2
+                  "state-dir": str(tmp_path / "flags")}
     assert "privacy.required" in refusal_reason(_deliver(app, "train", _train_content({"dp": "off"}), node_flags).content)
+    for fail_open in ({**NODE, "state-dir": str(tmp_path / "hand")},  # flower-supernode started by hand, no policy
+                      {**NODE, "policy": _policy(tmp_path, '[search]\nmax-k = 5\n')}):  # a policy silent on privacy
+        assert "privacy.required" in refusal_reason(_deliver(app, "train", _train_content({"dp": "off"}), fail_open).content)
+        assert "evaluation.mode" in refusal_reason(_deliver(app, "evaluate", RecordDict(), fail_open).content)
     laplace_only = {**NODE, "policy": _policy(tmp_path, '[privacy]\nrequired = true\nmechanisms = ["laplace"]\n')}
     assert "privacy.mechanisms" in refusal_reason(_deliver(app, "train", _train_content(DP_RUN), laplace_only).content)
 
@@ -113,24 +121,25 @@ def test_a_weaker_epsilon_or_delta_than_the_policy_gets_the_policys(app, tmp_pat
 
 def test_a_site_started_with_dp_flags_or_a_policy_without_delta_keeps_delta_and_lifetime(app, tmp_path,
                                                                                        flower_identity) -> None:
-    """``fedclient start --dp-epsilon 2`` caps the run and the site's lifetime at ε = 2, and the δ of
-    every account is the site's (1e-5 unless its policy says less): a coordinator asking
-    ``dp-delta = 0.9`` or starting new runs gets neither weaker noise nor a fresh budget."""
-    from fedclient.policy import BUILT_IN, site_policy
+    """``fedclient start --dp-epsilon 2`` (the built-in policy, tightened) caps the run and the site's
+    lifetime at ε = 2, and the δ of every account is the site's (its policy's ``max-delta``, the
+    built-in 1e-6 where the file says none): a coordinator asking ``dp-delta = 0.9`` or starting new
+    runs gets neither weaker noise nor a fresh budget."""
+    from fedclient.policy import site_policy
 
-    flags = {**NODE, "dp-epsilon": 2.0, "state-dir": str(tmp_path / "flags")}
-    assert (site_policy(flags).privacy.max_epsilon_lifetime, site_policy(flags).privacy.max_delta) == (2.0, 1e-5)
+    flags = {**NODE, "policy": BUILT_IN, "dp-epsilon": 2.0, "state-dir": str(tmp_path / "flags")}
+    assert (site_policy(flags).privacy.max_epsilon_lifetime, site_policy(flags).privacy.max_delta) == (2.0, 1e-6)
     metrics = dict(_deliver(app, "train", _train_content({**DP_RUN, "dp-delta": 0.9}), flags).content["metrics"])
-    assert metrics["dp-delta"] == 1e-5 and metrics["dp-epsilon-budget"] == 2.0
+    assert metrics["dp-delta"] == 1e-6 and metrics["dp-epsilon-budget"] == 2.0
     for run_id in range(20, 30):  # fresh Flower runs (or resumes) do not reset the budget
         reply = _deliver(app, "train", _train_content({**DP_RUN, "dp-delta": 0.9, "dp-releases": 1}), flags,
                          run_id=run_id)
         if refusal_reason(reply.content):
             break
     assert "lifetime" in refusal_reason(reply.content)
-    assert LedgerFile(tmp_path / "flags" / "privacy-ledger.json", 2.0, 1e-5).read().spent() <= 2.0
+    assert LedgerFile(tmp_path / "flags" / "privacy-ledger.json", 2.0, 1e-6).read().spent() <= 2.0
     partial = {**NODE, "policy": _policy(tmp_path, "[privacy]\nrequired = true\nmax-epsilon-lifetime = 3.0\n")}
-    assert site_policy(partial).privacy.max_delta == 1e-5  # not the run's to choose
+    assert site_policy(partial).privacy.max_delta == 1e-6  # not the run's to choose
     built_in = site_policy({**NODE, "policy": BUILT_IN})  # `fedclient start` without --policy
     assert built_in.privacy.required and built_in.evaluation_mode == "refuse"
 
@@ -149,22 +158,30 @@ def test_federated_evaluation_is_refused_or_noised_and_charged(app, tmp_path, fl
     node = {**NODE, "state-dir": str(tmp_path / "state"), "policy": _policy(noised_policy, """
         [privacy]
         required = true
+        max-epsilon-per-run = 100000.0
         max-epsilon-lifetime = 100000.0
         max-delta = 1e-6
         [evaluation]
         mode = "noised"
         noise-multiplier = 0.1  # small enough not to clamp: values differ
     """)}
-    exact = dict(_deliver(app, "evaluate", content, NODE).content["metrics"])  # a site with no policy
+    exact = dict(_deliver(app, "evaluate", content, {**NODE, "policy": _policy(tmp_path, OPEN)}).content["metrics"])
     noisy = [dict(_deliver(app, "evaluate", content, node).content["metrics"]) for _ in range(3)]
     assert all(m["num-examples"] == 1 and 0 <= m["accuracy"] <= 1 for m in noisy)
     assert len({m["accuracy"] for m in noisy}) > 1 and any(m["accuracy"] != exact["accuracy"] for m in noisy)
     ledger = LedgerFile(tmp_path / "state" / "privacy-ledger.json", 1e5, 1e-6).read()
-    assert len(ledger.entries) == 3 and all(e.release.parameter == 0.1 for e in ledger.entries)  # charged
+    assert len(ledger.entries) == 3 and all(e.release == Release("gaussian", 0.1) for e in ledger.entries)  # charged
+    laplace_dir = tmp_path / "laplace"  # a site that accepts only Laplace noise evaluates with Laplace noise
+    laplace_dir.mkdir()
+    laplace = {**node, "state-dir": str(tmp_path / "laplace-state"), "policy": _policy(laplace_dir, (
+        noised_policy / "policy.toml").read_text().replace("required = true", 'required = true\nmechanisms = ["laplace"]'))}
+    assert 0 <= dict(_deliver(app, "evaluate", content, laplace).content["metrics"])["accuracy"] <= 1
+    (entry,) = LedgerFile(tmp_path / "laplace-state" / "privacy-ledger.json", 1e5, 1e-6).read().entries
+    assert entry.release == Release("laplace", 0.1)
 
 
 def test_example_counts_are_capped_and_refusals_never_quote_site_data(app, tmp_path, flower_identity) -> None:
-    node = {**NODE, "policy": _policy(tmp_path, "[training]\nmax-num-examples = 7\n")}
+    node = {**NODE, "policy": _policy(tmp_path, OPEN + "[training]\nmax-num-examples = 7\n")}
     reply = _deliver(app, "train", _train_content(), node)
     assert dict(reply.content["metrics"])["num-examples"] == 7  # the site trained on more; it reports at most 7
     only = {**NODE, "policy": _policy(tmp_path, '[training]\ntasks = ["minilm-drugs"]\n')}
@@ -172,10 +189,37 @@ def test_example_counts_are_capped_and_refusals_never_quote_site_data(app, tmp_p
     data = tmp_path / "private-oncology-export"
     data.mkdir()
     (data / "patients-2026.csv").write_text("text,label\nhistory of stage IV carcinoma,diagnosis-carcinoma-IV\n")
-    reason = refusal_reason(_deliver(app, "train", _train_content(), {"data-dir": str(data)}).content)
+    reason = refusal_reason(_deliver(app, "train", _train_content(), {"data-dir": str(data),
+                                                                       "policy": _policy(tmp_path, OPEN)}).content)
     assert reason.startswith("site data:")
     for secret in ("carcinoma", "patients-2026", "oncology", str(data)):
         assert secret not in reason
+
+
+def test_errors_and_spent_budgets_stay_in_the_site_log(app, tmp_path, flower_identity, capfd) -> None:
+    """An unexpected error (here an unreadable ledger) reaches the coordinator as its type only,
+    its text (which names the site's files) goes to the site's log; a spent budget is refused
+    naming the policy key, without what this site spent."""
+    import re
+
+    state = tmp_path / "private-hospital-state"
+    (state).mkdir()
+    (state / "privacy-ledger.json").write_text("{not json")
+    node = {**NODE, "state-dir": str(state), "policy": _policy(tmp_path, "[privacy]\nmax-delta = 1e-3\n")}
+    reply = _deliver(app, "train", _train_content({**DP_RUN, "dp-epsilon": 1.0}), node)
+    assert reply.has_error() and reply.error.reason.startswith("the site could not process this message (ValueError")
+    assert "private-hospital" not in reply.error.reason and "ledger" not in reply.error.reason
+    assert "private-hospital-state/privacy-ledger.json is unreadable" in capfd.readouterr().err  # the site's log
+    (state / "privacy-ledger.json").unlink()
+    tight = {**node, "dp-epsilon": 0.5}
+    for run_id in range(40, 50):
+        reply = _deliver(app, "train", _train_content({**DP_RUN, "dp-releases": 1}), tight, run_id=run_id)
+        if refusal_reason(reply.content):
+            break
+    reason = refusal_reason(reply.content)
+    assert reason.startswith("site policy privacy.max-epsilon-")
+    assert not re.search(r"\d", reason.split(":", 1)[1]), reason  # no spent or budget figure
+    assert "spent so far" in capfd.readouterr().err or "spent in this run" in capfd.readouterr().err
 
 
 # ---- the ledger: persistent, locked, durable -----------------------------------------------------------
@@ -198,11 +242,24 @@ print("done", flush=True)
 """
 
 
-def test_two_clientapp_processes_racing_on_one_ledger_both_count(tmp_path) -> None:
-    node = {**NODE, "state-dir": str(tmp_path / "state")}
+CHARGER = """
+import sys
+from privacy.accounting import LedgerFile, Release
+store = LedgerFile(sys.argv[1], 1e12, 1e-5)
+print("ready", flush=True)
+sys.stdin.readline()
+for i in range(int(sys.argv[2])):
+    with store.transaction() as ledger:  # read, add one release, write: lost updates without the lock
+        ledger.charge(i, sys.argv[3], [Release("gaussian", 3.0)])
+print("done", flush=True)
+"""
+
+
+def _race(script: str, args: list[list[str]]) -> None:
+    """Start one process per argument list, release them at the same moment, wait for both."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    racers = [subprocess.Popen([sys.executable, "-c", RACER, json.dumps(node), "4", str(run)], cwd=ROOT, env=env,
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for run in (1, 2)]
+    racers = [subprocess.Popen([sys.executable, "-c", script, *a], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True) for a in args]
     try:
         for racer in racers:
             assert racer.stdout.readline().strip() == "ready"
@@ -215,6 +272,23 @@ def test_two_clientapp_processes_racing_on_one_ledger_both_count(tmp_path) -> No
     finally:
         for racer in racers:
             racer.kill()
+
+
+def test_two_clientapp_processes_racing_on_one_ledger_both_count(tmp_path) -> None:
+    """Two processes charging one ledger in a tight loop (hundreds of overlapping read-modify-writes),
+    then two real ClientApps training under DP at once: every charge is on file."""
+    path = tmp_path / "tight" / "privacy-ledger.json"
+    _race(CHARGER, [[str(path), "150", "run-a"], [str(path), "150", "run-b"]])
+    runs = [e.run for e in LedgerFile(path, 1e12, 1e-5).read().entries]
+    assert (runs.count("run-a"), runs.count("run-b")) == (150, 150)
+    node = {**NODE, "state-dir": str(tmp_path / "state"), "policy": _policy(tmp_path, """
+        [privacy]
+        max-epsilon-per-run = 1000.0
+        max-epsilon-lifetime = 1e9
+        max-delta = 1e-3
+        max-clip = 5.0
+    """)}
+    _race(RACER, [[json.dumps(node), "4", str(run)] for run in (1, 2)])
     ledger = LedgerFile(tmp_path / "state" / "privacy-ledger.json", 1e12, 1e-3).read()
     runs = [e.run for e in ledger.entries]
     assert (runs.count("flower-run-1"), runs.count("flower-run-2")) == (4, 4)  # 8 charges, none lost

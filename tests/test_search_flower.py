@@ -59,6 +59,9 @@ def test_bad_document_directories_are_named(tmp_path: pathlib.Path) -> None:
 
 @pytest.mark.simulation
 def test_a_flower_simulation_answers_an_encrypted_query_across_3_sites(tmp_path: pathlib.Path) -> None:
+    """Three honest sites and two hostile ones (undecryptable results; a short fetch reply): the
+    query is answered exactly from the honest sites' rows, and each hostile site's part is recorded
+    as unusable instead of ending the search."""
     from flwr.simulation import run_simulation
 
     from fedclient.app import build_client_app
@@ -71,7 +74,7 @@ def test_a_flower_simulation_answers_an_encrypted_query_across_3_sites(tmp_path:
     from tests.test_simulation import BACKEND
 
     corpus = load_bbc_news()
-    for site in range(3):
+    for site in range(5):
         _write_docs(tmp_path / "sites" / f"site-{site}", list(corpus.texts[site * 40:(site + 1) * 40]))
         VectorStore(tmp_path / "sites" / f"site-{site}").build()
     store_url = f"sqlite:///{tmp_path / 'coord' / 'store.db'}"
@@ -90,18 +93,25 @@ def test_a_flower_simulation_answers_an_encrypted_query_across_3_sites(tmp_path:
                 "search-querier-key": str(identity_file) + ".pub",
                 "state-dir": str(tmp_path / "state" / f"site-{node['partition-id']}")}
 
-    run_simulation(server_app=build_server_app(config, num_clients=3),
-                   client_app=build_client_app(config, site_config=site_config),
-                   num_supernodes=3, backend_config=BACKEND)
-    rows = RunStore(config["store"]).searches()
-    assert sorted(r.site for r in rows) == ["partition-0", "partition-1", "partition-2"]
+    from tests.apps import hostile_search_client_app
+
+    run_simulation(server_app=build_server_app(config, num_clients=5),
+                   client_app=hostile_search_client_app(config, site_config),
+                   num_supernodes=5, backend_config=BACKEND)
+    every = RunStore(config["store"]).searches()
+    assert sorted(r.site for r in every) == [f"partition-{s}" for s in range(5)]
+    hostile = {r.site: r.status for r in every if r.site in ("partition-3", "partition-4")}
+    assert hostile["partition-3"].startswith("unusable reply: results that do not decrypt"), hostile
+    assert hostile["partition-4"].startswith("unusable fetch reply"), hostile
+    rows = [r for r in every if r.site not in hostile]
     assert all(r.status == "ok" and r.k == 5 and len(r.text_sha256) == 64 for r in rows)
     assert all(r.text_sha256 != hashlib.sha256(text.encode()).hexdigest() for r in rows)  # keyed, not plain
     assert rows[0].bytes_down > 1_000_000 and rows[0].bytes_up > 0  # key bundles down, ciphertexts up
-    found = sorted((r.site, h["row"], h["document_id"]) for r in rows for h in r.hits)
-    vectors = {f"partition-{s}": VectorStore(tmp_path / "sites" / f"site-{s}").load() for s in range(3)}
+    found = sorted((r.site, h["row"], h["document_id"]) for r in every for h in r.hits)
+    vectors = {f"partition-{s}": VectorStore(tmp_path / "sites" / f"site-{s}").load() for s in (0, 1, 2, 4)}
     exact = exact_top_k({name: v for name, (v, _) in vectors.items()}, Embedder()([text])[0], 5)
-    assert found == sorted((h.site, h.row, vectors[h.site][1][h.row]) for h in exact)
+    assert found == sorted((h.site, h.row, vectors[h.site][1][h.row] if h.site != "partition-4" else "")
+                           for h in exact)  # partition 4's rows rank, but its ids did not come back
     for site in range(3):  # each site spent one query of its budget, recorded in its state directory
         ledger = json.loads((tmp_path / "state" / f"site-{site}" / "search" / "search-ledger.json").read_text())
         assert [q["queries"] for q in ledger["queriers"].values()] == [1]
@@ -133,7 +143,7 @@ def test_fedclient_index_encodes_the_rows_ahead_and_the_site_uses_that_cache(tmp
                         cache_dir=tmp_path / ".fedtune-index")
     site.accept_keys(epoch.bundle.to_bytes())
     querier = Querier(identity, epoch)
-    scores = querier.scores({"s": site.answer(querier.encrypt(vectors[2], k=1, row_bound=1000))})
+    scores = querier.scores({"s": site.answer(querier.encrypt(vectors[2], k=1, row_bound=1000))}, 1000)
     assert int(np.argmax(scores["s"])) == 2
     assert cache.stat().st_mtime_ns == stamp  # the pre-encoded rows were used, not rewritten
 

@@ -91,3 +91,30 @@ def test_unknown_and_ambiguous_run_references(store):
         store.get_run("gamma")
     with pytest.raises(StoreError, match="matches 2 runs"):
         store.get_run("20")
+
+
+def test_the_store_file_is_private_and_keeps_only_the_latest_checkpoints(tmp_path):
+    store = RunStore(f"sqlite:///{tmp_path / 'private.db'}")
+    run_id = store.create_run(task="tiny", strategy="fedavg", num_rounds=5, config={})
+    assert (tmp_path / "private.db").stat().st_mode & 0o777 == 0o600
+    state = {"w": torch.ones(3)}
+    for rnd in range(1, 6):
+        store.save_checkpoint(run_id, rnd, {"w": state["w"] * rnd}, keep=2)
+    assert store.checkpoint_rounds(run_id) == [4, 5]  # keep-checkpoints = 2: older rounds deleted
+    other = store.create_run(task="tiny", strategy="fedavg", num_rounds=2, config={})
+    store.save_checkpoint(other, 1, state, keep=1)
+    assert store.checkpoint_rounds(run_id) == [4, 5]  # per run
+    store.save_checkpoint(run_id, 6, state, keep=0)
+    assert store.checkpoint_rounds(run_id) == [4, 5, 6]  # 0 keeps every round's
+
+
+def test_enrolled_names_come_from_the_store_registry(tmp_path):
+    from fedserver.app import enrolled_names
+
+    store = RunStore(f"sqlite:///{tmp_path / 'coord.db'}")
+    assert enrolled_names(store) is None  # nobody enrolled: a simulation, sites name themselves
+    store.enrol_site("site-a", 2**63 + 5, "SHA256:aaa", "ecdsa-sha2-nistp384 AAAA")
+    store.enrol_site("site-b", 17, "SHA256:bbb", "ecdsa-sha2-nistp384 BBBB")
+    assert enrolled_names(store) == {2**63 + 5: "site-a", 17: "site-b"}  # uint64 node ids survive
+    with pytest.raises(StoreError, match="already enrolled"):
+        store.enrol_site("site-a", 99, "SHA256:ccc", "ecdsa-sha2-nistp384 CCCC")

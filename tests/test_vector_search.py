@@ -70,7 +70,7 @@ def _federation(sites: dict[str, np.ndarray], backend: str, tmp_path: pathlib.Pa
 
 def _search(querier: Querier, searchers: dict[str, SiteSearcher], vector: np.ndarray, k: int = 10):
     query = querier.encrypt(vector, k=k, row_bound=1000)
-    scores = querier.scores({name: s.answer(query) for name, s in searchers.items()})
+    scores = querier.scores({name: s.answer(query) for name, s in searchers.items()}, query.row_bound)
     hits = querier.top_k(scores, k)
     requests = querier.fetch_requests(query.query_id, hits, scores, k)
     replies = {name: searchers[name].fetch(r) for name, r in requests.items()}
