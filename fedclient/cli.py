@@ -364,7 +364,8 @@ def start(args: argparse.Namespace) -> int:
         command = supernode_command(superlink=args.superlink, ca=pathlib.Path(args.ca), key=pathlib.Path(args.key),
                                     node_config=node_config, runtime_port=args.port,
                                     trusted_publisher=pathlib.Path(args.trusted_publisher),
-                                    max_retries=args.max_retries, poll_interval=args.poll_interval)
+                                    max_retries=args.max_retries, poll_interval=args.poll_interval,
+                                    heartbeat_interval=args.heartbeat_interval)
     except ValueError as err:
         console.print(f"[red]error:[/] {err}")
         return 2
@@ -471,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--poll-interval", type=float, default=None,
                      help="shorten the SuperNode's fixed 3 s idle wait and 0.5 s reply poll to this many seconds "
                      "(faster rounds, more PullMessages calls; see fedclient/supernode_launcher.py); default: Flower's")
+    run.add_argument("--heartbeat-interval", type=float, default=None,
+                     help="seconds between this site's heartbeats, 10..1800: if the site dies, the coordinator "
+                     "gives up on its replies after two missed heartbeats (default: Flower's 30 s, so 60 s)")
     rules = sub.add_parser("policy", help="write or check this site's policy file",
                            description="A site's policy (TOML) says what it accepts whatever the coordinator asks: "
                            "tasks and strategies, required local DP and its limits, federated evaluation, encrypted "

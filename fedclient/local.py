@@ -19,7 +19,7 @@ from aggregators import Instruction, make_algorithm
 from aggregators.shared_randomness import WeightsMismatchError
 from fedclient.budget import draw_budget
 from fedclient.device import best_device
-from fedclient.policy import SitePolicy, evaluation_refused
+from fedclient.policy import SitePolicy, evaluation_refused, in_flower_simulation
 from fedclient.tasks import (
     ClientData,
     PartitionSpec,
@@ -130,13 +130,17 @@ def run_key(context: Context) -> str:
 
 def ledger_path(policy: SitePolicy, node_config: Mapping[str, Any]) -> str | None:
     """The site's privacy ledger file: the policy's ``privacy.ledger``, else ``privacy-ledger.json``
-    in its state directory; None (the client state, one run) only for a simulation's virtual sites
-    that have neither."""
+    in its state directory; None (the client state, which lasts one run) only for the virtual sites
+    of Flower's simulation engine. A real site with neither (a SuperNode started by hand) is
+    refused any private release: a ledger that restarts with every run caps nothing."""
     if policy.ledger:
         return policy.ledger
     if node_config.get("state-dir"):
         return str(pathlib.Path(str(node_config["state-dir"])) / "privacy-ledger.json")
-    return None
+    if in_flower_simulation():
+        return None
+    raise PolicyRefusal("privacy.ledger", "this site keeps no persistent privacy ledger; start it with `fedclient "
+                        "start` (or give its node config a state-dir)")
 
 
 def budget_refusal(err: PrivacyBudgetExceeded) -> RecordDict:
@@ -154,9 +158,10 @@ def train_reply(msg: Message, context: Context, node: Mapping[str, Any], config:
     try:
         policy.check_training(str(config["task"]), str(instruction.config["strategy"]))
         privacy = LdpSettings.resolve(instruction.config, policy.privacy, run_key(context))
+        ledger = ledger_path(policy, node) if privacy.enabled else None
     except PolicyRefusal as err:
         return Message(refusal_record(str(err)), reply_to=msg)
-    wrap = functools.partial(LocalPrivacy, site=policy.privacy, ledger_path=ledger_path(policy, node),
+    wrap = functools.partial(LocalPrivacy, site=policy.privacy, ledger_path=ledger,
                              run=run_key(context)) if privacy.enabled else None
     algorithm = make_algorithm(str(instruction.config["strategy"]), {"codec": instruction.config.get("codec", "")},
                                wrap=wrap)
@@ -234,6 +239,8 @@ def evaluate_reply(msg: Message, context: Context, node: Mapping[str, Any], conf
             ledger.charge(server_round, settings.run, [release], settings.epsilon, settings.delta)
     except PrivacyBudgetExceeded as err:
         return Message(budget_refusal(err), reply_to=msg)
+    except PolicyRefusal as err:
+        return Message(refusal_record(str(err)), reply_to=msg)
     _save_client_state(context, client_state)
     noisy["num-examples"] = 1
     return Message(RecordDict({"metrics": MetricRecord(noisy)}), reply_to=msg)

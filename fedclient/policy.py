@@ -64,7 +64,8 @@ ledger = ""
 
 [evaluation]
 # Federated evaluation of weights the coordinator sends: "refuse"; "noised" (loss and accuracy get
-# Gaussian noise and are charged to the privacy ledger); "exact" (only without required privacy:
+# Gaussian noise, Laplace at a site whose privacy.mechanisms has only "laplace", and are charged
+# to the privacy ledger); "exact" (only without required privacy:
 # exact metrics on private data answer any question the coordinator encodes in the weights).
 mode = "refuse"
 noise-multiplier = 4.0
@@ -283,7 +284,7 @@ def _default_tables() -> dict[str, dict[str, Any]]:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(path: str, _mtime_ns: int) -> SitePolicy:
+def _load_cached(path: str, _version: tuple[int, ...]) -> SitePolicy:
     return SitePolicy.load(path)
 
 
@@ -320,7 +321,8 @@ def site_policy(node_config: Mapping[str, Any]) -> SitePolicy:
         policy = _built_in()
     elif path:
         try:
-            policy = _load_cached(path, os.stat(path).st_mtime_ns)
+            stat = os.stat(path)
+            policy = _load_cached(path, (stat.st_mtime_ns, stat.st_size, stat.st_ino, stat.st_ctime_ns))
         except OSError as err:
             raise ValueError(f"cannot read the site policy {path} ({err})") from err
     else:

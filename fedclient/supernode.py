@@ -13,6 +13,7 @@ from typing import Any
 
 from fedclient.keys import check_private_key
 from fedclient.runconfig import QUIET_ENVIRONMENT
+from fedclient.supernode_launcher import HEARTBEAT_RANGE_S
 
 
 def node_config_text(config: Mapping[str, Any]) -> str:
@@ -59,10 +60,12 @@ def check_tls(superlink: str, ca: pathlib.Path, timeout: float = 5.0) -> str:
 def supernode_command(
     *, superlink: str, ca: pathlib.Path, key: pathlib.Path, node_config: Mapping[str, Any], runtime_port: int,
     trusted_publisher: pathlib.Path, max_retries: int | None = None, poll_interval: float | None = None,
+    heartbeat_interval: float | None = None,
 ) -> list[str]:
     """The command line of this site's SuperNode (validates the CA, the key and the publisher key
     first): ``flower-supernode`` run through :mod:`fedclient.supernode_launcher`, which refuses every
-    app not signed by ``trusted_publisher`` and, with ``poll_interval``, shortens Flower's fixed waits."""
+    app not signed by ``trusted_publisher`` and, with ``poll_interval``, shortens Flower's fixed waits
+    (``heartbeat_interval``: its heartbeat period)."""
     if not ca.is_file():
         raise ValueError(f"no CA certificate at {ca}; the coordinator's operator gives you its ca.crt")
     check_private_key(key)
@@ -71,9 +74,13 @@ def supernode_command(
     load_publisher(trusted_publisher)
     if poll_interval is not None and not 0.01 <= poll_interval <= 3.0:
         raise ValueError(f"--poll-interval must be in 0.01..3 s, got {poll_interval}")
+    if heartbeat_interval is not None and not HEARTBEAT_RANGE_S[0] <= heartbeat_interval <= HEARTBEAT_RANGE_S[1]:
+        raise ValueError(f"--heartbeat-interval must be in {HEARTBEAT_RANGE_S[0]:g}..{HEARTBEAT_RANGE_S[1]:g} s "
+                         f"(what the SuperLink accepts), got {heartbeat_interval}")
     command = [
         sys.executable, "-m", "fedclient.supernode_launcher", "--trusted-publisher", str(trusted_publisher.resolve()),
-        *(["--poll-interval", str(poll_interval)] if poll_interval is not None else []), "--",
+        *(["--poll-interval", str(poll_interval)] if poll_interval is not None else []),
+        *(["--heartbeat-interval", str(heartbeat_interval)] if heartbeat_interval is not None else []), "--",
         "--grpc-rere", "--superlink", superlink, "--root-certificates", str(ca.resolve()),
         "--auth-supernode-private-key", str(key.resolve()), "--port", str(runtime_port),
         "--node-config", node_config_text(node_config),

@@ -17,7 +17,13 @@ replaces those two waits with ``S`` (at most the originals), at the price of an 
 ``PullMessages`` 1/S times per second (keep S ≥ 0.2 beyond a few dozen sites). Measured in
 ``bench/deployment_latency.py``.
 
-Both reach into Flower's module internals, so the launcher refuses to start on any Flower but the
+**Heartbeats.** A SuperNode tells the SuperLink it is alive every ~30 s (Flower's fixed
+``HEARTBEAT_DEFAULT_INTERVAL``), and the SuperLink declares it gone after two missed intervals
+(60 s), only then answering its messages in flight as failed. ``--heartbeat-interval S`` (10..1800,
+the range the SuperLink accepts) announces and uses ``S`` instead, so a site that dies is noticed
+within about 2·S, at the price of 30/S times the heartbeat calls.
+
+All three reach into Flower's module internals, so the launcher refuses to start on any Flower but the
 one it was written against (:data:`FLOWER_VERSION`) and checks the shape of what it wraps;
 ``tests/test_hostile_coordinator.py`` pins the wrapped source, so an upgrade fails a test first.
 """
@@ -76,6 +82,25 @@ def install_shorter_waits(interval: float) -> None:
     module.time = _ShorterWaits(interval)  # type: ignore[assignment]
 
 
+HEARTBEAT_RANGE_S = (10.0, 1800.0)  # flwr.common.constant HEARTBEAT_MIN_INTERVAL..MAX_INTERVAL
+
+
+def install_heartbeat_interval(interval: float) -> None:
+    """Make this process's SuperNode announce, and send heartbeats at, ``interval`` seconds."""
+    low, high = HEARTBEAT_RANGE_S
+    if not low <= interval <= high:
+        raise ValueError(f"heartbeat interval must be in {low:g}..{high:g} s (what the SuperLink accepts), got {interval}")
+    _supernode_module()
+    from flwr.client.grpc_rere_client import connection
+    from flwr.supercore import heartbeat
+
+    for module in (connection, heartbeat):
+        if getattr(module, "HEARTBEAT_DEFAULT_INTERVAL", None) != 30:
+            raise RuntimeError("this Flower version's heartbeat is not the one fedclient adjusts; start without "
+                               "--heartbeat-interval")
+        module.HEARTBEAT_DEFAULT_INTERVAL = interval  # type: ignore[attr-defined]
+
+
 def install_app_check(publisher: Any) -> None:
     """Make this process's SuperNode refuse every FAB not signed by ``publisher`` (an Ed25519
     public key), before the FAB is stored or any of its code runs."""
@@ -129,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
                                      description="flower-supernode that runs only signed fedtune apps")
     parser.add_argument("--trusted-publisher", required=True, help="the publisher's Ed25519 public key (PEM)")
     parser.add_argument("--poll-interval", type=float, default=None, help="shorter fixed waits, in seconds")
+    parser.add_argument("--heartbeat-interval", type=float, default=None, help="seconds between heartbeats")
     parser.add_argument("arguments", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
     args = parser.parse_args(argv)
     from fedclient.app_trust import load_publisher
@@ -136,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     install_app_check(load_publisher(pathlib.Path(args.trusted_publisher)))
     if args.poll_interval is not None:
         install_shorter_waits(args.poll_interval)
+    if args.heartbeat_interval is not None:
+        install_heartbeat_interval(args.heartbeat_interval)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     arguments = args.arguments[1:] if args.arguments[:1] == ["--"] else args.arguments

@@ -172,8 +172,9 @@ def rounds_table(summary: dict[str, Any]) -> Table:
 def runs_table(runs: list[tuple[RunRow, str]], accuracies: dict[str, float | None]) -> Table:
     """One row per run: id, name, task, strategy, status, rounds, final accuracy, store."""
     table = Table(title="fedtune runs")
+    whole = {"run id": max((len(run.id) for run, _ in runs), default=6), "status": 9}  # what users copy or scan
     for column in ("run id", "name", "task", "strategy", "status", "rounds", "final acc", "created (UTC)", "store"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in whole, min_width=whole.get(column))
     for run, url in runs:
         table.add_row(
             run.id,

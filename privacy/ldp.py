@@ -218,10 +218,11 @@ class LocalPrivacy(WrappedAlgorithm):
         store = settings.ledger(self.ledger_path, client_state)
         server_round = int(instruction.config.get("server-round", instruction.config.get("round", 0)))
         with store.transaction() as ledger:  # refuse before training
-            last = ledger.run_releases(settings.run)[-1:] or ledger.releases[-1:]
+            own = ledger.run_releases(settings.run)[-1:]
+            last = own or ledger.releases[-1:]  # a new run: another release like the site's last one
             if last:
-                try:
-                    ledger.check(settings.run, last, settings.epsilon, settings.delta)
+                try:  # the run's own budget only once it has spent some (its calibration fits it then)
+                    ledger.check(settings.run, last, settings.epsilon if own else math.inf, settings.delta)
                 except PrivacyBudgetExceeded as err:
                     raise PrivacyBudgetExceeded(f"privacy budget spent: another release like the last one "
                                                 f"would exceed it ({err})", err.scope) from None

@@ -198,11 +198,14 @@ class KeyBundle:
         except (ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError) as err:
             raise SearchError(f"unreadable key bundle ({err})") from err
 
-    def verify(self, trusted: Sequence[bytes], now: float | None = None) -> None:
+    def verify(self, trusted: Sequence[bytes], now: float | None = None, *, current: bool = True) -> None:
+        """SearchError unless a trusted querier signed this bundle (and, with ``current``, it has
+        not expired)."""
         if self.querier not in trusted:
             raise SearchError(f"key bundle from querier {fingerprint(self.querier)}, which this site does not trust")
         _verify(self.querier, self.signature, self.digest(), "key bundle")
-        self.check_current(now)
+        if current:
+            self.check_current(now)
 
     def check_current(self, now: float | None = None) -> None:
         """SearchError once the epoch has expired."""
@@ -523,7 +526,7 @@ class SiteSearcher:
             and all(c in "0123456789abcdef" for c in key_id) else None
         if bundle is None and path is not None and path.exists():
             bundle = KeyBundle.from_bytes(path.read_bytes())
-            bundle.verify(self.trusted_queriers)
+            bundle.verify(self.trusted_queriers, current=False)  # expiry: below, where it also prunes
             if bundle.key_id != key_id:
                 raise SearchError(f"stored key bundle {key_id[:16]}… does not hash to its name; refusing it")
             self._bundles[key_id] = bundle
@@ -664,8 +667,8 @@ class Querier:
             raise SearchError(f"{len(ciphertexts)} result ciphertexts for a row bound of {row_bound}")
         try:
             values = backend.decrypt_scores(self.epoch.private, list(ciphertexts))
-        except BackendError as err:
-            raise SearchError(f"results that do not decrypt ({err})") from None
+        except Exception as err:  # noqa: BLE001 (the bytes are the site's: any failure is its reply's fault)
+            raise SearchError(f"results that do not decrypt ({type(err).__name__}: {err})") from None
         if not (np.all(np.isfinite(values)) and np.all(values >= PADDING_SCORE - 0.01) and np.all(values <= 1.01)):
             raise SearchError("scores outside the range of cosines and padding")
         real = np.flatnonzero(values > PADDING_SCORE / 2)

@@ -19,7 +19,17 @@ if "FEDTUNE_CACHE_DIR" not in os.environ:  # the ClientApp cache (fedclient/task
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)  # two workers share 2 cores
+
+LONGEST_FIRST = ("test_deployment.py",)  # minutes of waiting on processes: start it before the rest
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`make test` runs the tests on two pytest-xdist workers (``--dist loadgroup``: each test is
+    scheduled on its own, except files whose module fixtures are costly, which carry an
+    ``xdist_group`` mark). The deployment scenario mostly waits on processes and heartbeats for ~6
+    minutes, so it starts first and the other worker takes the rest meanwhile."""
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -61,7 +61,11 @@ def test_fedsim_run_refuses_bad_input_before_starting(tmp_path, monkeypatch, cap
 
 
 @pytest.mark.simulation
-def test_fedsim_run_writes_a_run_directory_and_list_show_read_it(tmp_path):
+def test_fedsim_run_writes_a_run_directory_and_list_show_read_it(tmp_path, capsys):
+    """The real command for the run; list/show/refusals through the CLI's own entry point, in this
+    process (each subprocess cost seconds of start-up)."""
+    from simulations.cli import main
+
     out = tmp_path / "myrun"
     result = fedsim("run", "--task", "tiny", "--clients", "2", "--rounds", "2", "--local-steps", "2",
                     "--out", str(out), cwd=tmp_path)
@@ -73,17 +77,22 @@ def test_fedsim_run_writes_a_run_directory_and_list_show_read_it(tmp_path):
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "store.db").is_file()
 
-    listed = fedsim("list", "--runs-dir", str(tmp_path), cwd=tmp_path)
-    assert listed.returncode == 0 and summary["run_id"] in listed.stdout and "completed" in listed.stdout
-    shown = fedsim("show", summary["run_id"][:15], "--runs-dir", str(tmp_path), "--json", cwd=tmp_path)
-    assert shown.returncode == 0, shown.stderr
-    assert json.loads(shown.stdout)["rounds"] == summary["rounds"]
-    by_dir = fedsim("show", str(out), cwd=tmp_path)
-    assert by_dir.returncode == 0 and "central acc" in by_dir.stdout
-    missing = fedsim("show", "nope", "--runs-dir", str(tmp_path), cwd=tmp_path)
-    assert missing.returncode == 2 and "no run 'nope'" in missing.stderr
-    again = fedsim("run", "--task", "tiny", "--out", str(out), cwd=tmp_path)
-    assert again.returncode == 2 and "exists and is not empty" in again.stderr
+    def fedsim_here(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return code, captured.out, " ".join(captured.err.split())
+
+    code, listed, _ = fedsim_here("list", "--runs-dir", str(tmp_path))
+    assert code == 0 and summary["run_id"] in listed and "completed" in listed
+    code, shown, err = fedsim_here("show", summary["run_id"][:15], "--runs-dir", str(tmp_path), "--json")
+    assert code == 0, err
+    assert json.loads(shown)["rounds"] == summary["rounds"]
+    code, by_dir, _ = fedsim_here("show", str(out))
+    assert code == 0 and "central acc" in by_dir
+    code, _, err = fedsim_here("show", "nope", "--runs-dir", str(tmp_path))
+    assert code == 2 and "no run 'nope'" in err
+    code, _, err = fedsim_here("run", "--task", "tiny", "--out", str(out))
+    assert code == 2 and "exists and is not empty" in err
 
 
 def _free_port() -> int:

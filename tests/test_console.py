@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from fedserver.console import create_app
 from fedserver.store import RunStore
 
-pytestmark = pytest.mark.simulation
+pytestmark = [pytest.mark.simulation, pytest.mark.xdist_group("test_console")]  # one worker builds the module fixtures
 
 
 @pytest.fixture(scope="module")

@@ -79,6 +79,23 @@ def _kill_site(needle: str) -> int:
     return killed
 
 
+def _stop_sites(processes) -> None:
+    """SIGTERM every site's process group at once (as Ctrl-C would), wait for the ``fedclient start``
+    processes to end, then SIGKILL whatever their groups left behind."""
+    for process in processes:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        dep.stop_group(process.pid, grace=0)
+
+
 def _logs(directory: pathlib.Path) -> str:
     """The tails of every log under ``directory``, for a failure message."""
     return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-1500:]}" for log in sorted(directory.rglob("*.log")))
@@ -132,12 +149,14 @@ def _write_site_data(directory: pathlib.Path, rows: int) -> None:
 
 
 def test_a_tls_deployment_survives_a_killed_site_and_a_killed_coordinator(tmp_path: pathlib.Path) -> None:
-    """Sites a and b (b with its own CSV data via ``--data``) and c train 4 rounds of ``tiny`` with a
+    """Sites a and b (b with its own CSV data via ``--data``) and c train 3 rounds of ``tiny`` with a
     compressed FedAvg over TLS with node authentication; a fourth site whose key was never enrolled is
     refused. c's SuperNode is SIGKILLed while it trains round 1 and restarted: round 1 completes with a
-    and b (c's reply recorded as failed) and c is used again later. After round 2 the coordinator is
-    killed, restarted and the run resubmitted with ``resume``: the sites reconnect by themselves,
-    rounds 3-4 complete and rounds 1-2 are not repeated. (One scenario: each deployment costs minutes.)"""
+    and b (c's reply recorded as failed, within 2 heartbeats of 10 s) and c is used again later. Right
+    after round 1 the coordinator is killed, restarted and the run resubmitted with ``resume``: the
+    sites reconnect by themselves, the remaining rounds complete and finished rounds are not
+    repeated. Then one encrypted search, and an app of another publisher refused by every site.
+    (One scenario: each deployment costs minutes.)"""
     fleet, control = _free_port(), _free_port()
     coord = dep.init(tmp_path / "coord", ["127.0.0.1"], fleet_port=fleet, control_port=control, fleet_host="127.0.0.1")
     names = ("site-a", "site-b", "site-c", "rogue")
@@ -162,7 +181,7 @@ def test_a_tls_deployment_survives_a_killed_site_and_a_killed_coordinator(tmp_pa
             *(["--search-index", str(tmp_path / name / "docs"), "--querier-key", str(coord.directory / "querier.key.pub")]
               if name != "rogue" else []),
             "--key", str(sites[name][0]), *data, "--site-name", name, "--port", str(port),
-            "--home", str(tmp_path / name / "home"), "--poll-interval", "0.2",
+            "--home", str(tmp_path / name / "home"), "--poll-interval", "0.2", "--heartbeat-interval", "10",
             *(["--max-retries", "3"] if name == "rogue" else []),  # the others wait out a coordinator restart
         )
         log = open(tmp_path / name / "site.log", "a")  # noqa: SIM115 (closed with the process)
@@ -203,7 +222,7 @@ def test_a_tls_deployment_survives_a_killed_site_and_a_killed_coordinator(tmp_pa
         assert sorted(shown) == ["site-a", "site-b", "site-c"] and all(s["connected"] for s in shown.values())
         assert shown["site-a"]["fingerprint"] == fingerprint(sites["site-a"][1])
         assert shown["site-a"]["online_since"] and shown["site-a"]["last_heartbeat"] == "within the last 60 s"
-        config = {"task": "tiny", "strategy": "fedavg", "num-server-rounds": 4, "local-steps": 2,
+        config = {"task": "tiny", "strategy": "fedavg", "num-server-rounds": 3, "local-steps": 2,
                   "codec": "topk:0.01+q8", "min-train-nodes": 2}
         run_process = _submit_in_background(coord, config, tmp_path / "run.log")
         deadline = time.monotonic() + 180
@@ -219,15 +238,14 @@ def test_a_tls_deployment_survives_a_killed_site_and_a_killed_coordinator(tmp_pa
                 assert time.monotonic() < deadline, _logs(tmp_path)
                 time.sleep(0.5)
 
-        wait_for_rounds(1, 150)  # the SuperLink declares c offline after 2 missed 30 s heartbeats
-        start_site("site-c", ports["site-c"])  # c comes back
-        wait_for_rounds(2, 180)
+        wait_for_rounds(1, 90)  # the SuperLink declares c offline after 2 missed 10 s heartbeats
+        start_site("site-c", ports["site-c"])  # c comes back (and waits for the coordinator)
         dep.stop(coord, grace=3)  # the coordinator dies mid-run
         run_process.kill()
         (run,) = store.list_runs()
         done = {r.round: r.started_at for r in store.rounds(run.id)}
         # SIGKILL leaves it "running"; a SIGTERM reaching the ServerApp first records "failed": both resume
-        assert len(done) >= 2 and run.status in ("running", "failed"), (run.status, run.error)
+        assert len(done) >= 1 and run.status in ("running", "failed"), (run.status, run.error)
         dep.start(coord)
         try:
             result = dep.submit(coord, {**config, "resume": run.id}, timeout=300)
@@ -237,15 +255,15 @@ def test_a_tls_deployment_survives_a_killed_site_and_a_killed_coordinator(tmp_pa
         run = store.get_run(run.id)
         assert run.status == "completed", run.error
         rounds = store.rounds(run.id)
-        assert [r.round for r in rounds] == [1, 2, 3, 4] and len(store.list_runs()) == 1
-        for r in rounds[:2]:
-            assert r.started_at == done[r.round]  # rounds 1-2 were not repeated
+        assert [r.round for r in rounds] == [1, 2, 3] and len(store.list_runs()) == 1
+        for r in rounds[:len(done)]:
+            assert r.started_at == done[r.round]  # finished rounds were not repeated
         status = {(r.round, c.site): c for r in rounds for c in store.client_rounds(run.id, r.round)
                   if c.phase == "train"}
         assert status[1, "site-a"].status == status[1, "site-b"].status == "ok"
         assert status[1, "site-c"].status == "failed", status[1, "site-c"]
-        assert any(status.get((r, "site-c")) and status[r, "site-c"].status == "ok" for r in (2, 3, 4)), status
-        assert all(status[r, s].status == "ok" for r in (3, 4) for s in ("site-a", "site-b")), status
+        assert any(status.get((r, "site-c")) and status[r, "site-c"].status == "ok" for r in (2, 3)), status
+        assert all(status[r, s].status == "ok" for r in (2, 3) for s in ("site-a", "site-b")), status
         for c in status.values():
             if c.status == "ok":
                 assert 0 < c.bytes_up < 200_000  # compressed, not 7 MB
@@ -285,7 +303,6 @@ def test_a_tls_deployment_survives_a_killed_site_and_a_killed_coordinator(tmp_pa
     finally:
         if run_process is not None and run_process.poll() is None:
             run_process.kill()
-        for process in processes.values():
-            dep.stop_group(process.pid, grace=5)
+        _stop_sites(processes.values())
         dep.stop(coord)
     assert dep.running_pid(coord) is None

@@ -219,7 +219,11 @@ def test_errors_and_spent_budgets_stay_in_the_site_log(app, tmp_path, flower_ide
     reason = refusal_reason(reply.content)
     assert reason.startswith("site policy privacy.max-epsilon-")
     assert not re.search(r"\d", reason.split(":", 1)[1]), reason  # no spent or budget figure
-    assert "spent so far" in capfd.readouterr().err or "spent in this run" in capfd.readouterr().err
+    log = capfd.readouterr().err
+    assert "spent so far" in log or "spent in this run" in log  # the figures stay in the site's log
+    hand_started = {**NODE, "policy": node["policy"]}  # no state-dir: no ledger outlives the run
+    reason = refusal_reason(_deliver(app, "train", _train_content({**DP_RUN, "dp-epsilon": 1.0}), hand_started).content)
+    assert reason.startswith("site policy privacy.ledger")
 
 
 # ---- the ledger: persistent, locked, durable -----------------------------------------------------------
@@ -494,6 +498,11 @@ def test_the_supernode_hook_is_pinned_to_the_flower_it_was_written_for() -> None
     loop = inspect.getsource(start_client_internal.start_client_internal)
     assert "run_id = _pull_and_store_message(" in loop and "get_fab=get_fab," in loop
     assert "state.store_fab(fab)" in source and source.index("get_fab(") < source.index("state.store_fab(fab)")
+    from flwr.client.grpc_rere_client import connection  # where --heartbeat-interval takes effect
+    from flwr.supercore import heartbeat
+
+    assert inspect.getsource(connection).count("heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL") == 2
+    assert "HEARTBEAT_DEFAULT_INTERVAL - HEARTBEAT_CALL_TIMEOUT" in inspect.getsource(heartbeat.HeartbeatSender._run)
 
 
 PROBE_APP = b"""[build-system]

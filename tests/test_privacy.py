@@ -329,3 +329,17 @@ def test_a_ledger_file_carries_spending_across_runs(tmp_path) -> None:
     with pytest.raises(PrivacyBudgetExceeded):
         _run(inner, config={**config, "server-round": 2}, site=site, ledger_path=path, run="run-b")
     assert [e["run"] for e in json.loads(pathlib.Path(path).read_text())["entries"]] == ["run-a", "run-b"]
+
+
+def test_a_new_run_is_not_refused_for_what_an_earlier_run_spent() -> None:
+    """Run A spends ε ≈ 4 in one release; run B asks for ε = 2 and has spent nothing: its first
+    release is calibrated to its own budget, and only the lifetime check looks at run A's."""
+    inner = Canned(Payload({COEFFICIENTS: np.ones(20, np.float32)}, 9))
+    client_state: dict = {}
+    _run(inner, config={"dp-epsilon": 4.0, "dp-releases": 1}, client_state=client_state, run="run-a")
+    payload = _run(inner, config={"dp-epsilon": 2.0, "dp-releases": 1}, client_state=client_state, run="run-b")
+    assert 0 < payload.metrics["dp-epsilon-spent"] <= 2.0
+    with pytest.raises(PrivacyBudgetExceeded) as refused:  # run B's own budget is spent now
+        _run(inner, config={"dp-epsilon": 2.0, "dp-releases": 1, "server-round": 2}, client_state=client_state,
+             run="run-b")
+    assert refused.value.scope == "run"

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from privacy.he_backends import BACKENDS, CkksParameters, choose_backend
+from privacy.refusal import PolicyRefusal
 from privacy.vector_search import (
     EncryptedQuery,
     KeyBundle,
@@ -28,14 +29,16 @@ from privacy.vector_search import (
     exact_top_k,
 )
 
-SAMPLE = 1200
+pytestmark = pytest.mark.xdist_group("test_vector_search")  # one worker embeds the articles once
+
+SAMPLE = 600
 QUERIES = ("shares fell on the stock market as oil prices rose", "a new mobile phone with a faster chip",
            "the prime minister called an early election", "the striker scored in the cup final")
 
 
 @pytest.fixture(scope="module")
 def bbc_sites() -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """MiniLM embeddings of 1,200 BBC News articles (every topic; a seeded sample, to keep the suite
+    """MiniLM embeddings of 600 BBC News articles (every topic; a seeded sample, to keep the suite
     short), dealt round-robin to 4 sites (cached on disk)."""
     from fedclient.tasks.cache import cache_key, cached
     from fedclient.tasks.data import load_bbc_news
@@ -263,6 +266,47 @@ def test_the_row_bound_is_capped_by_the_policy_and_expired_epochs_are_pruned(bbc
         site.answer(Querier(identity, epochs[2]).encrypt(queries[0], row_bound=1_000_000))  # 1M rows: memory
     assert site.prune_keys(now=time.time() + 2.5 * 3600) == [epochs[1].bundle.key_id]
     assert [p.stem for p in (tmp_path / "keys").glob("*.bundle")] == [epochs[2].bundle.key_id]
+
+
+def test_key_bundles_past_the_policy_lifetime_are_refused_and_expired_ones_deleted_when_used(bbc_sites, tmp_path) -> None:
+    sites, _ = bbc_sites
+    identity = QuerierIdentity.generate()
+
+    def searcher() -> SiteSearcher:  # a fresh one per message, as the ClientApp builds it
+        return SiteSearcher(sites["site-2"][:20], [str(i) for i in range(20)], [identity.public_bytes],
+                            SearchLedger(None, SearchLimits(max_key_days=1.0)), key_dir=tmp_path / "keys")
+
+    too_long = KeyEpoch.create(identity, "tenseal", lifetime_seconds=3 * 86400)
+    with pytest.raises(PolicyRefusal, match="search.max-key-days"):
+        searcher().accept_keys(too_long.bundle.to_bytes())
+    assert not list(tmp_path.rglob("*.bundle"))  # refused before it was stored
+    short = KeyEpoch.create(identity, "tenseal", lifetime_seconds=1)
+    searcher().accept_keys(short.bundle.to_bytes())
+    assert len(list((tmp_path / "keys").glob("*.bundle"))) == 1
+    time.sleep(1.1)
+    query = Querier(identity, short).encrypt(np.ones(384), k=1, row_bound=100)
+    with pytest.raises(SearchError, match="expired"):
+        searcher().answer(query)
+    assert not list((tmp_path / "keys").glob("*")), "the expired bundle stays on disk"
+
+
+def test_the_querier_refuses_a_sites_unusable_results(tmp_path) -> None:
+    """A site is not trusted either: bytes that are no ciphertext, more ciphertexts than the row
+    bound needs, or scores no cosine can have are refused (run_search records that site's part as
+    unusable and goes on)."""
+    identity = QuerierIdentity.generate()
+    epoch = KeyEpoch.create(identity, "tenseal")
+    querier = Querier(identity, epoch)
+    backend = epoch.backend
+    huge = backend.encrypt_query(epoch.private, np.full(384, 5.0) / np.sqrt(384) * 5)  # slots of 5, 1 and 0
+    honest = backend.encrypt_query(epoch.private, np.full(384, 0.01))
+    assert querier.site_scores([honest], row_bound=backend.rows_per_ciphertext()).size > 0
+    with pytest.raises(SearchError, match="outside the range"):
+        querier.site_scores([huge], row_bound=backend.rows_per_ciphertext())
+    with pytest.raises(SearchError, match="result ciphertexts for a row bound"):
+        querier.site_scores([honest, honest], row_bound=backend.rows_per_ciphertext())
+    with pytest.raises(SearchError, match="do not decrypt"):
+        querier.site_scores([b"\x00" * 64], row_bound=100)
 
 
 def test_a_querier_keeps_its_key_epoch_across_searches_until_it_expires(tmp_path) -> None:
