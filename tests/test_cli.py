@@ -61,11 +61,12 @@ def test_fedsim_run_refuses_bad_input_before_starting(tmp_path, monkeypatch, cap
 
 
 @pytest.mark.simulation
-def test_fedsim_run_writes_a_run_directory_and_list_show_read_it(tmp_path, capsys):
+def test_fedsim_run_writes_a_run_directory_and_list_show_read_it(tmp_path, capsys, monkeypatch):
     """The real command for the run; list/show/refusals through the CLI's own entry point, in this
     process (each subprocess cost seconds of start-up)."""
-    from simulations.cli import main
+    from simulations import cli
 
+    monkeypatch.setattr(cli.console, "width", 200)  # tables at a terminal's width, not pytest's 80 columns
     out = tmp_path / "myrun"
     result = fedsim("run", "--task", "tiny", "--clients", "2", "--rounds", "2", "--local-steps", "2",
                     "--out", str(out), cwd=tmp_path)
@@ -78,7 +79,7 @@ def test_fedsim_run_writes_a_run_directory_and_list_show_read_it(tmp_path, capsy
     assert (out / "store.db").is_file()
 
     def fedsim_here(*args: str) -> tuple[int, str, str]:
-        code = main(list(args))
+        code = cli.main(list(args))
         captured = capsys.readouterr()
         return code, captured.out, " ".join(captured.err.split())
 

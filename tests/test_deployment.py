@@ -238,7 +238,7 @@ def test_a_tls_deployment_survives_a_killed_site_and_a_killed_coordinator(tmp_pa
                 assert time.monotonic() < deadline, _logs(tmp_path)
                 time.sleep(0.5)
 
-        wait_for_rounds(1, 90)  # the SuperLink declares c offline after 2 missed 10 s heartbeats
+        wait_for_rounds(1, 150)  # the SuperLink declares c offline after 2 missed 10 s heartbeats
         start_site("site-c", ports["site-c"])  # c comes back (and waits for the coordinator)
         dep.stop(coord, grace=3)  # the coordinator dies mid-run
         run_process.kill()

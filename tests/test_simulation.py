@@ -16,8 +16,8 @@ from fedserver.store import RunStore
 
 pytestmark = pytest.mark.simulation
 
-BACKEND = {
-    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+BACKEND = {  # one actor (a process importing torch and transformers: ~10 s of CPU) serves all virtual sites
+    "client_resources": {"num_cpus": 2, "num_gpus": 0.0},
     "init_args": {"num_cpus": 2, "include_dashboard": False, "log_to_driver": False},
 }
 
