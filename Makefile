@@ -42,7 +42,7 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 test: install browser
-	$(BIN)/python -m pytest -q --durations=12 -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q --durations=12 -n 2 --dist loadfile
 
 bench: install
 	$(BIN)/python bench/fedavg_overhead.py

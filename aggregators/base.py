@@ -148,6 +148,8 @@ class Algorithm(ABC):
     state to restore): true for FedAvg and selective-layer."""
     releases_per_round: ClassVar[int] = 1
     """How many separately privatized messages a site sends per round at most (for LDP budgets)."""
+    supports_local_dp: ClassVar[bool] = True
+    """Whether local DP has a mechanism for everything this method's sites send."""
     update_kind: ClassVar[str | None] = None
     """What a reply's parameter arrays hold, for the update codecs: ``weights`` (new values of
     global tensors), ``delta`` (changes to them), or ``None`` (a payload of the method's own:
@@ -239,6 +241,7 @@ class WrappedAlgorithm(Algorithm):
         self.update_kind = inner.update_kind  # type: ignore[misc]
         self.releases_per_round = inner.releases_per_round  # type: ignore[misc]
         self.resumable = inner.resumable  # type: ignore[misc]
+        self.supports_local_dp = inner.supports_local_dp  # type: ignore[misc]
 
     def __getattr__(self, attribute: str) -> Any:  # the inner algorithm's own attributes (e.g. layers)
         if attribute == "inner":

@@ -109,6 +109,7 @@ class ControlledAveraging(Algorithm):
     """The shared machinery of SCALLION and SCAFCOM (see the module docstring)."""
 
     config_class = ControlledAveragingConfig
+    supports_local_dp = False  # the uplink is a compressed control-variate difference: no mechanism yet
     default_codec: str = "none"
     momentum: bool = False
 

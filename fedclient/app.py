@@ -144,7 +144,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
     @app.query("identify")
     @keeps_errors_at_the_site
     def identify(msg: Message, context: Context) -> Message:
-        from fedclient.local import describe_device
+        from fedclient.device import describe_device
 
         node = node_config(context)
         return Message(RecordDict({"site": ConfigRecord({"name": site_name(node), "device": describe_device(node)})}),

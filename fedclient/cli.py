@@ -27,6 +27,7 @@ import sys
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedclient.runconfig import quiet_environment
@@ -78,7 +79,7 @@ def doctor(task_names: list[str], superlink: str = "", ca: str = "", key: str = 
                 table.add_row("TLS", "ok", f"certificate '{check_tls(superlink, pathlib.Path(ca))}' verifies with {ca}")
         except ValueError as err:
             ok = False
-            table.add_row("coordinator", "[red]fail[/]", str(err))
+            table.add_row("coordinator", "[red]fail[/]", escape(str(err)))
     if key:
         import pathlib
 
@@ -89,7 +90,7 @@ def doctor(task_names: list[str], superlink: str = "", ca: str = "", key: str = 
             table.add_row("site key", "ok", f"{key}: OpenSSH ECDSA, owner-only")
         except ValueError as err:
             ok = False
-            table.add_row("site key", "[red]fail[/]", str(err))
+            table.add_row("site key", "[red]fail[/]", escape(str(err)))
     if data:
         from fedclient.tasks import SiteDataError, read_site_corpus
 
@@ -99,7 +100,7 @@ def doctor(task_names: list[str], superlink: str = "", ca: str = "", key: str = 
                 table.add_row(f"data for {name}", "ok", f"{data}: {len(corpus)} rows in {len(corpus.rows_per_file)} file(s)")
             except (SiteDataError, MissingDataError) as err:
                 ok = False
-                table.add_row(f"data for {name}", "[red]fail[/]", str(err))
+                table.add_row(f"data for {name}", "[red]fail[/]", escape(str(err)))
     for name in task_names or list(TASKS):
         started = time.perf_counter()
         try:
@@ -112,7 +113,7 @@ def doctor(task_names: list[str], superlink: str = "", ca: str = "", key: str = 
             table.add_row(f"task {name}", "ok", detail)
         except (MissingDataError, ValueError, OSError) as err:
             ok = False
-            table.add_row(f"task {name}", "[red]fail[/]", str(err))
+            table.add_row(f"task {name}", "[red]fail[/]", escape(str(err)))
     console.print(table)
     return 0 if ok else 1
 
@@ -149,11 +150,11 @@ def _check_clock(table: Table, time_server: str, ca: str) -> bool:
                           problem or f"{offset:+.3f} s against {time_server}")
             ok = problem is None
         except ValueError as err:
-            table.add_row("clock offset", "warn", str(err))
+            table.add_row("clock offset", "warn", escape(str(err)))
     if ca:
         problem = certificate_window_problem(pathlib.Path(ca))
         if problem:
-            table.add_row("clock vs CA", "[red]fail[/]", problem)
+            table.add_row("clock vs CA", "[red]fail[/]", escape(problem))
             ok = False
     return ok
 
@@ -171,7 +172,7 @@ def check_data(directory: str, task_name: str) -> int:
         task = get_task(task_name)
         corpus = read_site_corpus(directory, task.load_data().classes)
     except (SiteDataError, MissingDataError, ValueError) as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {escape(str(err))}")
         return 2
     console.print(f"{directory}: {len(corpus)} labelled rows, valid for task {task_name}")
     table = Table()
@@ -211,7 +212,7 @@ def index(directory: str, encoder_weights: str, row_bound: int = 10_000) -> int:
             report = store.build(encoder_weights, progress=lambda done, total: progress.update(task, completed=done,
                                                                                              total=total))
     except VectorStoreError as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {escape(str(err))}")
         return 2
     console.print(f"indexed {report.total} documents in {store.path} with {report.encoder}: {report.added} added, "
                   f"{report.changed} changed, {report.removed} removed, {report.unchanged} unchanged")
@@ -221,10 +222,10 @@ def index(directory: str, encoder_weights: str, row_bound: int = 10_000) -> int:
         try:
             backend, seconds = store.encode_for_search(row_bound)
         except BackendError as err:
-            console.print(f"[yellow]not pre-encoding for encrypted search:[/] {err}")
+            console.print(f"[yellow]not pre-encoding for encrypted search:[/] {escape(str(err))}")
             return 0
         except VectorStoreError as err:
-            console.print(f"[red]error:[/] {err} (--row-bound)")
+            console.print(f"[red]error:[/] {escape(str(err))} (--row-bound)")
             return 2
         console.print(f"encoded the rows for encrypted search ({backend}, row bound {row_bound}) in "
                       f"{seconds:.1f} s; cached in {store.path}")
@@ -239,7 +240,7 @@ def policy_command(action: str, path: str) -> int:
         try:
             written = write_default(path)
         except FileExistsError as err:
-            console.print(f"[red]error:[/] {err}")
+            console.print(f"[red]error:[/] {escape(str(err))}")
             return 2
         console.print(f"wrote {written}: review it, then `fedclient policy check {written}` and "
                       f"`fedclient start --policy {written} ...`")
@@ -247,7 +248,7 @@ def policy_command(action: str, path: str) -> int:
     try:
         policy = SitePolicy.load(path)
     except ValueError as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {escape(str(err))}")
         return 2
     problems = []
     if policy.search.index and not (pathlib.Path(policy.search.index) / ".fedtune-index").is_dir():
@@ -261,7 +262,7 @@ def policy_command(action: str, path: str) -> int:
         table.add_row(setting, value)
     console.print(table)
     for problem in problems:
-        console.print(f"[red]error:[/] {problem}")
+        console.print(f"[red]error:[/] {escape(str(problem))}")
     if not problems:
         console.print("valid")
     return 2 if problems else 0
@@ -275,7 +276,7 @@ def keys(path: str, force: bool) -> int:
     try:
         private, public = create_site_keys(pathlib.Path(path), overwrite=force)
     except FileExistsError as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {escape(str(err))}")
         return 2
     console.print(f"private key {private} (mode 600: it never leaves this site)")
     console.print(f"public key  {public}  {fingerprint(public)}")
@@ -291,6 +292,7 @@ def start(args: argparse.Namespace) -> int:
 
     from fedclient.supernode import (
         check_reachable,
+        check_tls,
         supernode_command,
         supernode_environment,
     )
@@ -303,7 +305,7 @@ def start(args: argparse.Namespace) -> int:
         try:  # the format now; the labels against the run's task when a run asks for training
             corpus = read_site_corpus(data, None)
         except SiteDataError as err:
-            console.print(f"[red]error:[/] {err}")
+            console.print(f"[red]error:[/] {escape(str(err))}")
             return 2
         node_config = {"data-dir": str(data)}
         console.print(f"site data: {len(corpus)} rows from {data}")
@@ -335,7 +337,7 @@ def start(args: argparse.Namespace) -> int:
 
         policy = site_policy(node_config)
     except ValueError as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {escape(str(err))}")
         return 2
     if policy.search.index or policy.search.querier_key:
         from fedclient.vector_store import VectorStore, VectorStoreError
@@ -348,7 +350,7 @@ def start(args: argparse.Namespace) -> int:
             vectors, _ = VectorStore(policy.search.index).load()
             load_trusted_key(pathlib.Path(policy.search.querier_key))
         except (SearchError, VectorStoreError) as err:
-            console.print(f"[red]error:[/] {err}")
+            console.print(f"[red]error:[/] {escape(str(err))}")
             return 2
         console.print(f"encrypted search: {len(vectors)} documents in {policy.search.index}, "
                       f"{policy.search.limits.query_budget} queries per querier")
@@ -360,14 +362,15 @@ def start(args: argparse.Namespace) -> int:
     try:
         if not args.data and args.partition_id < 0 or args.partition_id >= args.num_partitions:
             raise ValueError(f"--partition-id must be in 0..{args.num_partitions - 1}, got {args.partition_id}")
-        check_reachable(args.superlink)
+        check_reachable(args.superlink)  # 1. the address, 2. the CA, then (Flower's admission) 3. the enrolment
+        check_tls(args.superlink, pathlib.Path(args.ca))
         command = supernode_command(superlink=args.superlink, ca=pathlib.Path(args.ca), key=pathlib.Path(args.key),
                                     node_config=node_config, runtime_port=args.port,
                                     trusted_publisher=pathlib.Path(args.trusted_publisher),
                                     max_retries=args.max_retries, poll_interval=args.poll_interval,
                                     heartbeat_interval=args.heartbeat_interval)
     except ValueError as err:
-        console.print(f"[red]error:[/] {err}")
+        console.print(f"[red]error:[/] {escape(str(err))}")
         return 2
     home.mkdir(parents=True, exist_ok=True)
     console.print(f"starting the SuperNode: {' '.join(command)}")
@@ -398,8 +401,13 @@ def start(args: argparse.Namespace) -> int:
                 time.sleep(2 if sig == signal.SIGTERM else 0)
         returncode = process.wait()
     if refused:
-        console.print("[red]error:[/] the coordinator refused this site (Flower exit code 305): is its public key "
-                      "enrolled (`fedserver enrol`)? Is --ca the coordinator's CA?")
+        from fedclient.keys import fingerprint
+
+        public = pathlib.Path(f"{args.key}.pub")
+        console.print(f"[red]error:[/] the coordinator has not enrolled this site's key (Flower exit code 305; its "
+                      f"certificate verified with --ca, so the CA is right). Send {escape(str(public))} "
+                      f"({escape(fingerprint(public)) if public.is_file() else 'the public key'}) to its operator for "
+                      f"`fedserver enrol DIR {escape(args.site_name or 'SITE')} --public-key site.key.pub`")
         return 3
     if stopped_here:
         console.print("stopped the SuperNode")

@@ -244,9 +244,3 @@ def evaluate_reply(msg: Message, context: Context, node: Mapping[str, Any], conf
     _save_client_state(context, client_state)
     noisy["num-examples"] = 1
     return Message(RecordDict({"metrics": MetricRecord(noisy)}), reply_to=msg)
-
-
-def describe_device(node: Mapping[str, Any]) -> str:
-    """What this site trains on, as it reports it (e.g. ``cuda:0 NVIDIA H100``)."""
-    device = best_device(str(node.get("device", "auto")))
-    return f"{device} {torch.cuda.get_device_name(device)}" if device.type == "cuda" else str(device)

@@ -17,14 +17,9 @@ from flwr.serverapp import Grid, ServerApp
 from aggregators import Algorithm, make_algorithm
 from fedclient.runconfig import csv_list, quiet_environment, resolve_run_config
 from fedclient.tasks import evaluate_model, get_task
-from fedserver.store import RunStore
-from fedserver.strategy import (
-    AlgorithmStrategy,
-    RoundObserver,
-    RunStopped,
-    StrategySettings,
-)
-from privacy.ldp import LdpSettings
+from fedserver.run_config import check_run_config, privacy_settings, strategy_settings
+from fedserver.store import FLOWER_RUN_ID, RunStore
+from fedserver.strategy import AlgorithmStrategy, RoundObserver, RunStopped
 
 quiet_environment()
 
@@ -52,18 +47,7 @@ def run_federation(
     """Run one federated fine-tuning job on ``grid`` as ``config`` (a resolved run config) says."""
     task = get_task(str(config["task"]))
     algorithm = make_algorithm(str(config["strategy"]), config)
-    privacy = privacy_settings(config, algorithm)
-    settings = StrategySettings(
-        fraction_train=float(config["fraction-train"]),
-        fraction_evaluate=float(config["fraction-evaluate"]),
-        min_train_nodes=int(config["min-train-nodes"]),
-        min_available_nodes=max(1, num_clients),
-        round_timeout=float(config["round-timeout"]),
-        checkpoint_every=int(config["checkpoint-every"]),
-        keep_checkpoints=int(config["keep-checkpoints"]),
-        seed=int(config["seed"]),
-        message_config=privacy,
-    )
+    settings = strategy_settings(config, num_clients, privacy_settings(config, algorithm))
     model = task.build_model()
     defaults = {"task": list(task.train_layers), "above-embeddings": task.layer_names()[1:],
                 "output": task.layer_names()[-1:]}
@@ -94,7 +78,7 @@ def run_federation(
             num_clients=num_clients,
         )
     if flower_run_id is not None:  # the console stops a deployment's run with `flwr stop <this id>`
-        store.annotate_run(run_id, {"flower-run-id": str(flower_run_id)})
+        store.annotate_run(run_id, {FLOWER_RUN_ID: str(flower_run_id)})
     if on_run_created:
         on_run_created(run_id)
     strategy = AlgorithmStrategy(
@@ -159,30 +143,6 @@ def _resume(store: RunStore, run_ref: str, config: Mapping[str, Any], algorithm:
     return run.id, done, ArrayRecord(state)
 
 
-def privacy_settings(config: Mapping[str, Any], algorithm: Algorithm) -> dict[str, Any]:
-    """The local-DP settings every message carries ({} when ``dp`` is off); ValueError on a bad one.
-
-    ``dp-releases`` is the number of privatized messages a site sends if sampled every round,
-    for sites that calibrate their noise to their budget.
-    """
-    mechanism = str(config.get("dp", "off"))
-    if mechanism == "off":
-        return {}
-    if float(config["fraction-evaluate"]) > 0:
-        raise ValueError("local evaluation sends data-dependent metrics that local DP does not cover; "
-                         "with dp on, use central evaluation only (fraction-evaluate 0)")
-    if algorithm.name in ("scallion", "scafcom"):
-        raise ValueError(f"local DP is not available for {algorithm.name}: its uplink is a compressed "
-                         "control-variate difference; use fedavg or selective-layer with a codec")
-    settings = {
-        "dp": mechanism, "dp-epsilon": float(config["dp-epsilon"]), "dp-delta": float(config["dp-delta"]),
-        "clip": float(config["clip"]), "dp-noise-multiplier": float(config["dp-noise-multiplier"]),
-        "dp-releases": int(config["num-server-rounds"]) * algorithm.releases_per_round,
-    }
-    LdpSettings.resolve(settings)  # validates
-    return settings
-
-
 def build_server_app(
     overrides: Mapping[str, Any] | None = None,
     *,
@@ -196,15 +156,14 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        config = coordinator_config(resolve_run_config(context.run_config, overrides))
+        config = check_run_config(coordinator_config(resolve_run_config(context.run_config, overrides)),
+                                  num_clients=num_clients)
         if str(config["mode"]) == "search":
             from fedserver.search import run_search
 
             run_search(grid, config, names=enrolled_names(RunStore(str(config["store"]))),
                        min_sites=max(1, num_clients))
             return
-        if str(config["mode"]) != "train":
-            raise ValueError(f"mode must be 'train' or 'search', got '{config['mode']}'")
         run_federation(
             grid, config, num_clients=num_clients, observer=observer, on_run_created=on_run_created,
             stop_event=stop_event, flower_run_id=context.run_id,

@@ -25,24 +25,13 @@ import pathlib
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from fedclient.runconfig import DEFAULT_RUN_CONFIG, quiet_environment
 
 quiet_environment()
 console = Console()
 err_console = Console(stderr=True)
-
-
-def _typed(text: str) -> int | float | str:
-    """A --run-config value: quoted text stays a string, bare numbers become numbers."""
-    if text.startswith('"') and text.endswith('"'):
-        return text[1:-1]
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def deployment_command(args: argparse.Namespace) -> int:
@@ -96,17 +85,46 @@ def deployment_command(args: argparse.Namespace) -> int:
         console.print(f"app {app}\nFAB sha256 {digest}\n"
                       f"review the files in {app}, then sign: `fedserver sign-app KEY {digest}`", soft_wrap=True)
     elif args.command == "run":
-        config = {"strategy": args.strategy, "num-server-rounds": args.rounds, "task": args.task}
-        for item in args.run_config:
-            for pair in item.split():
-                key, _, value = pair.partition("=")
-                config[key] = _typed(value)
-        result = dep.submit(deployment, config, stream=True, signature=args.signature or None)
-        print(result.stdout, end="")
-        if result.returncode != 0:
-            err_console.print(result.stderr.strip()[-2000:])
-        return result.returncode
+        return run_command(args, deployment)
     return 0
+
+
+def run_command(args: argparse.Namespace, deployment) -> int:
+    """``fedserver run``: check the whole run config as the ServerApp will (nothing is submitted
+    when it would refuse it), submit, stream Flower's log, then report the run as the store has it
+    and exit 0 only if it completed (1 if it failed or stopped, 2 for bad input)."""
+    from fedserver import deployment as dep
+    from fedserver.run_config import RunConfigError, check_run_config, parse_run_config_args
+    from fedserver.store import RunStore, StoreError
+
+    config = {"task": args.task, "strategy": args.strategy, "num-server-rounds": args.rounds}
+    try:
+        config.update(parse_run_config_args(args.run_config))
+        check_run_config(config, deployment=True)
+        if config.get("resume"):
+            RunStore(deployment.store_url).get_run(str(config["resume"]))
+    except RunConfigError as err:
+        for problem in err.problems:
+            err_console.print(f"[red]error:[/] {escape(problem)}")
+        err_console.print("nothing was submitted")
+        return 2
+    except StoreError as err:
+        err_console.print(f"[red]error:[/] resume: {escape(str(err))}; `fedserver --store {deployment.store_url} runs` "
+                          "lists the runs; nothing was submitted")
+        return 2
+    result = dep.submit(deployment, config, stream=True, signature=args.signature or None,
+                        echo=lambda line: print(line, end="", flush=True))
+    outcome = dep.run_outcome(deployment, result)
+    flower = f" (Flower run {outcome.flower_run_id})" if outcome.flower_run_id else ""
+    if outcome.ok:
+        accuracy = f", final central accuracy {100 * outcome.accuracy:.1f}%" if outcome.accuracy is not None else ""
+        console.print(f"run [bold]{outcome.run_id}[/]{flower} completed: {outcome.rounds} rounds{accuracy}; "
+                      f"`fedserver --store {deployment.store_url} show {outcome.run_id}`", soft_wrap=True)
+        return 0
+    what = f"run {outcome.run_id}{flower} {outcome.status}" if outcome.run_id else f"the run{flower} did not start"
+    err_console.print(f"[red]error:[/] {escape(what)}: {escape(outcome.reason or 'no reason recorded')}",
+                      soft_wrap=True)
+    return 1
 
 
 def search_command(args: argparse.Namespace) -> int:
@@ -126,10 +144,10 @@ def search_command(args: argparse.Namespace) -> int:
         result = dep.search(dep.Deployment.load(args.directory), text, k=args.k, backend=args.backend,
                             row_bound=args.row_bound)
     except OSError as err:
-        err_console.print(f"[red]error:[/] cannot read the query ({err})")
+        err_console.print(f"[red]error:[/] cannot read the query ({escape(str(err))})")
         return 2
     except (dep.DeploymentError, SearchError) as err:
-        err_console.print(f"[red]error:[/] {err}")
+        err_console.print(f"[red]error:[/] {escape(str(err))}")
         return 2
     table = Table(title=f"top {args.k} for query {result['query_id']}")
     for column in ("rank", "score", "site", "document"):
@@ -138,7 +156,7 @@ def search_command(args: argparse.Namespace) -> int:
         table.add_row(str(rank), f"{hit['score']:.4f}", hit["site"], hit["document_id"])
     console.print(table)
     for site, reason in result["refusals"].items():
-        console.print(f"[yellow]site '{site}' did not answer:[/] {reason}")
+        console.print(f"[yellow]site '{escape(str(site))}' did not answer:[/] {escape(str(reason))}")
     return 0
 
 
@@ -172,7 +190,7 @@ def console_command(args: argparse.Namespace) -> int:
         app = create_app(store_url, deployment=deployment, token=token, hosts=hosts,
                          log_dir=(deployment.directory if deployment else pathlib.Path.cwd()) / "console-logs")
     except (DeploymentError, StoreError, RuntimeError) as err:
-        err_console.print(f"[red]error:[/] {err}")
+        err_console.print(f"[red]error:[/] {escape(str(err))}")
         return 2
     scheme = "https" if tls else "http"
     host = args.host if args.host != "0.0.0.0" else "127.0.0.1"
@@ -195,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("runs", help="list the runs")
     show = sub.add_parser("show", help="per-round table of one run")
-    show.add_argument("run", help="run id, unique id prefix or name")
+    show.add_argument("run", help="run id, unique id prefix, name, or the Flower run id `fedserver run` printed")
     show.add_argument("--json", action="store_true", help="print the JSON summary")
     export = sub.add_parser("export", help="write a checkpoint of the global model as safetensors")
     export.add_argument("run", help="run id, unique id prefix or name")
@@ -223,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--strategy", default=DEFAULT_RUN_CONFIG["strategy"])
     run.add_argument("--rounds", type=int, default=DEFAULT_RUN_CONFIG["num-server-rounds"])
     run.add_argument("--task", default=DEFAULT_RUN_CONFIG["task"])
-    run.add_argument("--run-config", action="append", default=[], help="extra run config, e.g. 'codec=\"q8\"'")
+    run.add_argument("--run-config", action="append", default=[],
+                     help="more run-config keys, in `flwr run`'s syntax: key=value pairs separated by spaces, strings "
+                     "in quotes, e.g. 'codec=\"topk:0.02+q8\" local-steps=2 run-name=\"my first run\"'; every key is "
+                     "checked before anything is submitted")
     run.add_argument("--signature", default="", help="a publisher's signature over the app's FAB hash, made offline "
                      "(`fedserver sign-app`); default: signed with DIR/publisher.key")
     app_hash = sub.add_parser("app-hash", help="stage the app (code only) and print its FAB hash, to review and "
@@ -274,12 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         from privacy.signing import KeyFileError, load_or_create_private_key
 
         if len(args.fab_hash) != 64 or any(c not in "0123456789abcdef" for c in args.fab_hash):
-            err_console.print(f"[red]error:[/] '{args.fab_hash}' is not a SHA-256 hex digest")
+            err_console.print(f"[red]error:[/] '{escape(str(args.fab_hash))}' is not a SHA-256 hex digest")
             return 2
         try:
             key = load_or_create_private_key(pathlib.Path(args.key))
         except KeyFileError as err:
-            err_console.print(f"[red]error:[/] {err}")
+            err_console.print(f"[red]error:[/] {escape(str(err))}")
             return 2
         print(sign_fab(key, args.fab_hash))
         return 0
@@ -287,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return deployment_command(args)
         except DeploymentError as err:
-            err_console.print(f"[red]error:[/] {err}")
+            err_console.print(f"[red]error:[/] {escape(str(err))}")
             return 2
     try:
         store = RunStore(args.store)
@@ -314,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
             save_file(state, str(out), metadata={"run": run.id, "round": str(rnd), "task": run.task})
             console.print(f"wrote round {rnd} of run {run.id} ({len(state)} tensors) to {out}")
     except StoreError as err:
-        err_console.print(f"[red]error:[/] {err}")
+        hint = f"; `fedserver --store {args.store} runs` lists the runs" if str(err).startswith("no run") else ""
+        err_console.print(f"[red]error:[/] {escape(str(err))}{hint}")
         return 2
     return 0
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import pathlib
 import shutil
 import signal
@@ -30,7 +31,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -316,7 +317,9 @@ def status(deployment: Deployment) -> dict[str, Any]:
 
 
 def run_config_text(config: Mapping[str, Any]) -> str:
-    """``--run-config`` text: strings quoted, numbers and booleans bare."""
+    """``--run-config`` text as ``flwr run`` parses it: strings quoted (they may hold spaces),
+    numbers and booleans bare. DeploymentError for a string holding both kinds of quote, which
+    Flower's parser cannot read."""
     parts = []
     for key, value in config.items():
         if isinstance(value, bool):
@@ -324,17 +327,97 @@ def run_config_text(config: Mapping[str, Any]) -> str:
         elif isinstance(value, (int, float)):
             parts.append(f"{key}={value}")
         else:
-            parts.append(f'{key}="{value}"')
+            text = str(value)
+            if '"' in text and "'" in text:
+                raise DeploymentError(f"{key}: a value cannot hold both ' and \" (Flower's --run-config syntax)")
+            quote = "'" if '"' in text else '"'
+            parts.append(f"{key}={quote}{text}{quote}")
     return " ".join(parts)
 
 
 def submit(deployment: Deployment, config: Mapping[str, Any], *, stream: bool = True,
-           timeout: float | None = None, signature: str | None = None) -> subprocess.CompletedProcess:
+           timeout: float | None = None, signature: str | None = None,
+           echo: Callable[[str], None] | None = None) -> subprocess.CompletedProcess:
     """``flwr run`` the fedtune app on this deployment with ``config`` (the ServerApp uses the
-    deployment's store: :func:`fedserver.app.coordinator_config`)."""
+    deployment's store: :func:`fedserver.app.coordinator_config`). ``echo`` gets each line of
+    Flower's output as it comes (stdout and stderr together, all returned as ``stdout``)."""
     command = run_command(deployment, config, signature) + (["--stream"] if stream else [])
-    return subprocess.run(command, env=environment(deployment.flwr_home), cwd=deployment.directory,
-                          timeout=timeout, text=True, capture_output=True, check=False)
+    env = environment(deployment.flwr_home)
+    if echo is None:
+        return subprocess.run(command, env=env, cwd=deployment.directory, timeout=timeout, text=True,
+                              capture_output=True, check=False)
+    lines = []
+    with subprocess.Popen(command, env=env, cwd=deployment.directory, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT) as process:
+        for line in process.stdout:
+            lines.append(line)
+            echo(line)
+    return subprocess.CompletedProcess(command, process.returncode, "".join(lines), "")
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """How a submitted run ended, as the run store recorded it."""
+
+    flower_run_id: str | None
+    run_id: str | None  # the store's id: the one `fedserver runs/show` and the console use
+    status: str  # completed / failed / stopped / running, or "not started"
+    reason: str
+    rounds: int = 0
+    accuracy: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed"
+
+
+def flower_run_status(deployment: Deployment, flower_run_id: str, *, wait: bool = True,
+                      poll_seconds: float = 2.0) -> str:
+    """The SuperLink's status of a Flower run (``flwr ls --run-id``), with ``wait`` once it has
+    finished (``finished:completed``, ``finished:failed``, ...); "" when the SuperLink cannot be
+    asked (it is down)."""
+    while True:
+        try:
+            runs = _json_reply(flwr_cli(deployment, "ls", CONNECTION, "--run-id", str(flower_run_id), "--format",
+                                        "json"), "reading the run's status").get("runs", [])
+        except (DeploymentError, subprocess.TimeoutExpired):
+            return ""
+        status = str(runs[0].get("status", "")) if runs else ""
+        if not wait or status.startswith("finished") or not status:
+            return status
+        time.sleep(poll_seconds)
+
+
+def run_outcome(deployment: Deployment, result: subprocess.CompletedProcess) -> RunOutcome:
+    """The store's record of the run ``result`` (a finished :func:`submit`) started. Flower's own
+    exit code says little: ``flwr run --stream`` ends 0 when the ServerApp fails, and its log
+    stream can end before the run does, so this first waits for the SuperLink to call the run
+    finished (unless the SuperLink is gone)."""
+    from fedserver.store import RunStore
+
+    output = (result.stdout or "") + (result.stderr or "")
+    started = re.search(r"Successfully started run (\d+)", output)
+    if started is None:
+        return RunOutcome(None, None, "not started", _tail(output) or f"flwr run exited with {result.returncode}")
+    flower_run_id = started.group(1)
+    flower_status = flower_run_status(deployment, flower_run_id)
+    store = RunStore(deployment.store_url)
+    run = store.run_of_flower_run(flower_run_id)
+    if run is None:
+        return RunOutcome(flower_run_id, None, "not started",
+                          f"the ServerApp ended ({flower_status or 'SuperLink unreachable'}) before it created a run: "
+                          + (_tail(output) or "no output") + f" (the SuperLink's log: {deployment.log_file})")
+    rounds = store.rounds(run.id)
+    accuracy = rounds[-1].central_accuracy if rounds else None
+    reason = run.error or ""
+    if run.status == "running":
+        reason = reason or (f"Flower reports the run {flower_status}" if flower_status else
+                            "the SuperLink stopped answering while the run was in progress")
+    return RunOutcome(flower_run_id, run.id, run.status, reason, len(rounds), accuracy)
+
+
+def _tail(output: str, lines: int = 8) -> str:
+    return " | ".join(line.strip() for line in output.strip().splitlines()[-lines:] if line.strip())
 
 
 def run_command(deployment: Deployment, config: Mapping[str, Any], signature: str | None = None) -> list[str]:
@@ -370,6 +453,9 @@ def search(deployment: Deployment, query: str, *, k: int = 10, backend: str = "a
     store = RunStore(deployment.store_url)  # DIR/store.db: the querier's keys are in DIR too
     request_id, new_epoch = prepare_search(store, query, k=k, backend=backend, row_bound=row_bound)
     result = submit(deployment, {"mode": "search", "search-request": request_id}, stream=True, timeout=timeout)
+    launched = re.search(r"Successfully started run (\d+)", result.stdout + result.stderr)
+    if launched is not None:  # the log stream can end before the run does
+        flower_run_status(deployment, launched.group(1))
     rows = store.searches(request_id)
     if result.returncode != 0 or not rows:
         tail = (result.stderr or result.stdout)[-2000:]

@@ -75,6 +75,7 @@ def run_summary(store: RunStore, run_ref: str) -> dict[str, Any]:
         "client_problems": problems,
         "selection": selection,
         "config": run.config,
+        "local_dp": str((run.config or {}).get("dp", "off")) != "off",  # sites withhold their training loss
         "store": store.url,
     }
 
@@ -150,7 +151,7 @@ def rounds_table(summary: dict[str, Any]) -> Table:
             str(r["round"]),
             _pct(r["central_accuracy"]),
             _num(r["central_loss"]),
-            _num(r["train_loss"]),
+            _num(r["train_loss"]) if r["train_loss"] is not None or not summary.get("local_dp") else "withheld",
             f"{r['clients_accepted']}/{r['clients_sampled']}",
             f"{r['bytes_down'] / 1e6:.2f}",
             f"{r['bytes_up'] / 1e6:.2f}",

@@ -14,10 +14,8 @@ import pathlib
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load, save
 from sqlalchemy import (
     JSON,
     Float,
@@ -35,10 +33,12 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-from aggregators.shared_randomness import state_hash
+if TYPE_CHECKING:  # torch loads only where checkpoints are written or read: the CLI's other commands stay quick
+    import torch
 
 SCHEMA_VERSION = 2  # 2: sites, per-client details, the initial evaluation
-
+FLOWER_RUN_ID = "flower-run-id"
+"""The key under which a run's config records the id of the Flower run executing it."""
 
 class StoreError(RuntimeError):
     """The store cannot be used (bad URL, other schema version, unknown run)."""
@@ -317,6 +317,11 @@ class RunStore:
                         keep: int = 0) -> str:
         """Store the global state after ``server_round`` as safetensors; return its checksum.
         ``keep`` > 0 deletes the run's older checkpoints beyond the latest ``keep``."""
+        import torch
+        from safetensors.torch import save
+
+        from aggregators.shared_randomness import state_hash
+
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
         blob = save(tensors, metadata={"run": run_id, "round": str(server_round)})
         checksum = state_hash(tensors)
@@ -452,8 +457,9 @@ class RunStore:
             return list(session.scalars(select(RunRow).order_by(RunRow.created_at.desc())))
 
     def get_run(self, run_ref: str, exact: bool = False) -> RunRow:
-        """A run by id, unique id prefix or name (``exact``: by its whole id only, as the console
-        and anything else acting on a run for someone else must)."""
+        """A run by id, unique id prefix, name or the id Flower gave the run that executes it
+        (``exact``: by its whole id only, as the console and anything else acting on a run for
+        someone else must). StoreError names the reference; the caller adds how to list runs."""
         with self._session() as session:
             run = session.get(RunRow, run_ref)
             if run is not None:
@@ -463,11 +469,19 @@ class RunStore:
             matches = list(
                 session.scalars(select(RunRow).where((RunRow.id.startswith(run_ref)) | (RunRow.name == run_ref)))
             )
+        if not matches and run_ref.isdigit() and (by_flower := self.run_of_flower_run(run_ref)) is not None:
+            matches = [by_flower]
         if len(matches) == 1:
             return matches[0]
         if not matches:
-            raise StoreError(f"no run '{run_ref}' in {self.url}; `fedsim list` shows the runs")
+            raise StoreError(f"no run '{run_ref}' in {self.url}")
         raise StoreError(f"'{run_ref}' matches {len(matches)} runs; give more of the id")
+
+    def run_of_flower_run(self, flower_run_id: int | str) -> RunRow | None:
+        """The run that Flower run ``flower_run_id`` executes (the ServerApp records it), if any."""
+        with self._session() as session:
+            return next((r for r in session.scalars(select(RunRow).order_by(RunRow.created_at.desc()))
+                         if str(r.config.get(FLOWER_RUN_ID)) == str(flower_run_id)), None)
 
     def rounds(self, run_id: str) -> list[RoundRow]:
         with self._session() as session:
@@ -501,6 +515,10 @@ class RunStore:
             row = session.scalars(query.order_by(CheckpointRow.round.desc()).limit(1)).first()
         if row is None:
             raise StoreError(f"run '{run_id}' has no checkpoint" + (f" for round {server_round}" if server_round else ""))
+        from safetensors.torch import load
+
+        from aggregators.shared_randomness import state_hash
+
         state = load(row.data)
         if state_hash(state) != row.sha256:
             raise StoreError(f"checkpoint of run '{run_id}' round {row.round} is corrupt (checksum mismatch)")

@@ -175,6 +175,9 @@ class AlgorithmStrategy(Strategy):
         self.stop_event = threading.Event()  # set it to end the run at the next wait
         self._next_stop_check = 0.0
 
+    def _train_loss_text(self, train_loss: float | None) -> str:
+        return train_loss_text(train_loss, bool(self.settings.message_config.get("dp")))
+
     def _pause(self, seconds: float) -> None:
         """Sleep while waiting on clients; raise RunStopped as soon as a stop is requested, here
         (``stop_event``) or through the store (``RunStore.request_stop``, checked at most once a second)."""
@@ -541,12 +544,20 @@ class AlgorithmStrategy(Strategy):
                     self.store.save_checkpoint(self.run_id, server_round, self.state,
                                                keep=self.settings.keep_checkpoints)
             log(INFO, "round %d/%d: %s, %.1f s, %.2f MB down, %.2f MB up", server_round, num_rounds,
-                _fmt({**central, "train-loss": record.train_loss or float("nan")}), record.seconds,
+                ", ".join(filter(None, (_fmt(central), self._train_loss_text(record.train_loss)))), record.seconds,
                 record.bytes_down / 1e6, record.bytes_up / 1e6)
             if self.observer:
                 self.observer.round_finished(record)
         result.arrays = ArrayRecord({k: v for k, v in self.state.items()})
         return result
+
+
+def train_loss_text(train_loss: float | None, local_dp: bool) -> str:
+    """How a round's mean training loss reads in logs and tables: under local DP sites withhold
+    it (it depends on their data), which is not the same as a loss that is not a number."""
+    if train_loss is not None:
+        return f"train-loss {train_loss:.4f}"
+    return "train-loss withheld (local DP)" if local_dp else "no train-loss reported"
 
 
 def _who(site: Site) -> str:

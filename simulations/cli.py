@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from fedclient.runconfig import DEFAULT_RUN_CONFIG, quiet_environment
 
@@ -42,14 +43,12 @@ METHOD_KEYS = (  # run-config keys set by one flag each, named alike (--zo-steps
 
 # ---- fedsim run ---------------------------------------------------------------------------------
 def _validate_and_prepare(args: argparse.Namespace) -> tuple[dict[str, Any], pathlib.Path]:
-    from aggregators import make_algorithm
-    from fedclient.tasks import MissingDataError, PartitionSpec, get_task
-    from fedclient.runconfig import csv_list
+    from fedclient.tasks import TASKS, MissingDataError, PartitionSpec
+    from fedserver.run_config import unknown
 
-    try:
-        task = get_task(args.task)
-    except ValueError as err:
-        raise UsageError(str(err)) from err
+    task = TASKS.get(args.task)
+    if task is None:
+        raise UsageError(unknown("task", args.task, TASKS))
     if args.clients < 1:
         raise UsageError(f"--clients must be at least 1, got {args.clients}")
     if args.rounds < 1:
@@ -89,21 +88,12 @@ def _validate_and_prepare(args: argparse.Namespace) -> tuple[dict[str, Any], pat
             **{key: getattr(args, key.replace("-", "_")) for key in METHOD_KEYS},
         }
     )
+    from fedserver.run_config import RunConfigError, check_run_config
+
     try:
-        from fedserver.app import privacy_settings
-
-        privacy_settings(config, make_algorithm(args.strategy, config))
-        if args.layer_budget:
-            from fedclient.budget import draw_budget
-
-            draw_budget(args.layer_budget, args.seed, 0)
-    except (ValueError, TypeError) as err:
-        raise UsageError(str(err)) from err
-    unknown_layers = [layer for layer in csv_list(args.train_layers) if layer not in task.layer_names()]
-    if unknown_layers:
-        raise UsageError(
-            f"--train-layers names unknown layer(s) {unknown_layers}; {task.name} has: {', '.join(task.layer_names())}"
-        )
+        check_run_config(config, num_clients=args.clients)  # what the ServerApp checks, before anything starts
+    except RunConfigError as err:
+        raise UsageError("\n".join(err.problems)) from err
     try:
         sizes = task.partition_sizes(PartitionSpec(partition, args.clients, args.alpha, args.seed))
     except MissingDataError as err:
@@ -158,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         runs = [r for r in store.list_runs() if r.name == config["run-name"]]
         run_id = runs[0].id if runs else None
     if run_id is None:
-        err_console.print(f"[red]error:[/] the simulation failed before any round: {error}")
+        err_console.print(f"[red]error:[/] the simulation failed before any round: {escape(str(error))}")
         return 1
     summary = run_summary(store, run_id)
     if error is None:
@@ -171,14 +161,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(table)
     for problem in summary["client_problems"][:10]:
         console.print(f"[yellow]round {problem['round']} {problem['phase']} client {problem['node_id']}: "
-                      f"{problem['status']}[/] {problem['error'] or ''}")
+                      f"{problem['status']}[/] {escape(str(problem['error'] or ''))}")
     if error is not None:
         from fedserver.strategy import RunStopped
 
         stopped = isinstance(error, (KeyboardInterrupt, RunStopped))
-        what = "was stopped" if stopped else f"failed: {error}"
+        what = "was stopped" if stopped else f"failed: {escape(str(error))}"
         err_console.print(f"[red]run {run_id} {what}.[/] Completed rounds ({summary['rounds_completed']} of "
-                          f"{summary['num_rounds']}) are in {out}/store.db, summary.json and plot.png")
+                          f"{summary['num_rounds']}) are in {escape(str(out))}/store.db, summary.json and plot.png")
         return 130 if stopped else 1
     console.print(
         f"final central accuracy [bold]{100 * (summary['final_central_accuracy'] or 0):.1f}%[/] "
@@ -211,7 +201,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         try:
             store = RunStore(url)
         except StoreError as err:
-            err_console.print(f"[yellow]skipping[/] {err}")
+            err_console.print(f"[yellow]skipping[/] {escape(str(err))}")
             continue
         for run in store.list_runs():
             rows.append((run, url.removeprefix("sqlite:///")))
@@ -258,7 +248,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     console.print(f"checkpoints at rounds {summary['checkpoints']} · store {store.url}")
     for problem in summary["client_problems"]:
         console.print(f"[yellow]round {problem['round']} {problem['phase']} client {problem['node_id']}: "
-                      f"{problem['status']}[/] {problem['error'] or ''}")
+                      f"{problem['status']}[/] {escape(str(problem['error'] or ''))}")
     return 0
 
 
@@ -408,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UsageError, StoreError) as err:
-        err_console.print(f"[red]error:[/] {err}")
+        err_console.print(f"[red]error:[/] {escape(str(err))}")
         return 2
 
 

@@ -25,9 +25,9 @@ LONGEST_FIRST = ("test_deployment.py",)  # minutes of waiting on processes: star
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """`make test` runs the tests on two pytest-xdist workers (``--dist loadgroup``: each test is
-    scheduled on its own, except files whose module fixtures are costly, which carry an
-    ``xdist_group`` mark). The deployment scenario (4-6 minutes, much of it waiting on processes and
+    """`make test` runs the tests on two pytest-xdist workers, a file at a time (``--dist loadfile``,
+    so a module's costly fixtures are built once; xdist 3.8's ``loadgroup`` marks have no effect
+    under pytest 9). The deployment scenario (4-6 minutes, much of it waiting on processes and
     heartbeats) starts first, and the other worker takes the rest meanwhile."""
     items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)
 

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from fedserver.console import create_app
 from fedserver.store import RunStore
 
-pytestmark = [pytest.mark.simulation, pytest.mark.xdist_group("test_console")]  # one worker builds the module fixtures
+pytestmark = pytest.mark.simulation
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +83,8 @@ def test_unknown_runs_and_bad_forms_get_clear_4xx(client, filled_store) -> None:
     assert response.status_code == 409 and "completed, not running" in response.json()["detail"]
     assert client.post("/api/runs/nope/stop").status_code == 404
     bad = [({"rounds": "abc"}, "rounds"), ({"rounds": 0}, "rounds"), ({"dp_epsilon": -1}, "dp_epsilon"),
-           ({"strategy": "nope"}, "strategy 'nope' is unknown"), ({"codec": "topk:2"}, "codec"),
-           ({"dp": "maybe"}, "dp must be one of"), ({"task": "imagenet"}, "task 'imagenet' is unknown"),
+           ({"strategy": "fedavgg"}, "unknown strategy 'fedavgg'; did you mean 'fedavg'?"), ({"codec": "topk:2"}, "codec"),
+           ({"dp": "maybe"}, "dp must be one of"), ({"task": "imagenet"}, "unknown task 'imagenet'"),
            ({"name": 'a"b'}, "name must be")]
     for body, expected in bad:
         response = client.post("/api/runs", json=body)

@@ -1,12 +1,15 @@
-"""Flower's Deployment Engine on 127.0.0.1 with real TLS certificates and SuperNode authentication:
-`fedserver init/start/enrol/run/status/stop` and `fedclient keys/start`, as an operator and three
-sites would run them, plus a site whose key was never enrolled, a site killed mid-round and a
-coordinator killed mid-run."""
+"""Flower's Deployment Engine on 127.0.0.1 with real TLS certificates and SuperNode authentication,
+driven by the README's own deployment walk-through: its ``# step N`` blocks are read from
+README.md and each command runs in a fresh ``bash`` in a directory outside the checkout, as an
+operator and two sites would type them. Around them: a third site killed mid-round, a coordinator
+killed mid-run and resumed, a site with the wrong CA, one whose key nobody enrolled, an encrypted
+search whose text no file holds, and an app of another publisher refused by every site."""
 
 from __future__ import annotations
 
-import csv
 import json
+import re
+import shlex
 import os
 import pathlib
 import signal
@@ -15,7 +18,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 from fedclient.keys import check_private_key, create_site_keys, fingerprint
@@ -24,17 +26,15 @@ from fedserver.store import RunStore
 
 pytestmark = pytest.mark.deployment
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-QUERY = "central bank lifts interest rates again amid inflation fears"
+README = ROOT / "README.md"
+ACTIVATE = ". /path/to/fedtune/.venv/bin/activate"
+DEMO_DIR = "mkdir -p fedtune-demo && cd fedtune-demo"
 
 
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _fedclient(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedclient.cli", *args]
 
 
 def test_site_keys_are_private_and_checked(tmp_path: pathlib.Path) -> None:
@@ -63,20 +63,18 @@ def test_init_refuses_to_overwrite_and_certificates_name_the_hosts(tmp_path: pat
         dep.init(tmp_path / "coord", ["127.0.0.1"])
 
 
-def _kill_site(needle: str) -> int:
-    """SIGKILL every Flower process of one site (SuperNode, SuperExec, ClientApp) and its wrapper:
-    what a power cut does, no graceful deactivation."""
+def _power_cut(site: subprocess.Popen, site_dir: pathlib.Path) -> int:
+    """SIGKILL a site as a power cut would: its ``fedclient start`` and the session that launched
+    the SuperNode (SuperNode, SuperExec, ClientApps), found by the site's absolute key path."""
     table = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True, check=False).stdout
-    killed = 0
+    groups = {os.getpgid(site.pid)}
     for line in table.splitlines():
         pid, _, args = line.strip().partition(" ")
-        if needle in args and any(name in args for name in ("flower-", "flwr-", "fedclient.cli", "fedclient.supernode_launcher")):
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-                killed += 1
-            except ProcessLookupError:
-                pass
-    return killed
+        if str(site_dir) in args and "fedclient.supernode_launcher" in args:
+            groups.add(os.getpgid(int(pid)))
+    for group in groups:
+        os.killpg(group, signal.SIGKILL)
+    return len(groups)
 
 
 def _stop_sites(processes) -> None:
@@ -101,24 +99,72 @@ def _logs(directory: pathlib.Path) -> str:
     return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-1500:]}" for log in sorted(directory.rglob("*.log")))
 
 
-def _submit_in_background(coord: dep.Deployment, config: dict, log: pathlib.Path) -> subprocess.Popen:
-    """``fedserver run`` as an operator would, in a process of its own; its log goes to ``log``."""
-    script = ("import sys, json; from fedserver import deployment as d; "
-              f"r = d.submit(d.Deployment.load({str(coord.directory)!r}), json.loads(sys.argv[1])); "
-              "print(r.stdout[-3000:], r.stderr[-3000:]); sys.exit(r.returncode)")
-    with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-c", script, json.dumps(config)], stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+def readme_steps() -> dict[int, list[str]]:
+    """The README's deployment walk-through: every ```bash block whose first line is ``# step N``,
+    split into commands (a trailing backslash continues a line, a heredoc stays with its command,
+    comments are dropped)."""
+    steps: dict[int, list[str]] = {}
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S):
+        lines = block.splitlines()
+        header = re.match(r"# step (\d+) ", lines[0]) if lines else None
+        if header is None:
+            continue
+        commands, pending, heredoc = [], "", None
+        for line in lines[1:]:
+            if heredoc is not None:
+                commands[-1] += "\n" + line
+                heredoc = None if line == heredoc else heredoc
+                continue
+            if not pending and (not line.strip() or line.strip().startswith("#")):
+                continue
+            line = re.sub(r"\s+#\s.*$", "", line)  # a trailing comment (none of the commands quotes a ' # ')
+            if line.endswith("\\"):
+                pending += line[:-1]
+                continue
+            commands.append(pending + line)
+            pending = ""
+            if (opened := re.search(r"<<'?(\w+)'?", line)) is not None:
+                heredoc = opened.group(1)
+        steps[int(header.group(1))] = commands
+    return steps
 
 
-def _write_documents(directory: pathlib.Path, offset: int, count: int = 12) -> None:
-    """A site's documents for encrypted search: BBC articles, one text file each."""
-    from fedclient.tasks.data import load_bbc_news
+class Walkthrough:
+    """Runs README commands as a reader would: each in a fresh ``bash`` in the demo directory, with
+    fedtune's environment active (the README's first line, here the environment running the
+    tests) and free ports for the README's 9092-9095."""
 
-    corpus = load_bbc_news()
-    directory.mkdir(parents=True)
-    for row in range(offset, offset + count):
-        (directory / f"article-{row}.txt").write_text(corpus.texts[row][:600])
+    def __init__(self, demo: pathlib.Path, ports: dict[str, int]) -> None:
+        self.demo = demo
+        self.ports = ports
+        bin_dir = str(pathlib.Path(sys.executable).parent)
+        self.env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+                    "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "VIRTUAL_ENV": str(pathlib.Path(bin_dir).parent)}
+        self.background: list[subprocess.Popen] = []
+
+    def text(self, command: str) -> str:
+        for default, port in self.ports.items():
+            command = re.sub(rf"\b{default}\b", str(port), command)
+        return command
+
+    def run(self, command: str, *, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", self.text(command)], cwd=self.demo, env=self.env, input=stdin,
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    def ok(self, command: str, **kwargs) -> str:
+        result = self.run(command, **kwargs)
+        assert result.returncode == 0, f"`{command}` exited {result.returncode}:\n{result.stdout[-3000:]}\n" \
+                                       f"{result.stderr[-3000:]}\n{_logs(self.demo)}"
+        return result.stdout + result.stderr
+
+    def start(self, command: str, log: pathlib.Path) -> subprocess.Popen:
+        """A command in the background (its own session, so teardown stops all it started)."""
+        command = self.text(command).rstrip().removesuffix("&").rstrip()
+        with open(log, "a") as out:
+            process = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=self.demo, env=self.env, stdout=out,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        self.background.append(process)
+        return process
 
 
 def _files_holding(root: pathlib.Path, needle: bytes) -> list[str]:
@@ -134,175 +180,159 @@ def _files_holding(root: pathlib.Path, needle: bytes) -> list[str]:
     return found
 
 
-def _write_site_data(directory: pathlib.Path, rows: int) -> None:
-    """A site's own export in the documented CSV format: BBC articles under their class names."""
-    from fedclient.tasks.data import load_bbc_news
-
-    corpus = load_bbc_news()
-    order = np.random.default_rng(7).permutation(len(corpus))[:rows]
-    directory.mkdir(parents=True)
-    with (directory / "articles.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "text", "label"])
-        for row in order:
-            writer.writerow([int(row), corpus.texts[row][:400], corpus.classes[corpus.labels[row]]])
+def _site_line(start_lines: list[str], site: str) -> str:
+    (line,) = [c for c in start_lines if f"--site-name {site} " in c]
+    return line
 
 
-def test_a_tls_deployment_survives_a_killed_site_and_a_killed_coordinator(tmp_path: pathlib.Path) -> None:
-    """Sites a and b (b with its own CSV data via ``--data``) and c train 3 rounds of ``tiny`` with a
-    compressed FedAvg over TLS with node authentication; a fourth site whose key was never enrolled is
-    refused. c's SuperNode is SIGKILLed while it trains round 1 and restarted: round 1 completes with a
-    and b (c's reply recorded as failed, within 2 heartbeats of 10 s) and c is used again later. Right
-    after round 1 the coordinator is killed, restarted and the run resubmitted with ``resume``: the
-    sites reconnect by themselves, the remaining rounds complete and finished rounds are not
-    repeated. Then one encrypted search, and an app of another publisher refused by every site.
-    (One scenario: each deployment costs minutes.)"""
-    fleet, control = _free_port(), _free_port()
-    coord = dep.init(tmp_path / "coord", ["127.0.0.1"], fleet_port=fleet, control_port=control, fleet_host="127.0.0.1")
-    names = ("site-a", "site-b", "site-c", "rogue")
-    sites = {name: create_site_keys(tmp_path / name / "site.key") for name in names}
-    _write_site_data(tmp_path / "site-b" / "data", rows=80)
-    processes: dict[str, subprocess.Popen] = {}
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    from fedclient.cli import index
-
-    policy = tmp_path / "no-dp-policy.toml"  # these sites opt out of the built-in policy's required DP
-    policy.write_text('[privacy]\nrequired = false\n[evaluation]\nmode = "exact"\n')
-    for number, name in enumerate(names[:3]):  # each site's private document store for encrypted search
-        _write_documents(tmp_path / name / "docs", offset=40 * number)
-        assert index(str(tmp_path / name / "docs"), "", row_bound=1000) == 0
-
-    def start_site(name: str, port: int) -> None:
-        data = ["--data", str(tmp_path / name / "data")] if name == "site-b" else [
-            "--partition-id", str(names.index(name) % 2), "--num-partitions", "2"]
-        command = _fedclient(
-            "start", "--superlink", f"127.0.0.1:{fleet}", "--ca", str(coord.tls / "ca.crt"),
-            "--trusted-publisher", str(coord.directory / "publisher.key.pub"), "--policy", str(policy),
-            *(["--search-index", str(tmp_path / name / "docs"), "--querier-key", str(coord.directory / "querier.key.pub")]
-              if name != "rogue" else []),
-            "--key", str(sites[name][0]), *data, "--site-name", name, "--port", str(port),
-            "--home", str(tmp_path / name / "home"), "--poll-interval", "0.2", "--heartbeat-interval", "10",
-            *(["--max-retries", "3"] if name == "rogue" else []),  # the others wait out a coordinator restart
-        )
-        log = open(tmp_path / name / "site.log", "a")  # noqa: SIM115 (closed with the process)
-        processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                           start_new_session=True)
-
-    ports = {name: _free_port() for name in names}
-    run_process = None
+def test_the_readme_walkthrough_survives_a_killed_site_and_a_killed_coordinator(tmp_path: pathlib.Path) -> None:
+    """The README's steps 1-6, in order, from a directory outside the checkout. Around them: site c
+    (site a's start line, renamed, no documents, 10 s heartbeats) is SIGKILLed while it trains
+    round 1 of the README's run and comes back; right after round 1 the coordinator is killed, so
+    `fedserver run` exits 1 naming the run; `fedserver start` and the README's run command with
+    ``resume`` finish it (exit 0, round 1 not repeated, c trains round 2). A site with another
+    deployment's CA and one whose key nobody enrolled are told which of the two is wrong; the
+    README's search finds the rates document and no file the deployment wrote holds the query; an
+    app of another publisher is refused by every site and `fedserver run` exits 1 saying so."""
+    steps = readme_steps()
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6], sorted(steps)
+    assert steps[1][:2] == [ACTIVATE, DEMO_DIR]  # what the test does instead: its environment, a directory
+    demo = tmp_path / "fedtune-demo"  # outside the checkout; what `mkdir -p ... && cd ...` makes
+    demo.mkdir()
+    assert ROOT not in demo.parents
+    ports = {str(default): _free_port() for default in (9092, 9093, 9094, 9095)}
+    ports.update({"9096": _free_port(), "9097": _free_port()})  # site c's and the rogue site's runtime ports
+    shell = Walkthrough(demo, ports)
+    (init, start_coordinator) = steps[1][2:]
+    assert init.startswith("fedserver init coord ") and start_coordinator.startswith("fedserver start coord")
+    coord = demo / "coord"
     try:
-        dep.start(coord)
-        from fedclient.supernode import check_tls
-
-        assert check_tls(f"127.0.0.1:{fleet}", coord.tls / "ca.crt") == "127.0.0.1"  # fedclient doctor's check
-        other = dep.init(tmp_path / "other", ["127.0.0.1"])
-        with pytest.raises(ValueError, match="does not verify"):
-            check_tls(f"127.0.0.1:{fleet}", other.tls / "ca.crt")  # a wrong CA is named as such
-        for name in ("site-a", "site-b", "site-c"):
-            assert dep.enrol(coord, name, sites[name][1]) > 0
-        with pytest.raises(dep.DeploymentError, match="not an OpenSSH ECDSA"):
-            dep.enrol(coord, "bad", sites["site-a"][0])  # the private key by mistake
-        for name in names:
-            start_site(name, ports[name])
-        assert processes["rogue"].wait(timeout=90) != 0  # refused: its key was never enrolled
-        assert "refused" in (tmp_path / "rogue" / "site.log").read_text()
-        with pytest.raises(dep.DeploymentError, match="already enrolled"):
-            dep.enrol(coord, "site-a", sites["site-a"][1])
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            online = [n for n in dep.status(coord)["nodes"] if n["status"] == "online"]
-            if len(online) == 3:
-                break
+        # step 1, with the test's own ports (README: the defaults 9092/9093)
+        shell.ok(f"{init} --fleet-port 9092 --control-port 9093")
+        shell.ok(start_coordinator)
+        deployment = dep.Deployment.load(coord)
+        # step 2, and keys for site c and for a rogue site nobody enrols
+        for command in steps[2]:
+            shell.ok(command)
+        assert (demo / "site-a" / "site.key").stat().st_mode & 0o777 == 0o600
+        keys = [c for c in steps[2] if c.startswith("fedclient keys site-a/")]
+        for name in ("site-c", "rogue"):
+            shell.ok(keys[0].replace("site-a", name))
+        # step 3, and site c's enrolment like site a's
+        for command in steps[3]:
+            shell.ok(command)
+        shell.ok(next(c for c in steps[3] if " site-a " in c).replace("site-a", "site-c"))
+        # step 4: doctor, then the two sites in the background
+        doctor, *starts = steps[4]
+        assert "coordinator" in shell.ok(doctor).lower()
+        for command in starts:
+            site = re.search(r"--site-name (\S+)", command).group(1)
+            (demo / site).mkdir(exist_ok=True)
+            shell.start(command, demo / site / "site.log")
+        line_a = _site_line(starts, "site-a")
+        without_search = re.sub(r" --search-index \S+ --querier-key \S+", "", line_a)
+        line_c = (without_search.replace("site-a", "site-c").replace("--partition-id 0", "--partition-id 1")
+                  .replace("--port 9094", "--port 9096").rstrip(" &") + " --poll-interval 0.2 --heartbeat-interval 10")
+        site_c = shell.start(line_c, demo / "site-c" / "site.log")
+        # which of CA and enrolment is wrong, said apart
+        shell.ok("fedserver init other --host 127.0.0.1 --listen 127.0.0.1 --fleet-port 1 --control-port 2")
+        wrong_ca = shell.run(without_search.replace("coord/tls/ca.crt", "other/tls/ca.crt").rstrip(" &"))
+        assert wrong_ca.returncode == 2, wrong_ca.stdout
+        assert "does not verify with other/tls/ca.crt" in " ".join(wrong_ca.stdout.split()), wrong_ca.stdout
+        rogue = shell.run(without_search.replace("site-a", "rogue").replace("--port 9094", "--port 9097")
+                          .rstrip(" &") + " --max-retries 3", timeout=120)
+        said = " ".join(rogue.stdout.split())
+        assert rogue.returncode == 3 and "has not enrolled this site's key" in said, rogue.stdout[-2000:]
+        assert "the CA is right" in said and "fedserver enrol DIR rogue --public-key" in said
+        deadline = time.monotonic() + 90
+        while len(online := [n for n in dep.status(deployment)["nodes"] if n["status"] == "online"]) < 3:
+            assert time.monotonic() < deadline, _logs(demo)
             time.sleep(1)
-        assert sorted(n["site"] for n in online) == ["site-a", "site-b", "site-c"], _logs(tmp_path)
-        assert all(n["fingerprint"] == fingerprint(sites[n["site"]][1]) for n in online)
+        assert sorted(n["site"] for n in online) == ["site-a", "site-b", "site-c"]
+        from fedclient.keys import fingerprint
+
+        assert all(n["fingerprint"] == fingerprint(demo / n["site"] / "site.key.pub") for n in online)
         from fedserver.console.views import sites_overview
 
-        shown = {s["site"]: s for s in sites_overview(coord)}  # the console's Sites page
+        shown = {s["site"]: s for s in sites_overview(deployment)}  # the console's Sites page
         assert sorted(shown) == ["site-a", "site-b", "site-c"] and all(s["connected"] for s in shown.values())
-        assert shown["site-a"]["fingerprint"] == fingerprint(sites["site-a"][1])
-        assert shown["site-a"]["online_since"] and shown["site-a"]["last_heartbeat"] == "within the last 60 s"
-        config = {"task": "tiny", "strategy": "fedavg", "num-server-rounds": 3, "local-steps": 2,
-                  "codec": "topk:0.01+q8", "min-train-nodes": 2}
-        run_process = _submit_in_background(coord, config, tmp_path / "run.log")
+        # step 5: status, then the run: c is killed in round 1, the coordinator right after it
+        status, run_command, runs_command = steps[5]
+        assert "site-c" in shell.ok(status)
+        first = shell.start(run_command, demo / "run.log")
         deadline = time.monotonic() + 180
-        while "Receiving: train message" not in (tmp_path / "site-c" / "site.log").read_text():
-            assert time.monotonic() < deadline, _logs(tmp_path)
+        while "Receiving: train message" not in (demo / "site-c" / "site.log").read_text():
+            assert time.monotonic() < deadline, _logs(demo)
             time.sleep(0.2)
-        assert _kill_site(str(tmp_path / "site-c")) >= 2  # mid-round: c is training round 1
-        store = RunStore(coord.store_url)
-
-        def wait_for_rounds(count: int, seconds: float) -> None:
-            deadline = time.monotonic() + seconds
-            while not (store.list_runs() and len(store.rounds(store.list_runs()[0].id)) >= count):
-                assert time.monotonic() < deadline, _logs(tmp_path)
-                time.sleep(0.5)
-
-        wait_for_rounds(1, 150)  # the SuperLink declares c offline after 2 missed 10 s heartbeats
-        start_site("site-c", ports["site-c"])  # c comes back (and waits for the coordinator)
-        dep.stop(coord, grace=3)  # the coordinator dies mid-run
-        run_process.kill()
+        assert _power_cut(site_c, demo / "site-c") == 2  # mid-round: c is training round 1
+        site_c.wait(timeout=10)
+        store = RunStore(deployment.store_url)
+        deadline = time.monotonic() + 150  # the SuperLink drops c after 2 missed 10 s heartbeats
+        while not (store.list_runs() and store.rounds(store.list_runs()[0].id)):
+            assert time.monotonic() < deadline, _logs(demo)
+            time.sleep(0.5)
+        dep.stop(deployment, grace=3)  # the coordinator dies mid-run
+        assert first.wait(timeout=60) == 1  # `fedserver run` says the run did not complete
         (run,) = store.list_runs()
+        assert run.id in (demo / "run.log").read_text()
         done = {r.round: r.started_at for r in store.rounds(run.id)}
-        # SIGKILL leaves it "running"; a SIGTERM reaching the ServerApp first records "failed": both resume
-        assert len(done) >= 1 and run.status in ("running", "failed"), (run.status, run.error)
-        dep.start(coord)
-        try:
-            result = dep.submit(coord, {**config, "resume": run.id}, timeout=300)
-        except subprocess.TimeoutExpired:
-            pytest.fail("the resumed run did not finish within 300 s\n" + _logs(tmp_path))
-        assert result.returncode == 0, result.stderr[-2000:] + _logs(tmp_path)
+        assert done and run.status in ("running", "failed"), (run.status, run.error)  # SIGKILL or SIGTERM first
+        # the coordinator comes back, so does c; the README's run command with resume finishes the run
+        shell.ok(start_coordinator)
+        shell.start(line_c, demo / "site-c" / "site.log")
+        resumed = shell.ok(run_command.replace('run-name="first run"', f'run-name="first run" resume="{run.id}"'),
+                           timeout=400)
         run = store.get_run(run.id)
         assert run.status == "completed", run.error
+        flower_id = run.config["flower-run-id"]
+        assert f"run {run.id} (Flower run {flower_id}) completed: 2 rounds" in " ".join(resumed.split())
+        assert "train-loss withheld (local DP)" in resumed and "train-loss nan" not in resumed
         rounds = store.rounds(run.id)
-        assert [r.round for r in rounds] == [1, 2, 3] and len(store.list_runs()) == 1
-        for r in rounds[:len(done)]:
-            assert r.started_at == done[r.round]  # finished rounds were not repeated
+        assert [r.round for r in rounds] == [1, 2] and len(store.list_runs()) == 1
+        assert all(r.started_at == done[r.round] for r in rounds if r.round in done)  # not repeated
         status = {(r.round, c.site): c for r in rounds for c in store.client_rounds(run.id, r.round)
                   if c.phase == "train"}
-        assert status[1, "site-a"].status == status[1, "site-b"].status == "ok"
+        assert status[1, "site-a"].status == status[1, "site-b"].status == "ok", status
         assert status[1, "site-c"].status == "failed", status[1, "site-c"]
-        assert any(status.get((r, "site-c")) and status[r, "site-c"].status == "ok" for r in (2, 3)), status
-        assert all(status[r, s].status == "ok" for r in (2, 3) for s in ("site-a", "site-b")), status
-        for c in status.values():
-            if c.status == "ok":
-                assert 0 < c.bytes_up < 200_000  # compressed, not 7 MB
+        assert all(status[2, s].status == "ok" for s in ("site-a", "site-b", "site-c")), status
+        assert all(0 < c.bytes_up < 200_000 for c in status.values() if c.status == "ok")  # compressed, not 7 MB
         assert rounds[-1].central_accuracy > 0
-        assert any(r["status"].startswith("finished") for r in dep.status(coord)["runs"])
-
-        # the app each site installed is code only: no site's data, no coordinator file
-        installed = [p for n in ("site-a", "site-b", "site-c") for p in (tmp_path / n / "home").rglob("*")
-                     if p.is_file() and "apps" in p.parts]
+        listed = shell.ok(runs_command)
+        assert run.id in listed and "completed" in listed
+        by_flower_id = shell.ok(f"fedserver --store sqlite:///coord/store.db show {flower_id}")
+        assert run.id in by_flower_id  # the Flower id `fedserver run` printed finds the run
+        missing = shell.run("fedserver --store sqlite:///coord/store.db show 1517")
+        assert missing.returncode == 2 and "`fedserver --store sqlite:///coord/store.db runs` lists the runs" in \
+            " ".join(missing.stderr.split()) and "fedsim" not in missing.stderr
+        installed = [p for n in ("site-a", "site-b", "site-c") for p in (demo / n / "home").rglob("*")
+                     if p.is_file() and "apps" in p.parts]  # the app each site installed is code only
         assert installed and all(p.suffix in (".py", ".toml") or p.name == "CONTENT" for p in installed), \
             sorted({p.name for p in installed if p.suffix not in (".py", ".toml")})
 
-        # one encrypted search: the query text never reaches a site, the SuperLink, a log or the store
-        found = dep.search(coord, QUERY, k=3, row_bound=1000, timeout=300)
-        assert found["refusals"] == {} and len(found["hits"]) == 3, found
-        assert {h["site"] for h in found["hits"]} <= {"site-a", "site-b", "site-c"}
-        assert all(h["document_id"].startswith("article-") for h in found["hits"])
+        # step 6: one encrypted search; its text never reaches a site, the SuperLink, a log or the store
+        search, stop = steps[6]
+        query = shlex.split(search.split("|")[0])[1]
+        found = shell.ok(search)
+        assert "rates" in found and "site-a" in found, found
         from fedclient.tasks.cache import cache_dir
 
         store.engine.dispose()  # reading the database file below must not drop this process's SQLite locks
         for root in [tmp_path, *([cache_dir()] if cache_dir() else [])]:
-            assert _files_holding(root, QUERY.encode()) == [], "the query text was written down"
-        store = RunStore(coord.store_url)
-        (row,) = [r for r in store.searches() if r.site == "site-a"]
-        assert row.status == "ok" and QUERY not in json.dumps(store.get_run(run.id).config)
+            assert _files_holding(root, query.encode()) == [], "the query text was written down"
+        store = RunStore(deployment.store_url)
+        answered = {r.site: r.status for r in store.searches()}
+        assert answered["site-a"] == answered["site-b"] == "ok" and "search.index" in answered["site-c"], answered
+        assert query not in json.dumps(store.get_run(run.id).config)
 
         # an app the publisher did not sign is refused by every site before any of its code runs
-        from fedserver.app_package import stage_app
-
-        app = stage_app(coord.directory / "apps")
-        forged = dep.flwr_cli(coord, "run", str(app), dep.CONNECTION, "--stream", "--run-config",
-                              dep.run_config_text({**config, "num-server-rounds": 1, "fab-signature": "AAAA"}),
-                              timeout=240)
+        forged = shell.run(run_command.replace("--rounds 2", "--rounds 1 --signature AAAA"), timeout=300)
+        assert forged.returncode == 1, forged.stdout[-2000:] + forged.stderr[-2000:]
+        assert "not signed by the publisher" in " ".join(forged.stderr.split()), forged.stderr[-2000:]
         refused = [r for r in store.list_runs() if r.id != run.id]
-        assert len(refused) == 1 and refused[0].status == "stopped", (forged.stdout[-2000:], _logs(tmp_path))
-        assert "not signed by the publisher" in refused[0].error and not store.rounds(refused[0].id)
+        assert len(refused) == 1 and refused[0].status == "stopped" and not store.rounds(refused[0].id)
+        shell.ok(stop)
     finally:
-        if run_process is not None and run_process.poll() is None:
-            run_process.kill()
-        _stop_sites(processes.values())
-        dep.stop(coord)
-    assert dep.running_pid(coord) is None
+        _stop_sites(shell.background)
+        if coord.is_dir():
+            dep.stop(dep.Deployment.load(coord))
+    assert dep.running_pid(dep.Deployment.load(coord)) is None

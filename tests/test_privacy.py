@@ -194,6 +194,7 @@ class Canned:
     def __init__(self, payload: Payload, update_kind=None, name="canned") -> None:
         self.payload, self.update_kind, self.name, self.calls = payload, update_kind, name, 0
         self.default_layers, self.releases_per_round, self.resumable = "task", 1, False
+        self.supports_local_dp = True
 
     def local(self, model, data, instruction, client_state):
         self.calls += 1

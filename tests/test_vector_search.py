@@ -29,8 +29,6 @@ from privacy.vector_search import (
     exact_top_k,
 )
 
-pytestmark = pytest.mark.xdist_group("test_vector_search")  # one worker embeds the articles once
-
 SAMPLE = 600
 QUERIES = ("shares fell on the stock market as oil prices rose", "a new mobile phone with a faster chip",
            "the prime minister called an early election", "the striker scored in the cup final")

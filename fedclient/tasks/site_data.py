@@ -22,7 +22,7 @@ import csv
 import json
 import pathlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,17 +69,7 @@ def _rows(path: pathlib.Path) -> Iterator[tuple[int, dict[str, object] | str]]:
     """(line number, row) for each record of ``path``; a string row is a parse error."""
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            columns = reader.fieldnames or []
-            missing = [c for c in ("text", "label") if c not in columns]
-            if missing:
-                yield 1, f"header lacks column(s) {missing} (found {columns or 'no header'})"
-                return
-            for row in reader:
-                if None in row:
-                    yield reader.line_num, f"{len(row[None]) + len(columns)} fields, the header has {len(columns)}"
-                else:
-                    yield reader.line_num, row
+            yield from _csv_rows(handle)
         return
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -91,6 +81,52 @@ def _rows(path: pathlib.Path) -> Iterator[tuple[int, dict[str, object] | str]]:
                 yield number, f"not JSON ({err.msg})"
                 continue
             yield number, row if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+
+
+def _csv_rows(handle: Iterable[str]) -> Iterator[tuple[int, dict[str, object] | str]]:
+    """(line, row) for each CSV record, numbered by the line the record *starts* on (a quoted text
+    may run over several lines); a quote never closed is reported where it opened."""
+    started = {"line": 0, "first": None}
+
+    def lines() -> Iterator[str]:
+        for number, line in enumerate(handle, start=1):
+            if started["first"] is None:
+                started["first"] = number
+            started["line"] = number
+            yield line
+
+    reader = csv.reader(lines(), strict=True)
+    try:
+        header = next(reader)
+    except StopIteration:
+        header = []
+    except csv.Error as err:
+        yield 1, f"the header cannot be read ({err})"
+        return
+    missing = [c for c in ("text", "label") if c not in header]
+    if missing:
+        yield 1, f"header lacks column(s) {missing} (found {header or 'no header'})"
+        return
+    while True:
+        started["first"] = None
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            where = started["first"] or started["line"]
+            if "unexpected end of data" in str(err):
+                yield where, "a quote opened in this record is never closed (the rest of the file was read as one field)"
+            else:
+                yield where, f"not valid CSV ({err}); quote texts that hold commas, quotes or newlines"
+            return
+        where = started["first"] or started["line"]
+        if not fields:
+            continue  # a blank line
+        if len(fields) != len(header):
+            yield where, f"{len(fields)} fields, the header has {len(header)}"
+            continue
+        yield where, dict(zip(header, fields, strict=True))
 
 
 def _summarised(problems: list[str]) -> list[str]:

@@ -19,10 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from aggregators import ALGORITHMS
-from aggregators.compression import Codec
-from fedclient.tasks import TASKS
-from fedserver.store import RunStore, StoreError
+from fedserver.store import FLOWER_RUN_ID, RunStore, StoreError
 
 DP_MECHANISMS = ("off", "gaussian", "laplace")
 FLOWER_STOP_AFTER_S = 20.0
@@ -46,25 +43,19 @@ class RunRequest:
     name: str = ""
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise FormError(f"task '{self.task}' is unknown; choose one of {', '.join(sorted(TASKS))}")
-        if self.strategy not in ALGORITHMS:
-            raise FormError(f"strategy '{self.strategy}' is unknown; choose one of {', '.join(sorted(ALGORITHMS))}")
+        """The form's own bounds, then the run config checked as `fedserver run` and the ServerApp check it."""
+        from fedserver.run_config import RunConfigError, check_run_config
+
         if not 1 <= self.rounds <= 10_000:
             raise FormError(f"rounds must be between 1 and 10000, got {self.rounds}")
         if not 1 <= self.clients <= 1_000:
             raise FormError(f"clients must be between 1 and 1000, got {self.clients}")
-        if self.codec:
-            try:
-                Codec.parse(self.codec)
-            except ValueError as err:
-                raise FormError(f"codec: {err}") from err
-        if self.dp not in DP_MECHANISMS:
-            raise FormError(f"dp must be one of {', '.join(DP_MECHANISMS)}, got '{self.dp}'")
-        if not self.dp_epsilon > 0:
-            raise FormError(f"dp-epsilon must be positive, got {self.dp_epsilon}")
         if len(self.name) > 100 or any(ch in self.name for ch in "\"'\\\n"):
             raise FormError("name must be at most 100 characters without quotes, backslashes or newlines")
+        try:
+            check_run_config(self.run_config(), num_clients=self.clients)
+        except RunConfigError as err:
+            raise FormError("; ".join(err.problems)) from err
 
     def run_config(self) -> dict[str, Any]:
         config: dict[str, Any] = {"task": self.task, "strategy": self.strategy, "num-server-rounds": self.rounds,
@@ -115,7 +106,7 @@ class RunControl:
     def stop(self, run_ref: str, requested_by: str = "console") -> dict[str, Any]:
         """Ask a running run to stop, named by its exact id (StoreError if unknown or not running)."""
         run = self.store.request_stop(run_ref, requested_by=requested_by, exact=True)
-        flower_run = run.config.get("flower-run-id")
+        flower_run = run.config.get(FLOWER_RUN_ID)
         if self.deployment is not None and flower_run:
             threading.Thread(target=self._flower_stop_if_still_running, args=(run.id, str(flower_run)),
                              daemon=True).start()
