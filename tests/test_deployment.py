@@ -232,7 +232,7 @@ def test_the_readme_walkthrough_survives_a_killed_site_and_a_killed_coordinator(
         line_a = _site_line(starts, "site-a")
         without_search = re.sub(r" --search-index \S+ --querier-key \S+", "", line_a)
         line_c = (without_search.replace("site-a", "site-c").replace("--partition-id 0", "--partition-id 1")
-                  .replace("--port 9094", "--port 9096").rstrip(" &") + " --poll-interval 0.2 --heartbeat-interval 10")
+                  .replace("--port 9094", "--port 9096").rstrip(" &") + " --heartbeat-interval 10")
         site_c = shell.start(line_c, demo / "site-c" / "site.log")
         # which of CA and enrolment is wrong, said apart
         shell.ok("fedserver init other --host 127.0.0.1 --listen 127.0.0.1 --fleet-port 1 --control-port 2")
