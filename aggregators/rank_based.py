@@ -76,7 +76,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from aggregators.base import (
@@ -93,7 +92,7 @@ from aggregators.base import (
 )
 from aggregators.compression import index_bits, pack_uint, unpack_uint
 from aggregators.fedavg import derive_seed
-from aggregators.local_training import to_device
+from aggregators.local_training import batch_loss, to_device
 from aggregators.shared_randomness import Manifest, seeded_noise
 from aggregators.streaming import WeightedMetricMeans
 
@@ -248,6 +247,8 @@ class RankBased(Algorithm):
     name = "frl"
     config_class = RankBasedConfig
     default_layers = "output"  # masks over the head; half-pruning pretrained encoder layers costs accuracy
+    adapter_incompatibility = ("FRL learns which of a layer's fixed weights to keep; a LoRA adapter's B matrix "
+                               "starts at zero, so every mask over it selects nothing. Run FRL without an adapter")
 
     def __init__(self, config: RankBasedConfig | None = None) -> None:
         self.config = config or RankBasedConfig()
@@ -377,7 +378,7 @@ class RankBased(Algorithm):
             for _ in range(int(cfg["local-steps"])):
                 inputs, labels = to_device(next(batches), device)
                 effective = {k: masked(weights[k], scores[k], sparsity) for k in keys}
-                loss = F.cross_entropy(functional_call(model, effective, args=(), kwargs=inputs), labels)
+                loss = batch_loss(model, functional_call(model, effective, args=(), kwargs=inputs), labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -45,7 +45,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from aggregators.base import (
     AggregateResult,
@@ -63,7 +62,7 @@ from aggregators.base import (
 )
 from aggregators.fedavg import derive_seed
 from aggregators.layer_selection import objective, solve_selection
-from aggregators.local_training import check_local_training, set_trainable, to_device, train_steps
+from aggregators.local_training import batch_loss, check_local_training, set_trainable, to_device, train_steps
 from aggregators.streaming import WeightedMeanPerKey, WeightedMetricMeans
 
 SELECTIONS = ("regulated", "client-top", "top", "bottom", "random", "full")
@@ -124,7 +123,7 @@ def layer_scores(
         for _ in range(batches):
             model.zero_grad(set_to_none=True)  # per batch: not the cumulative variant
             inputs, labels = to_device(next(stream), device)
-            F.cross_entropy(model(**inputs), labels).backward()
+            batch_loss(model, model(**inputs), labels).backward()
             for index, layer_params in enumerate(layer_keys.values()):
                 for key in layer_params:
                     grad = params[key].grad

@@ -46,7 +46,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from aggregators.base import (
     AggregateResult,
@@ -59,7 +58,7 @@ from aggregators.base import (
     check_weight,
 )
 from aggregators.fedavg import derive_seed
-from aggregators.local_training import to_device
+from aggregators.local_training import batch_loss, to_device
 from aggregators.shared_randomness import (
     Manifest,
     OneByteCodec,
@@ -296,9 +295,9 @@ class FedKSeed(ReplayAlgorithm):
                 z = direction(manifest, run_seed, k).to(device)
                 inputs, labels = to_device(next(batches), device)
                 theta.copy_(base).add_(z, alpha=eps)
-                plus = float(F.cross_entropy(model(**inputs), labels))
+                plus = float(batch_loss(model, model(**inputs), labels))
                 theta.copy_(base).sub_(z, alpha=eps)
-                minus = float(F.cross_entropy(model(**inputs), labels))
+                minus = float(batch_loss(model, model(**inputs), labels))
                 estimate = (plus - minus) / (2 * eps)
                 if not np.isfinite(estimate):
                     valid[t] = False

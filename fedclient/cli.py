@@ -74,9 +74,9 @@ def doctor(task_names: list[str], superlink: str = "", ca: str = "", key: str = 
 
         try:
             check_reachable(superlink)
-            table.add_row("coordinator", "ok", f"{superlink} reachable")
+            table.add_row("coordinator", "ok", escape(f"{superlink} reachable"))
             if ca:
-                table.add_row("TLS", "ok", f"certificate '{check_tls(superlink, pathlib.Path(ca))}' verifies with {ca}")
+                table.add_row("TLS", "ok", escape(f"certificate '{check_tls(superlink, pathlib.Path(ca))}' verifies with {ca}"))
         except ValueError as err:
             ok = False
             table.add_row("coordinator", "[red]fail[/]", escape(str(err)))
@@ -97,7 +97,7 @@ def doctor(task_names: list[str], superlink: str = "", ca: str = "", key: str = 
         for name in task_names or ["minilm-bbc"]:
             try:
                 corpus = read_site_corpus(data, get_task(name).load_data().classes)
-                table.add_row(f"data for {name}", "ok", f"{data}: {len(corpus)} rows in {len(corpus.rows_per_file)} file(s)")
+                table.add_row(f"data for {name}", "ok", escape(f"{data}: {len(corpus)} rows in {len(corpus.rows_per_file)} file(s)"))
             except (SiteDataError, MissingDataError) as err:
                 ok = False
                 table.add_row(f"data for {name}", "[red]fail[/]", escape(str(err)))
@@ -174,7 +174,7 @@ def check_data(directory: str, task_name: str) -> int:
     except (SiteDataError, MissingDataError, ValueError) as err:
         console.print(f"[red]error:[/] {escape(str(err))}")
         return 2
-    console.print(f"{directory}: {len(corpus)} labelled rows, valid for task {task_name}")
+    console.print(escape(f"{directory}: {len(corpus)} labelled rows, valid for task {task_name}"))
     table = Table()
     table.add_column("file")
     table.add_column("rows", justify="right")
@@ -374,7 +374,7 @@ def start(args: argparse.Namespace) -> int:
         return 2
     home.mkdir(parents=True, exist_ok=True)
     console.print(f"starting the SuperNode: {' '.join(command)}")
-    refused = stopped_here = False
+    refused = stopped_here = clock_refused = False
 
     def terminate(_signum: int, _frame: object) -> None:  # run the cleanup below on SIGTERM too
         raise KeyboardInterrupt
@@ -388,6 +388,7 @@ def start(args: argparse.Namespace) -> int:
             for line in process.stdout:  # pass Flower's log through, watching for an admission refusal
                 sys.stdout.write(line)
                 refused = refused or "code: 2004" in line or "Exit Code: 305" in line
+                clock_refused = clock_refused or "Invalid timestamp" in line  # node auth's signed-time check
                 if refused or process.poll() is not None:
                     break
         except KeyboardInterrupt:
@@ -400,6 +401,11 @@ def start(args: argparse.Namespace) -> int:
                     break
                 time.sleep(2 if sig == signal.SIGTERM else 0)
         returncode = process.wait()
+    if refused and clock_refused:
+        console.print("[red]error:[/] the coordinator refused this site's signed request as badly timed: this "
+                      "machine's clock is off; `fedclient doctor --time-server pool.ntp.org` measures it (sync it, "
+                      "e.g. with chrony)")
+        return 3
     if refused:
         from fedclient.keys import fingerprint
 

@@ -24,9 +24,9 @@ from fedclient.tasks import (
     ClientData,
     PartitionSpec,
     SiteDataError,
-    evaluate_model,
     get_task,
 )
+from fedclient.tasks.adapters import AdapterSpec
 from fedclient.wire import (
     ARRAYS,
     CONFIG,
@@ -45,9 +45,9 @@ CLIENT_STATE_CONFIG = "fedtune.client-state.config"
 
 
 @functools.lru_cache(maxsize=2)
-def _model(task_name: str, device: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+def _model(task_name: str, device: str, adapter: AdapterSpec | None) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
     """The task model on ``device`` (built once per process) and its pristine state to reset to."""
-    model = get_task(task_name).build_model().to(device)
+    model = get_task(task_name).build_model(adapter).to(device)
     pristine = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return model, pristine
 
@@ -64,8 +64,8 @@ def _seconds_since_process_start() -> float | None:
     return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
-def _fresh_model(task_name: str, device: torch.device) -> torch.nn.Module:
-    model, pristine = _model(task_name, str(device))
+def _fresh_model(task_name: str, device: torch.device, config: Mapping[str, Any]) -> torch.nn.Module:
+    model, pristine = _model(task_name, str(device), AdapterSpec.from_run_config(config))
     model.load_state_dict(pristine)  # no trace of what a previous message trained
     return model
 
@@ -172,7 +172,7 @@ def train_reply(msg: Message, context: Context, node: Mapping[str, Any], config:
         site_log(f"its data does not fit task {config['task']}: {err}")
         return Message(refusal_record(f"site data: this site's files do not fit task '{config['task']}' "
                                       "(the site's log names the problems)"), reply_to=msg)
-    model = _fresh_model(str(config["task"]), device)
+    model = _fresh_model(str(config["task"]), device, config)
     client_state = _load_client_state(context)
     budget = site_layer_budget(config, node)
     if budget is not None:
@@ -220,10 +220,10 @@ def evaluate_reply(msg: Message, context: Context, node: Mapping[str, Any], conf
         return Message(refusal_record(f"site data: this site's files do not fit task '{config['task']}' "
                                       "(the site's log names the problems)"), reply_to=msg)
     device = best_device(str(node.get("device", "auto")))
-    model = _fresh_model(str(config["task"]), device)
+    model = _fresh_model(str(config["task"]), device, config)
     if ARRAYS in msg.content:
         model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict(), strict=False)
-    metrics = evaluate_model(model, data.evaluate)
+    metrics = get_task(str(config["task"])).evaluate(model, data.evaluate)
     if mode == "exact":
         metrics["num-examples"] = policy.reported_examples(metrics["num-examples"]) if metrics["num-examples"] else 0
         return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

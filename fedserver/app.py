@@ -16,8 +16,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from aggregators import Algorithm, make_algorithm
 from fedclient.runconfig import csv_list, quiet_environment, resolve_run_config
-from fedclient.tasks import evaluate_model, get_task
-from fedserver.run_config import check_run_config, privacy_settings, strategy_settings
+from fedclient.tasks import get_task
+from fedclient.tasks.adapters import AdapterSpec
+from fedserver.run_config import check_run_config, privacy_settings, resume_problems, strategy_settings
 from fedserver.store import FLOWER_RUN_ID, RunStore
 from fedserver.strategy import AlgorithmStrategy, RoundObserver, RunStopped
 
@@ -48,8 +49,8 @@ def run_federation(
     task = get_task(str(config["task"]))
     algorithm = make_algorithm(str(config["strategy"]), config)
     settings = strategy_settings(config, num_clients, privacy_settings(config, algorithm))
-    model = task.build_model()
-    defaults = {"task": list(task.train_layers), "above-embeddings": task.layer_names()[1:],
+    model = task.build_model(AdapterSpec.from_run_config(config))
+    defaults = {"task": task.default_layers(model), "above-embeddings": task.layer_names()[1:],
                 "output": task.layer_names()[-1:]}
     layer_names = csv_list(config["train-layers"]) or defaults[algorithm.default_layers]
     layers = {name: task.trainable_keys(model, [name]) for name in layer_names}
@@ -65,8 +66,8 @@ def run_federation(
 
     def central_evaluate(_round: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
         model.load_state_dict(state, strict=False)
-        metrics = evaluate_model(model, test_set)
-        return {"loss": metrics["loss"], "accuracy": metrics["accuracy"]}
+        metrics = task.evaluate(model, test_set)
+        return {key: value for key, value in metrics.items() if key != "num-examples"}
 
     if not resume:
         run_id = store.create_run(
@@ -132,11 +133,9 @@ def _resume(store: RunStore, run_ref: str, config: Mapping[str, Any], algorithm:
             keys: set[str]) -> tuple[str, int, ArrayRecord]:
     """Reopen ``run_ref`` in ``store`` at its latest checkpoint; ValueError when it cannot continue."""
     run = store.get_run(run_ref)
-    if (run.task, run.strategy) != (task, algorithm.name):
-        raise ValueError(f"run '{run.id}' is {run.strategy} on {run.task}; resume it with the same task and strategy")
-    if not algorithm.resumable:
-        raise ValueError(f"{algorithm.name} keeps server state beyond the global weights (ledgers, control "
-                         "variates or rankings) that the store does not hold yet; it cannot resume")
+    problems = resume_problems(run.id, run.task, run.strategy, task, algorithm)
+    if problems:
+        raise ValueError("; ".join(problems))
     done, state = store.resume_run(run.id, int(config["num-server-rounds"]))
     if set(state) != keys:
         raise ValueError(f"run '{run.id}' checkpoint holds other tensors than this run trains; same train-layers?")

@@ -97,14 +97,22 @@ def run_command(args: argparse.Namespace, deployment) -> int:
     from fedserver.run_config import RunConfigError, check_run_config, parse_run_config_args
     from fedserver.store import RunStore, StoreError
 
+    from aggregators import make_algorithm
+    from fedserver.run_config import resume_problems
+
     config = {"task": args.task, "strategy": args.strategy, "num-server-rounds": args.rounds}
     try:
         config.update(parse_run_config_args(args.run_config))
-        check_run_config(config, deployment=True)
+        merged = check_run_config(config, deployment=True)
         if config.get("resume"):
-            RunStore(deployment.store_url).get_run(str(config["resume"]))
-    except RunConfigError as err:
-        for problem in err.problems:
+            run = RunStore(deployment.store_url).get_run(str(config["resume"]))
+            problems = resume_problems(run.id, run.task, run.strategy, merged["task"],
+                                       make_algorithm(merged["strategy"], merged))
+            if problems:
+                raise RunConfigError(problems)
+        dep.run_config_text(config)
+    except (RunConfigError, dep.DeploymentError) as err:
+        for problem in getattr(err, "problems", [str(err)]):
             err_console.print(f"[red]error:[/] {escape(problem)}")
         err_console.print("nothing was submitted")
         return 2
@@ -112,9 +120,14 @@ def run_command(args: argparse.Namespace, deployment) -> int:
         err_console.print(f"[red]error:[/] resume: {escape(str(err))}; `fedserver --store {deployment.store_url} runs` "
                           "lists the runs; nothing was submitted")
         return 2
-    result = dep.submit(deployment, config, stream=True, signature=args.signature or None,
-                        echo=lambda line: print(line, end="", flush=True))
-    outcome = dep.run_outcome(deployment, result)
+    try:
+        result = dep.submit(deployment, config, stream=True, signature=args.signature or None,
+                            echo=lambda line: print(line, end="", flush=True))
+        outcome = dep.run_outcome(deployment, result)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: a run already submitted goes on at the coordinator; `fedserver status "
+                          f"{escape(str(deployment.directory))}` lists it, `flwr stop RUN-ID` stops it")
+        return 130
     flower = f" (Flower run {outcome.flower_run_id})" if outcome.flower_run_id else ""
     if outcome.ok:
         accuracy = f", final central accuracy {100 * outcome.accuracy:.1f}%" if outcome.accuracy is not None else ""
@@ -130,6 +143,7 @@ def run_command(args: argparse.Namespace, deployment) -> int:
 def search_command(args: argparse.Namespace) -> int:
     """One encrypted query on the deployment (see :func:`fedserver.deployment.search`)."""
     from rich.table import Table
+    from rich.text import Text
 
     from fedserver import deployment as dep
     from privacy.vector_search import SearchError
@@ -153,7 +167,7 @@ def search_command(args: argparse.Namespace) -> int:
     for column in ("rank", "score", "site", "document"):
         table.add_column(column)
     for rank, hit in enumerate(result["hits"], start=1):
-        table.add_row(str(rank), f"{hit['score']:.4f}", hit["site"], hit["document_id"])
+        table.add_row(str(rank), f"{hit['score']:.4f}", Text(str(hit["site"])), Text(str(hit["document_id"])))  # sites' text, not markup
     console.print(table)
     for site, reason in result["refusals"].items():
         console.print(f"[yellow]site '{escape(str(site))}' did not answer:[/] {escape(str(reason))}")
@@ -218,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     export = sub.add_parser("export", help="write a checkpoint of the global model as safetensors")
     export.add_argument("run", help="run id, unique id prefix or name")
     export.add_argument("--round", type=int, default=None, help="round of the checkpoint (default: the latest)")
-    export.add_argument("--out", required=True, help="file to write (.safetensors)")
+    export.add_argument("--out", required=True, help="file to write (.safetensors); for a run that trained an "
+                        "adapter, a directory: a PEFT adapter directory (adapter_config.json, "
+                        "adapter_model.safetensors, task_head.safetensors for a classifier's head)")
+    export.add_argument("--merged", action="store_true", help="(adapter runs) also write the base model with the "
+                        "adapter merged in, to OUT/merged, a plain Hugging Face model directory")
     init = sub.add_parser("init", help="create a deployment directory: CA, server certificate, run store")
     init.add_argument("directory")
     init.add_argument("--host", action="append", default=[],
@@ -332,13 +350,36 @@ def main(argv: list[str] | None = None) -> int:
             out = pathlib.Path(args.out)
             if out.exists():
                 raise StoreError(f"{out} exists; choose another --out")
+            if run.config.get("adapter"):
+                written = export_adapter_run(run, state, out, merged=args.merged)
+                console.print(escape(f"wrote round {rnd} of run {run.id}'s adapter to {out}/: {', '.join(written)} "
+                                     "(load it with peft.PeftModel.from_pretrained(base_model, DIR))"), soft_wrap=True)
+                return 0
+            if args.merged:
+                raise StoreError(f"run {run.id} trained no adapter: its export is already the whole trained state")
             save_file(state, str(out), metadata={"run": run.id, "round": str(rnd), "task": run.task})
-            console.print(f"wrote round {rnd} of run {run.id} ({len(state)} tensors) to {out}")
+            console.print(escape(f"wrote round {rnd} of run {run.id} ({len(state)} tensors) to {out}"))
     except StoreError as err:
         hint = f"; `fedserver --store {args.store} runs` lists the runs" if str(err).startswith("no run") else ""
         err_console.print(f"[red]error:[/] {escape(str(err))}{hint}")
         return 2
     return 0
+
+
+def export_adapter_run(run, state, out: pathlib.Path, *, merged: bool) -> list[str]:
+    """The task model of ``run`` with its adapter (as the run config built it) holding ``state``,
+    written by :func:`fedclient.tasks.adapters.export_adapter`."""
+    from fedclient.tasks import get_task
+    from fedclient.tasks.adapters import AdapterSpec, export_adapter
+
+    task = get_task(run.task)
+    model = task.build_model(AdapterSpec.from_run_config(run.config))
+    unexpected = set(state) - set(model.state_dict())
+    if unexpected:
+        raise StoreError(f"run {run.id}'s checkpoint does not fit its task's adapter model: {sorted(unexpected)[:3]}")
+    model.load_state_dict(state, strict=False)
+    tokenizer = task.tokenizer() if merged and hasattr(task, "tokenizer") else None
+    return export_adapter(model, out, merged=merged, tokenizer=tokenizer)
 
 
 if __name__ == "__main__":

@@ -328,11 +328,20 @@ def run_config_text(config: Mapping[str, Any]) -> str:
             parts.append(f"{key}={value}")
         else:
             text = str(value)
-            if '"' in text and "'" in text:
-                raise DeploymentError(f"{key}: a value cannot hold both ' and \" (Flower's --run-config syntax)")
-            quote = "'" if '"' in text else '"'
+            if any(ord(char) < 32 or ord(char) == 127 for char in text):
+                raise DeploymentError(f"{key}: a value cannot hold control characters (tabs, newlines)")
+            literal = '"' in text or "\\" in text  # TOML reads \ as an escape only inside "..."
+            if literal and "'" in text:
+                raise DeploymentError(f"{key}: a value cannot hold ' together with \" or \\ (Flower's --run-config "
+                                      "syntax)")
+            quote = "'" if literal else '"'
             parts.append(f"{key}={quote}{text}{quote}")
-    return " ".join(parts)
+    text = " ".join(parts)
+    from flwr.common.config import parse_config_args
+
+    if parse_config_args([text]) != dict(config):
+        raise DeploymentError(f"--run-config text {text!r} would not reach Flower as checked")
+    return text
 
 
 def submit(deployment: Deployment, config: Mapping[str, Any], *, stream: bool = True,
@@ -372,10 +381,11 @@ class RunOutcome:
 
 
 def flower_run_status(deployment: Deployment, flower_run_id: str, *, wait: bool = True,
-                      poll_seconds: float = 2.0) -> str:
+                      poll_seconds: float = 2.0, max_wait: float = 300.0) -> str:
     """The SuperLink's status of a Flower run (``flwr ls --run-id``), with ``wait`` once it has
-    finished (``finished:completed``, ``finished:failed``, ...); "" when the SuperLink cannot be
-    asked (it is down)."""
+    finished (``finished:completed``, ``finished:failed``, ...) or ``max_wait`` seconds have passed
+    (then the last status, e.g. ``running``); "" when the SuperLink cannot be asked (it is down)."""
+    deadline = time.monotonic() + max_wait
     while True:
         try:
             runs = _json_reply(flwr_cli(deployment, "ls", CONNECTION, "--run-id", str(flower_run_id), "--format",
@@ -383,7 +393,7 @@ def flower_run_status(deployment: Deployment, flower_run_id: str, *, wait: bool 
         except (DeploymentError, subprocess.TimeoutExpired):
             return ""
         status = str(runs[0].get("status", "")) if runs else ""
-        if not wait or status.startswith("finished") or not status:
+        if not wait or status.startswith("finished") or not status or time.monotonic() > deadline:
             return status
         time.sleep(poll_seconds)
 
@@ -411,7 +421,8 @@ def run_outcome(deployment: Deployment, result: subprocess.CompletedProcess) -> 
     accuracy = rounds[-1].central_accuracy if rounds else None
     reason = run.error or ""
     if run.status == "running":
-        reason = reason or (f"Flower reports the run {flower_status}" if flower_status else
+        reason = reason or (f"Flower still reports the run {flower_status} after its log stream ended; "
+                            f"`flwr stop {flower_run_id}` stops it" if flower_status else
                             "the SuperLink stopped answering while the run was in progress")
     return RunOutcome(flower_run_id, run.id, run.status, reason, len(rounds), accuracy)
 

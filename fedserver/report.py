@@ -7,6 +7,7 @@ import pathlib
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from fedserver.store import RunRow, RunStore
 
@@ -65,6 +66,7 @@ def run_summary(store: RunStore, run_ref: str) -> dict[str, Any]:
         "rounds_completed": len(rounds),
         "initial_central_accuracy": (run.initial_metrics or {}).get("accuracy"),
         "initial_central_loss": (run.initial_metrics or {}).get("loss"),
+        "initial_central": dict(run.initial_metrics or {}),
         "final_central_accuracy": accuracies[-1] if accuracies else None,
         "best_central_accuracy": max(accuracies) if accuracies else None,
         "total_bytes_down": sum(r["bytes_down"] for r in per_round),
@@ -141,16 +143,21 @@ def rounds_table(summary: dict[str, Any]) -> Table:
     columns = ["round", "central acc", "central loss", "train loss", "clients ok", "MB down", "MB up", "seconds"]
     if selective:
         columns = ["round", "acc", "loss", "train loss", "ok", "MB down", "MB up", "s", "objective", "layers"]
+    extras = central_extra_metrics(summary)  # macro-F1; perplexity for a causal LM
+    columns[3:3] = [name for name, _ in extras]
     for column in columns:
         table.add_column(column, justify="right")
-    blank = [""] * (len(columns) - 3)
+    blank = [""] * (len(columns) - 3 - len(extras))
     if summary["initial_central_accuracy"] is not None:
-        table.add_row("0", _pct(summary["initial_central_accuracy"]), _num(summary["initial_central_loss"]), *blank)
+        initial = summary.get("initial_central", {})
+        table.add_row("0", _pct(summary["initial_central_accuracy"]), _num(summary["initial_central_loss"]),
+                      *(show(initial.get(key)) for _, key, show in _with_format(extras)), *blank)
     for r in summary["rounds"]:
         row = [
             str(r["round"]),
             _pct(r["central_accuracy"]),
             _num(r["central_loss"]),
+            *(show((r.get("metrics") or {}).get(f"central-{key}")) for _, key, show in _with_format(extras)),
             _num(r["train_loss"]) if r["train_loss"] is not None or not summary.get("local_dp") else "withheld",
             f"{r['clients_accepted']}/{r['clients_sampled']}",
             f"{r['bytes_down'] / 1e6:.2f}",
@@ -163,11 +170,25 @@ def rounds_table(summary: dict[str, Any]) -> Table:
                     f"{sum(counts) / len(counts):.2f}" if counts else "-"]
         table.add_row(*row)
     table.add_section()
-    totals = ["total", _pct(summary["final_central_accuracy"]), "", "", "",
+    totals = ["total", _pct(summary["final_central_accuracy"]), "", *([""] * len(extras)), "", "",
               f"{summary['total_bytes_down'] / 1e6:.2f}", f"{summary['total_bytes_up'] / 1e6:.2f}",
               f"{summary['round_seconds']:.1f}"]
     table.add_row(*totals, *([""] * (len(columns) - len(totals))))
     return table
+
+
+EXTRA_CENTRAL = {"macro-f1": "macro-F1", "perplexity": "perplexity"}  # metric -> column (exact match = acc)
+
+
+def central_extra_metrics(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """(column, metric) for the central metrics beyond accuracy and loss that this run recorded."""
+    seen = {key.removeprefix("central-") for r in summary["rounds"] for key in (r.get("metrics") or {})
+            if key.startswith("central-")}
+    return [(column, key) for key, column in EXTRA_CENTRAL.items() if key in seen]
+
+
+def _with_format(extras: list[tuple[str, str]]):
+    return [(column, key, _pct if key == "macro-f1" else _num) for column, key in extras]
 
 
 def runs_table(runs: list[tuple[RunRow, str]], accuracies: dict[str, float | None]) -> Table:
@@ -179,14 +200,14 @@ def runs_table(runs: list[tuple[RunRow, str]], accuracies: dict[str, float | Non
     for run, url in runs:
         table.add_row(
             run.id,
-            run.name if run.name != run.id else "",
+            Text(run.name if run.name != run.id else ""),  # the operator's words, never markup
             run.task,
             run.strategy,
             run.status,
             str(run.num_rounds),
             _pct(accuracies.get(run.id)),
             run.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-            url,
+            Text(url),
         )
     return table
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -63,8 +64,20 @@ def parse_run_config_args(items: Sequence[str]) -> dict[str, Any]:
                                   ]) from err
         if item.strip() and not parsed:
             raise RunConfigError([f"--run-config '{item}' holds no key=value pair"])
+        stray = _stray_text(item)
+        if stray:
+            raise RunConfigError([f"--run-config '{item}': {stray!r} is not a key=value pair (Flower would drop it "
+                                  "silently); write it as key=value, strings in quotes"])
         config.update(parsed)
     return config
+
+
+FLWR_PAIR = re.compile(r"(\S+?)=('[^']*'|\"[^\"]*\"|\S+)")  # flwr 1.39's parse_config_args pattern
+
+
+def _stray_text(item: str) -> str:
+    """What Flower's ``--run-config`` parser skips in ``item``: the text between its key=value pairs."""
+    return FLWR_PAIR.sub(" ", item).strip()
 
 
 def _type_problem(key: str, value: Any) -> str | None:
@@ -88,9 +101,8 @@ def check_run_config(config: Mapping[str, Any], *, deployment: bool = False,
         if key not in DEFAULT_RUN_CONFIG:
             guess = nearest(key, DEFAULT_RUN_CONFIG)
             problems.append(f"unknown key '{key}'; " + (f"did you mean '{guess}'?" if guess else
-                            "`fedsim run --help` lists the settings (run-config keys are its flags without the "
-                            "leading dashes)"))
-        elif deployment and key in DEPLOYMENT_OWNED and value != DEFAULT_RUN_CONFIG[key]:
+                            f"the keys are: {', '.join(sorted(DEFAULT_RUN_CONFIG))}"))
+        elif deployment and key in DEPLOYMENT_OWNED:
             problems.append(f"{key} is the deployment's own (its store; the publisher's signature): drop it "
                             "(`fedserver run --signature` passes a signature)")
         elif (problem := _type_problem(key, value)) is not None:
@@ -111,6 +123,8 @@ def check_run_config(config: Mapping[str, Any], *, deployment: bool = False,
 
     if merged["mode"] not in MODES:
         problems.append(unknown("mode", merged["mode"], MODES))
+    if merged["seed"] < 0:
+        problems.append(f"seed must be a whole number >= 0, got {merged['seed']}")
     if merged["num-server-rounds"] < 1:
         problems.append(f"num-server-rounds must be at least 1, got {merged['num-server-rounds']}")
     task = TASKS.get(merged["task"])
@@ -131,6 +145,12 @@ def check_run_config(config: Mapping[str, Any], *, deployment: bool = False,
         if strangers:
             problems.append(f"train-layers names unknown layer(s) {strangers}; {task.name} has: "
                             f"{', '.join(task.layer_names())}")
+    from fedclient.tasks.adapters import AdapterSpec
+
+    adapter = check(lambda: AdapterSpec.from_run_config(merged))
+    if adapter is not None and algorithm is not None and algorithm.adapter_incompatibility:
+        problems.append(f"strategy {algorithm.name} cannot train adapter={adapter.kind}: "
+                        f"{algorithm.adapter_incompatibility}")
     if merged["layer-budget"]:
         from fedclient.budget import draw_budget
 
@@ -185,3 +205,15 @@ def privacy_settings(config: Mapping[str, Any], algorithm) -> dict[str, Any]:
 
 __all__ = ["DEPLOYMENT_OWNED", "MODES", "RunConfigError", "check_run_config", "nearest", "parse_run_config_args",
            "privacy_settings", "strategy_settings", "unknown"]
+
+
+def resume_problems(run_id: str, run_task: str, run_strategy: str, task: str, algorithm) -> list[str]:
+    """Why run ``run_id`` (``run_strategy`` on ``run_task``) cannot be resumed as ``algorithm`` on
+    ``task``: the ServerApp's check, which ``fedserver run`` makes before submitting."""
+    problems = []
+    if (run_task, run_strategy) != (task, algorithm.name):
+        problems.append(f"run '{run_id}' is {run_strategy} on {run_task}; resume it with the same task and strategy")
+    if not algorithm.resumable:
+        problems.append(f"{algorithm.name} keeps server state beyond the global weights (ledgers, control variates "
+                        "or rankings) that the store does not hold yet; it cannot resume")
+    return problems

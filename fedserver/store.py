@@ -70,6 +70,15 @@ class RunRow(Base):
     initial_metrics: Mapped[dict] = mapped_column(JSON, default=dict)  # central eval before round 1
 
 
+CENTRAL_COLUMNS = ("loss", "accuracy")
+
+
+def central_extras(central: Mapping[str, float]) -> dict[str, float]:
+    """A central evaluation's metrics beyond loss and accuracy (macro-F1; perplexity and exact
+    match for a causal LM), as the round's ``metrics`` keep them: prefixed ``central-``."""
+    return {f"central-{k}": v for k, v in central.items() if k not in CENTRAL_COLUMNS}
+
+
 class RoundRow(Base):
     __tablename__ = "rounds"
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"), primary_key=True)
@@ -292,7 +301,8 @@ class RunStore:
                     central_accuracy=_finite_or_none(record.central.get("accuracy")),
                     federated_loss=_finite_or_none(record.federated.get("loss")),
                     federated_accuracy=_finite_or_none(record.federated.get("accuracy")),
-                    metrics={k: v for k, v in record.metrics.items() if _finite_or_none(v) is not None},
+                    metrics={k: v for k, v in {**record.metrics, **central_extras(record.central)}.items()
+                             if _finite_or_none(v) is not None},
                 )
             )
             for c in record.clients:

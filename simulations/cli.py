@@ -38,6 +38,7 @@ METHOD_KEYS = (  # run-config keys set by one flag each, named alike (--zo-steps
     "seed-pool", "zo-steps", "zo-lr", "zo-eps", "frl-mode", "frl-sparsity", "frl-lr", "frl-vote",
     "codec", "sgd-lr", "scaffold-alpha", "scafcom-beta",
     "dp", "dp-epsilon", "dp-delta", "clip", "dp-noise-multiplier",
+    "adapter", "lora-rank", "lora-alpha", "lora-dropout", "lora-targets",
 )
 
 
@@ -244,8 +245,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         return 0
     for table in summary_tables(summary):
         console.print(table)
-    console.print(f"status {summary['status']}" + (f" ({summary['error']})" if summary["error"] else ""))
-    console.print(f"checkpoints at rounds {summary['checkpoints']} · store {store.url}")
+    console.print(f"status {summary['status']}" + (f" ({escape(str(summary['error']))})" if summary["error"] else ""))
+    console.print(f"checkpoints at rounds {summary['checkpoints']} · store {escape(store.url)}")
     for problem in summary["client_problems"]:
         console.print(f"[yellow]round {problem['round']} {problem['phase']} client {problem['node_id']}: "
                       f"{problem['status']}[/] {escape(str(problem['error'] or ''))}")
@@ -306,6 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=d["batch-size"], help="local mini-batch size")
     run.add_argument("--train-layers", default=d["train-layers"],
                      help="comma-separated layers to train and exchange, e.g. 'encoder.layer.5,head' (default: the task's)")
+    peft = run.add_argument_group("adapters (PEFT; every strategy but frl)")
+    peft.add_argument("--adapter", choices=("", "lora"), default=d["adapter"],
+                      help="train a LoRA adapter (Hu et al. 2022) instead of the layers' weights: only the adapter "
+                      "(and a classifier's head) trains and travels; the layers are the adapted blocks")
+    peft.add_argument("--lora-rank", type=int, default=d["lora-rank"], help="LoRA rank r")
+    peft.add_argument("--lora-alpha", type=float, default=d["lora-alpha"], help="LoRA scale alpha (update = alpha/r BA)")
+    peft.add_argument("--lora-dropout", type=float, default=d["lora-dropout"], help="dropout on the adapter's input")
+    peft.add_argument("--lora-targets", default=d["lora-targets"],
+                      help="modules to adapt, comma-separated (default: attention q_proj,v_proj for causal LMs, "
+                      "query,value for MiniLM)")
     sel = run.add_argument_group("selective-layer (--strategy selective-layer)")
     sel.add_argument("--selection", default=d["selection"],
                      choices=("regulated", "client-top", "top", "bottom", "random", "full"),

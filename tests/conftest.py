@@ -16,20 +16,29 @@ if "FEDTUNE_CACHE_DIR" not in os.environ:  # the ClientApp cache (fedclient/task
     os.environ["FEDTUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="fedtune-cache-")
     atexit.register(shutil.rmtree, os.environ["FEDTUNE_CACHE_DIR"], ignore_errors=True)
 
+# converted models (SmolLM2's GGUF → fp32 safetensors, 40 s, 538 MB, sha256-checked on use) stay
+# in the user's cache across sessions: the conversion is deterministic and verified
+os.environ.setdefault("FEDTUNE_MODEL_DIR", os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                        os.path.expanduser("~/.cache"), "fedtune", "models"))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)  # two workers share 2 cores
 
-LONGEST_FIRST = ("test_deployment.py",)  # minutes of waiting on processes: start it before the rest
+LONGEST_FIRST = (  # measured here, slowest first: minutes of processes and Flower simulations
+    "test_deployment.py", "test_simulation.py", "test_llm.py", "test_cli.py", "test_vector_search.py",
+    "test_console.py", "test_search_flower.py", "test_hostile_coordinator.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`make test` runs the tests on two pytest-xdist workers, a file at a time (``--dist loadfile``,
-    so a module's costly fixtures are built once; xdist 3.8's ``loadgroup`` marks have no effect
-    under pytest 9). The deployment scenario (4-6 minutes, much of it waiting on processes and
-    heartbeats) starts first, and the other worker takes the rest meanwhile."""
-    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)
+    so a module's costly fixtures are built once) in this order (``--no-loadscope-reorder``;
+    xdist's own order is by number of tests, which put the 5-minute deployment scenario last):
+    the longest files first, so that neither worker is left with a long file at the end."""
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session", autouse=True)

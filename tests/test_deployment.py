@@ -130,16 +130,22 @@ def readme_steps() -> dict[int, list[str]]:
 
 
 class Walkthrough:
-    """Runs README commands as a reader would: each in a fresh ``bash`` in the demo directory, with
-    fedtune's environment active (the README's first line, here the environment running the
-    tests) and free ports for the README's 9092-9095."""
+    """Runs README commands as a reader would: each in a fresh ``bash`` in the demo directory that
+    first runs the README's activation line (its placeholder path replaced by the virtual
+    environment running the tests), with free ports for the README's 9092-9095. The shell starts
+    without that environment on its PATH, without PYTHONPATH and without the Flower and Ray
+    settings (the CLIs set those themselves); it keeps the session's cache directory (models and
+    tokenized data are cached across tests; the commands do not depend on where it is)."""
 
-    def __init__(self, demo: pathlib.Path, ports: dict[str, int]) -> None:
+    def __init__(self, demo: pathlib.Path, ports: dict[str, int], activate: str) -> None:
         self.demo = demo
         self.ports = ports
-        bin_dir = str(pathlib.Path(sys.executable).parent)
-        self.env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
-                    "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "VIRTUAL_ENV": str(pathlib.Path(bin_dir).parent)}
+        bin_dir = pathlib.Path(sys.executable).parent
+        assert (bin_dir / "activate").is_file(), "the tests must run in a virtual environment (make test makes one)"
+        self.activate = activate.replace("/path/to/fedtune/.venv/bin/activate", str(bin_dir / "activate"))
+        path = [p for p in os.environ["PATH"].split(os.pathsep) if pathlib.Path(p) != bin_dir]
+        self.env = {**{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")
+                       and not k.startswith(("FLWR_", "RAY_"))}, "PATH": os.pathsep.join(path)}
         self.background: list[subprocess.Popen] = []
 
     def text(self, command: str) -> str:
@@ -148,8 +154,8 @@ class Walkthrough:
         return command
 
     def run(self, command: str, *, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "-c", self.text(command)], cwd=self.demo, env=self.env, input=stdin,
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        return subprocess.run(["bash", "-c", f"{self.activate} && {self.text(command)}"], cwd=self.demo, env=self.env,
+                              input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
 
     def ok(self, command: str, **kwargs) -> str:
         result = self.run(command, **kwargs)
@@ -161,7 +167,8 @@ class Walkthrough:
         """A command in the background (its own session, so teardown stops all it started)."""
         command = self.text(command).rstrip().removesuffix("&").rstrip()
         with open(log, "a") as out:
-            process = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=self.demo, env=self.env, stdout=out,
+            process = subprocess.Popen(["bash", "-c", f"{self.activate} && exec {command}"], cwd=self.demo, env=self.env,
+                                       stdout=out,
                                        stderr=subprocess.STDOUT, start_new_session=True)
         self.background.append(process)
         return process
@@ -196,13 +203,13 @@ def test_the_readme_walkthrough_survives_a_killed_site_and_a_killed_coordinator(
     app of another publisher is refused by every site and `fedserver run` exits 1 saying so."""
     steps = readme_steps()
     assert sorted(steps) == [1, 2, 3, 4, 5, 6], sorted(steps)
-    assert steps[1][:2] == [ACTIVATE, DEMO_DIR]  # what the test does instead: its environment, a directory
+    assert steps[1][:2] == [ACTIVATE, DEMO_DIR]  # run before every command; the directory is made here
     demo = tmp_path / "fedtune-demo"  # outside the checkout; what `mkdir -p ... && cd ...` makes
     demo.mkdir()
     assert ROOT not in demo.parents
     ports = {str(default): _free_port() for default in (9092, 9093, 9094, 9095)}
     ports.update({"9096": _free_port(), "9097": _free_port()})  # site c's and the rogue site's runtime ports
-    shell = Walkthrough(demo, ports)
+    shell = Walkthrough(demo, ports, steps[1][0])
     (init, start_coordinator) = steps[1][2:]
     assert init.startswith("fedserver init coord ") and start_coordinator.startswith("fedserver start coord")
     coord = demo / "coord"

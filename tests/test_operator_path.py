@@ -37,6 +37,11 @@ def coord(tmp_path_factory) -> pathlib.Path:
     (["--run-config", 'store="sqlite:///elsewhere.db"'], "store is the deployment's own"),
     (["--run-config", "local-steps=2 lr=oops"], "cannot be read: use key=value pairs"),
     (["--run-config", 'resume="no-such-run"'], "resume: no run 'no-such-run'"),
+    (["--run-config", "local-steps=2 lr 0.001"], "'lr 0.001' is not a key=value pair"),
+    (["--run-config", "seed=-1"], "seed must be a whole number >= 0"),
+    (["--run-config", "zzzz=1"], "unknown key 'zzzz'; the keys are:"),
+    (["--run-config", "run-name='a\tb'"], "control characters"),
+    (["--run-config", 'run-name="it\'s a\\\\b"'], "cannot hold ' together with"),  # the value: it's a\b
 ])
 def test_fedserver_run_refuses_a_bad_run_config_before_submitting(coord, capsys, args, expected) -> None:
     """Nothing is submitted (no SuperLink runs here: a submission would fail differently), exit 2."""
@@ -55,6 +60,8 @@ def test_run_config_text_is_read_as_flwr_run_reads_it(coord, capsys) -> None:
     config = parse_run_config_args(['run-name="my first run" local-steps=2 codec="topk:0.02+q8"', "lr=0.001"])
     assert config == {"run-name": "my first run", "local-steps": 2, "codec": "topk:0.02+q8", "lr": 0.001}
     assert parse_config_args([dep.run_config_text({**config, "quote": 'say "hi"'})]) == {**config, "quote": 'say "hi"'}
+    backslashed = {"run-name": "a\\bc", "tail": "ends in \\"}  # TOML escapes inside "...": single quotes keep them
+    assert parse_config_args([dep.run_config_text(backslashed)]) == backslashed
     assert fedserver_cli.main(["run", str(coord), "--run-config", 'run-name="my first run" local_steps=2']) == 2
     said = _said(capsys)
     assert "local_steps" in said and "run-name" not in said  # one problem, and it is not the quoted name
@@ -71,14 +78,36 @@ def test_every_problem_is_reported_at_once_with_what_to_do() -> None:
     assert check_run_config({"task": "tiny"})["strategy"] == "fedavg"  # defaults fill the rest
 
 
-def test_error_text_with_brackets_is_printed_whole(capsys) -> None:
+def test_resume_of_another_strategy_or_a_run_that_cannot_resume_is_refused_before_submitting(coord, capsys) -> None:
+    from fedserver.store import RunStore
+
+    store = RunStore(dep.Deployment.load(coord).store_url)
+    done = store.create_run(task="tiny", strategy="fedavg", num_rounds=2, config={}, name="done", num_clients=2)
+    assert fedserver_cli.main(["run", str(coord), "--task", "tiny", "--strategy", "ferret", "--run-config",
+                               f'resume="{done}"']) == 2
+    said = _said(capsys)
+    assert "is fedavg on tiny; resume it with the same task and strategy" in said and "nothing was submitted" in said
+    assert not list((coord / "apps").glob("*"))
+
+
+def test_error_text_with_brackets_is_printed_whole(capsys, tmp_path, monkeypatch) -> None:
     """rich reads ``[...]`` as markup; errors are escaped, so nothing of them disappears."""
     from simulations import cli as fedsim_cli
 
     assert fedsim_cli.main(["run", "--task", "[bold]tiny[/bold]"]) == 2
     assert "unknown task '[bold]tiny[/bold]'" in _said(capsys)
+    monkeypatch.chdir(tmp_path)  # the relative store path below is made here, not in the checkout
     assert fedserver_cli.main(["--store", "sqlite:///[x]/nope.db", "show", "[abc]"]) == 2
     assert "[abc]" in _said(capsys)
+    from fedserver.report import runs_table
+    from fedserver.store import RunStore
+    from rich.console import Console
+
+    store = RunStore(f"sqlite:///{tmp_path}/runs.db")
+    store.create_run(task="tiny", strategy="fedavg", num_rounds=1, config={}, name="[red]mine[/red]", num_clients=1)
+    console = Console(record=True, width=300)
+    console.print(runs_table([(r, store.url) for r in store.list_runs()], {}))
+    assert "[red]mine[/red]" in console.export_text()  # the operator's name, not a style
 
 
 def test_check_data_points_at_the_line_where_a_quote_is_left_open(tmp_path, capsys) -> None:

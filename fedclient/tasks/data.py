@@ -109,14 +109,22 @@ class TokenizedDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The constructor's arguments (a subclass with more tensors extends this)."""
+        return self.input_ids, self.attention_mask, self.labels
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> TokenizedDataset:
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return TokenizedDataset(self.input_ids[idx], self.attention_mask[idx], self.labels[idx])
+        return type(self)(*(tensor[idx] for tensor in self.tensors()))
 
     def _batch(self, idx: torch.Tensor) -> Batch:
         mask = self.attention_mask[idx]
         width = max(int(mask.sum(dim=1).max()), 1)  # trim the padding every row of the batch shares
-        return {"input_ids": self.input_ids[idx, :width], "attention_mask": mask[:, :width]}, self.labels[idx]
+        return {"input_ids": self.input_ids[idx, :width], "attention_mask": mask[:, :width]}, self._labels(idx, width)
+
+    def _labels(self, idx: torch.Tensor, width: int) -> torch.Tensor:
+        """What a batch of rows ``idx`` (trimmed to ``width`` tokens) is trained to predict."""
+        return self.labels[idx]
 
     def batches(self, batch_size: int, seed: int) -> Iterator[Batch]:
         """Endless shuffled mini-batches (reshuffled after each pass)."""

@@ -19,7 +19,8 @@ class PartitionSpec:
 
     ``iid``: a seeded shuffle cut into equal shards; ``dirichlet``: label skew where each class
     is spread over clients by Dirichlet(``alpha``) proportions (Hsu et al., 2019); ``natural``:
-    one client per natural id of the corpus (e.g. the medical condition of a review).
+    one client per natural id of the corpus (e.g. the medical condition of a review), or, with
+    fewer clients than ids, whole ids dealt to clients by size (:func:`group_sites`).
     """
 
     scheme: str = "dirichlet"
@@ -34,6 +35,22 @@ class PartitionSpec:
             raise ValueError(f"the number of clients must be at least 1, got {self.num_partitions}")
         if self.scheme == "dirichlet" and not self.alpha > 0:
             raise ValueError(f"alpha must be positive, got {self.alpha}")
+
+
+def group_sites(groups: Sequence[str], sites: int) -> list[str]:
+    """Each row's site when ``sites`` is fewer than the natural groups: every group goes whole to
+    one site, the largest groups first, each to the site with the fewest rows so far (ties: the
+    lower site number), so a site is a set of whole conditions, as a hospital would be."""
+    sizes: dict[str, int] = {}
+    for group in groups:
+        sizes[group] = sizes.get(group, 0) + 1
+    load = [0] * sites
+    site_of: dict[str, int] = {}
+    for group in sorted(sizes, key=lambda g: (-sizes[g], g)):
+        site = min(range(sites), key=lambda s: (load[s], s))
+        site_of[group] = site
+        load[site] += sizes[group]
+    return [f"site-{site_of[group]:04d}" for group in groups]
 
 
 def partition_indices(
@@ -54,12 +71,13 @@ def partition_indices(
         if groups is None:
             raise ValueError("this task has no natural client ids; use --partition iid or dirichlet")
         natural = sorted(set(groups))
-        if spec.num_partitions != len(natural):
+        if spec.num_partitions > len(natural):
             raise ValueError(
-                f"the natural partition of this task has {len(natural)} clients "
-                f"({', '.join(natural)}); pass --clients {len(natural)}"
+                f"the natural partition of this task has {len(natural)} groups "
+                f"({', '.join(natural)}); pass --clients {len(natural)} or fewer"
             )
-        columns["group"] = list(groups)
+        columns["group"] = list(groups) if spec.num_partitions == len(natural) else \
+            group_sites(groups, spec.num_partitions)
     if spec.num_partitions > n:
         raise ValueError(f"cannot split {n} training examples over {spec.num_partitions} clients")
     dataset = Dataset.from_dict(columns)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedclient.tasks.adapters import AdapterSpec, adapter_parameter_names, inject_adapter
 from fedclient.tasks.cache import cache_key, cached
 from fedclient.tasks.data import Corpus, TokenizedDataset, package_dir
 from fedclient.tasks.partition import PartitionSpec, partition_indices
@@ -51,15 +52,17 @@ class MiniLMClassifier(torch.nn.Module):
         return self.head(pooled)
 
     def layer_prefixes(self) -> dict[str, str]:
-        """Layer name → parameter-name prefix, in forward order."""
-        return layer_prefixes(self.bert.config.num_hidden_layers)
+        """Layer name → parameter-name prefix, in forward order (inside a PEFT wrapper when the
+        encoder carries an adapter)."""
+        wrapped = "bert.base_model.model." if hasattr(self.bert, "peft_config") else "bert."
+        return layer_prefixes(self.bert.config.num_hidden_layers, wrapped)
 
 
-def layer_prefixes(num_layers: int) -> dict[str, str]:
+def layer_prefixes(num_layers: int, encoder: str = "bert.") -> dict[str, str]:
     """Layer name → parameter-name prefix of a :class:`MiniLMClassifier` with ``num_layers`` layers."""
-    layers = {"embeddings": "bert.embeddings."}
+    layers = {"embeddings": f"{encoder}embeddings."}
     for i in range(num_layers):
-        layers[f"encoder.layer.{i}"] = f"bert.encoder.layer.{i}."
+        layers[f"encoder.layer.{i}"] = f"{encoder}encoder.layer.{i}."
     layers["head"] = "head."
     return layers
 
@@ -127,24 +130,70 @@ class TextTask:
     licence: str = ""
 
     # ---- model -------------------------------------------------------------------------------
-    def build_model(self) -> MiniLMClassifier:
-        """A fresh model with the pretrained encoder and the deterministic initial head."""
+    full_layers: tuple[str, ...] = ("head",)  # trained whole even when the run trains an adapter
+
+    def build_model(self, adapter: AdapterSpec | None = None) -> torch.nn.Module:
+        """A fresh model with the pretrained encoder and the deterministic initial head; with
+        ``adapter``, its encoder carries that (seeded) PEFT adapter and its base weights are frozen."""
         data = self.load_data()
-        return MiniLMClassifier(copy.deepcopy(pretrained_encoder(self.num_layers)), len(data.classes))
+        model = MiniLMClassifier(copy.deepcopy(pretrained_encoder(self.num_layers)), len(data.classes))
+        if adapter is not None:
+            model.bert = inject_adapter(model.bert, adapter, task_type="FEATURE_EXTRACTION")
+        return model
 
     def layer_names(self) -> list[str]:
         """Names of the model's layers, in forward order."""
         return list(layer_prefixes(self.num_layers))
 
-    def trainable_keys(self, model: MiniLMClassifier, layers: Sequence[str] | None = None) -> list[str]:
-        """Parameter names of ``layers`` (default: this task's ``train_layers``)."""
-        layers = list(layers) if layers else list(self.train_layers)
+    def trainable_keys(self, model: torch.nn.Module, layers: Sequence[str] | None = None) -> list[str]:
+        """Parameter names of ``layers`` (default: :meth:`default_layers`). When the model carries
+        an adapter, a layer's trainable parameters are its adapter's (the base weights stay frozen
+        and never travel), except for the task's ``full_layers`` (a classification head)."""
+        layers = list(layers) if layers else self.default_layers(model)
         prefixes = model.layer_prefixes()
         unknown = [layer for layer in layers if layer not in prefixes]
         if unknown:
             raise ValueError(f"unknown layer(s) {unknown} for task '{self.name}'; layers are: {', '.join(prefixes)}")
-        chosen = tuple(prefixes[layer] for layer in layers)
-        return [name for name, _ in model.named_parameters() if name.startswith(chosen)]
+        adapted = set(adapter_parameter_names(model))
+        keys = []
+        for layer in layers:
+            names = [name for name, _ in model.named_parameters() if name.startswith(prefixes[layer])]
+            if adapted and layer not in self.full_layers:
+                names = [name for name in names if name in adapted]
+                if not names:
+                    raise ValueError(f"layer '{layer}' of task '{self.name}' carries no adapter parameters; train "
+                                     f"the adapted layers ({', '.join(self.default_layers(model))}) or no adapter")
+            keys.extend(names)
+        return keys
+
+    def default_layers(self, model: torch.nn.Module) -> list[str]:
+        """The layers a run trains unless it names others: the task's ``train_layers``, or, with an
+        adapter, every layer the adapter reaches plus the task's ``full_layers``."""
+        adapted = adapter_parameter_names(model)
+        if not adapted:
+            return list(self.train_layers)
+        prefixes = model.layer_prefixes()
+        return [layer for layer, prefix in prefixes.items()
+                if layer in self.full_layers or any(name.startswith(prefix) for name in adapted)]
+
+    def evaluate(self, model: torch.nn.Module, data: TokenizedDataset) -> dict[str, float]:
+        """Loss, accuracy and macro-F1 of ``model`` on ``data``."""
+        return evaluate_model(model, data)
+
+    # ---- encoding (what a subclass with another model changes) --------------------------------
+    def encode(self, texts: Sequence[str], labels: np.ndarray, groups: Sequence[str] | None) -> list[torch.Tensor]:
+        """The tensors of a dataset of ``texts`` (see :meth:`dataset`)."""
+        encoded = tokenizer()(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
+                              return_tensors="pt")
+        return [encoded["input_ids"], encoded["attention_mask"], torch.as_tensor(labels)]
+
+    def dataset(self, tensors: Sequence[torch.Tensor]) -> TokenizedDataset:
+        return TokenizedDataset(*tensors)
+
+    def cache_fields(self) -> dict[str, object]:
+        """What a task's tokenized data depends on, for the on-disk cache key."""
+        return {"name": self.name, "corpus": f"{self.load_corpus.__module__}.{self.load_corpus.__qualname__}",
+                "max_length": self.max_length, "test_size": self.test_size, "max_documents": self.max_documents}
 
     # ---- data --------------------------------------------------------------------------------
     def load_data(self) -> TaskData:
@@ -169,26 +218,18 @@ class TextTask:
         """A site's own labelled text from ``directory`` (format: :mod:`fedclient.tasks.site_data`),
         tokenized as this task tokenizes its corpus; raises ``SiteDataError`` naming what is wrong."""
         corpus = read_site_corpus(directory, self.load_data().classes)
-        encoded = tokenizer()(list(corpus.texts), padding="max_length", truncation=True, max_length=self.max_length,
-                              return_tensors="pt")
-        rows = TokenizedDataset(encoded["input_ids"], encoded["attention_mask"], torch.as_tensor(corpus.labels))
+        rows = self.dataset(self.encode(corpus.texts, corpus.labels, None))
         train, evaluate = corpus.split_rows(seed, eval_fraction)
         if len(train) == 0:
             raise SiteDataError(f"every row in {directory} is marked split=eval; nothing is left to train on")
         return ClientData(train=rows.subset(train), evaluate=rows.subset(evaluate))
 
 
-def _task_fields(task: TextTask) -> dict[str, object]:
-    """What a task's tokenized data depends on, for the on-disk cache key."""
-    return {"name": task.name, "corpus": f"{task.load_corpus.__module__}.{task.load_corpus.__qualname__}",
-            "max_length": task.max_length, "test_size": task.test_size, "max_documents": task.max_documents}
-
-
 @functools.lru_cache(maxsize=8)
 def _load_task_data(task: TextTask) -> TaskData:
     """The task's tokenized train/test split: from the on-disk cache when a previous process made it."""
-    saved = cached(cache_key("task-data", **_task_fields(task)), lambda: _tokenize_task_data(task))
-    train, test = (TokenizedDataset(*saved[part]) for part in ("train", "test"))
+    saved = cached(cache_key("task-data", **task.cache_fields()), lambda: _tokenize_task_data(task))
+    train, test = (task.dataset(saved[part]) for part in ("train", "test"))
     groups = tuple(saved["groups"]) if saved["groups"] is not None else None
     return TaskData(train, test, groups, tuple(saved["classes"]))
 
@@ -202,11 +243,8 @@ def _tokenize_task_data(task: TextTask) -> dict[str, object]:
     test_set = set(test_rows.tolist())
     train_rows = np.asarray([i for i in order if i not in test_set], dtype=np.int64)
     rows = np.concatenate([train_rows, test_rows])  # tokenize only the documents the task uses
-    encoded = tokenizer()(
-        [corpus.texts[i] for i in rows], padding="max_length", truncation=True, max_length=task.max_length,
-        return_tensors="pt",
-    )
-    tensors = (encoded["input_ids"], encoded["attention_mask"], torch.as_tensor(corpus.labels[rows]))
+    tensors = task.encode([corpus.texts[i] for i in rows], corpus.labels[rows],
+                          [corpus.groups[i] for i in rows] if corpus.groups else None)
     n_train = len(train_rows)
     return {
         "train": [t[:n_train].clone() for t in tensors],
@@ -235,24 +273,38 @@ def _partitions(task: TextTask, spec: PartitionSpec) -> list[np.ndarray]:
         data = task.load_data()
         return [torch.as_tensor(rows) for rows in partition_indices(data.train.labels.numpy(), spec, data.train_groups)]
 
-    key = cache_key("partitions", **_task_fields(task), scheme=spec.scheme, num_partitions=spec.num_partitions,
+    key = cache_key("partitions", **task.cache_fields(), scheme=spec.scheme, num_partitions=spec.num_partitions,
                     alpha=spec.alpha, seed=spec.seed)
     return [rows.numpy() for rows in cached(key, compute)]
 
 
 def evaluate_model(model: torch.nn.Module, data: TokenizedDataset, batch_size: int = 64) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``data``."""
+    """Mean cross-entropy, accuracy and macro-F1 of ``model`` on ``data``. Macro-F1 is the mean
+    over the classes present (in the labels or the predictions) of :math:`2PR/(P+R)`, 0 for a
+    class never predicted correctly."""
     if data.num_examples == 0:
-        return {"loss": float("nan"), "accuracy": float("nan"), "num-examples": 0}
+        return {"loss": float("nan"), "accuracy": float("nan"), "macro-f1": float("nan"), "num-examples": 0}
     device = next(model.parameters()).device
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, truths, guesses = 0.0, [], []
     with torch.no_grad():
         for inputs, labels in data.in_order(batch_size):
             inputs = {k: v.to(device) for k, v in inputs.items()}
             labels = labels.to(device)
             logits = model(**inputs)
             loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-            correct += int((logits.argmax(dim=1) == labels).sum())
+            truths.append(labels.cpu())
+            guesses.append(logits.argmax(dim=1).cpu())
+    truth, guess = torch.cat(truths), torch.cat(guesses)
     n = data.num_examples
-    return {"loss": loss_sum / n, "accuracy": correct / n, "num-examples": n}
+    return {"loss": loss_sum / n, "accuracy": float((truth == guess).float().mean()), "macro-f1": macro_f1(truth, guess),
+            "num-examples": n}
+
+
+def macro_f1(truth: torch.Tensor, guess: torch.Tensor) -> float:
+    scores = []
+    for label in torch.unique(torch.cat([truth, guess])).tolist():
+        hits = int(((guess == label) & (truth == label)).sum())
+        predicted, actual = int((guess == label).sum()), int((truth == label).sum())
+        scores.append(2 * hits / (predicted + actual) if predicted + actual else 0.0)
+    return float(np.mean(scores))
