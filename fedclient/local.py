@@ -24,9 +24,11 @@ from fedclient.tasks import (
     ClientData,
     PartitionSpec,
     SiteDataError,
+    TextTask,
     get_task,
 )
 from fedclient.tasks.adapters import AdapterSpec
+from fedclient.tasks.model_dir import is_directory_task
 from fedclient.wire import (
     ARRAYS,
     CONFIG,
@@ -68,6 +70,16 @@ def _fresh_model(task_name: str, device: torch.device, config: Mapping[str, Any]
     model, pristine = _model(task_name, str(device), AdapterSpec.from_run_config(config))
     model.load_state_dict(pristine)  # no trace of what a previous message trained
     return model
+
+
+def site_task(config: Mapping[str, Any]) -> TextTask:
+    """The run's task as this site may train it: a task naming directories (``dir:…``, a
+    simulation's ``--model``/``--data``) only on Flower's simulation engine, never at a real site,
+    whatever its policy: a run config cannot point a site at directories of its disk."""
+    name = str(config["task"])
+    if is_directory_task(name) and not in_flower_simulation():
+        raise PolicyRefusal("training.tasks", "a run config cannot point this site at model or data directories")
+    return get_task(name)
 
 
 def site_data(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> ClientData:
@@ -156,6 +168,7 @@ def train_reply(msg: Message, context: Context, node: Mapping[str, Any], config:
     """Run this site's half of a round (``Algorithm.local`` or ``local_probe``) as its policy allows."""
     instruction = Instruction.from_record(from_recorddict(msg.content))
     try:
+        site_task(config)
         policy.check_training(str(config["task"]), str(instruction.config["strategy"]))
         privacy = LdpSettings.resolve(instruction.config, policy.privacy, run_key(context))
         ledger = ledger_path(policy, node) if privacy.enabled else None
@@ -208,6 +221,7 @@ def evaluate_reply(msg: Message, context: Context, node: Mapping[str, Any], conf
     is sent."""
     mechanism = "gaussian" if "gaussian" in policy.privacy.mechanisms else "laplace"  # one the site accepts
     try:
+        site_task(config)
         settings = LdpSettings.resolve({"dp": mechanism, "dp-epsilon": 1e12, "dp-delta": 1e-5, "clip": 1.0},
                                        policy.privacy, run_key(context))
     except PolicyRefusal as err:

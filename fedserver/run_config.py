@@ -120,6 +120,7 @@ def check_run_config(config: Mapping[str, Any], *, deployment: bool = False,
 
     from aggregators import ALGORITHMS, Codec, make_algorithm
     from fedclient.tasks import SCHEMES, TASKS
+    from fedclient.tasks.model_dir import is_directory_task
 
     if merged["mode"] not in MODES:
         problems.append(unknown("mode", merged["mode"], MODES))
@@ -127,8 +128,8 @@ def check_run_config(config: Mapping[str, Any], *, deployment: bool = False,
         problems.append(f"seed must be a whole number >= 0, got {merged['seed']}")
     if merged["num-server-rounds"] < 1:
         problems.append(f"num-server-rounds must be at least 1, got {merged['num-server-rounds']}")
-    task = TASKS.get(merged["task"])
-    if task is None:
+    task = check(lambda: TASKS.get(merged["task"]))  # a dir:… task's directories are checked here too
+    if task is None and not is_directory_task(merged["task"]):
         problems.append(unknown("task", merged["task"], TASKS))
     if merged["partition"] not in SCHEMES:
         problems.append(unknown("partition", merged["partition"], SCHEMES))

@@ -47,6 +47,17 @@ def _validate_and_prepare(args: argparse.Namespace) -> tuple[dict[str, Any], pat
     from fedclient.tasks import TASKS, MissingDataError, PartitionSpec
     from fedserver.run_config import unknown
 
+    if args.model or args.data:
+        from fedclient.tasks.model_dir import ModelDirectoryError, directory_task_name
+
+        if not (args.model and args.data):
+            raise UsageError("--model DIR and --data DIR go together (a causal-LM directory and its "
+                             "prompt/completion JSON Lines)")
+        try:
+            args.task = directory_task_name(args.model, args.data)
+            task = TASKS[args.task]
+        except (ModelDirectoryError, ValueError) as err:
+            raise UsageError(str(err)) from err
     task = TASKS.get(args.task)
     if task is None:
         raise UsageError(unknown("task", args.task, TASKS))
@@ -290,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     run.add_argument("--task", default=d["task"], help="model + data; `fedsim tasks` lists them")
+    run.add_argument("--model", default=None, metavar="DIR",
+                     help="your own Hugging Face causal-LM directory (config.json, *.safetensors, tokenizer) "
+                     "instead of --task; needs --data")
+    run.add_argument("--data", default=None, metavar="DIR",
+                     help="with --model: a directory of *.jsonl lines {\"prompt\": ..., \"completion\": ...}, "
+                     "split across the clients (--partition iid or dirichlet over the distinct completions)")
     run.add_argument("--strategy", default=d["strategy"],
                      help="aggregation algorithm: fedavg, selective-layer, ferret, fedkseed, fedkseed-pro, "
                      "one-byte, frl, scallion or scafcom (`fedsim tasks` lists them)")

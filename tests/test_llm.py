@@ -208,3 +208,54 @@ def test_a_task_plugin_installed_from_a_package_is_found_and_run_by_name(tmp_pat
         sys.modules.pop("headlines_task", None)
     with pytest.raises(ValueError, match="unknown task 'headlines'"):
         get_task("headlines")
+
+
+def _write_model_and_data(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """A tiny random Llama (2 blocks, hidden 64) saved with save_pretrained, SmolLM2's tokenizer,
+    and 40 prompt/completion lines: a user's own model and data."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = get_task("tiny-lm").tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=True))
+    model_dir, data_dir = root / "my-model", root / "my-data"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data_dir.mkdir()
+    lines = [{"prompt": f"Is {n} even or odd?", "completion": "even" if n % 2 == 0 else "odd"} for n in range(40)]
+    (data_dir / "pairs.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return model_dir, data_dir
+
+
+def test_fedsim_runs_a_model_directory_written_by_the_test(tmp_path: pathlib.Path) -> None:
+    from fedserver.store import RunStore
+    from simulations import cli as fedsim_cli
+
+    model_dir, data_dir = _write_model_and_data(tmp_path)
+    out = tmp_path / "run"
+    assert fedsim_cli.main(["run", "--model", str(model_dir), "--data", str(data_dir), "--clients", "2",
+                            "--rounds", "1", "--local-steps", "2", "--batch-size", "4", "--partition", "iid",
+                            "--adapter", "lora", "--lora-targets", "q_proj,v_proj", "--out", str(out)]) == 0
+    store = RunStore(f"sqlite:///{out}/store.db")
+    (run,) = store.list_runs()
+    assert run.status == "completed" and run.task.startswith("dir:") and str(model_dir) in run.task
+    (round_1,) = store.rounds(run.id)
+    assert round_1.num_accepted == 2 and "central-perplexity" in round_1.metrics
+    assert all(".lora_" in key for key in store.load_checkpoint(run.id)[1])
+
+
+def test_a_real_site_never_trains_a_directory_a_run_config_names(tmp_path: pathlib.Path, capsys) -> None:
+    """Outside Flower's simulation engine, a ``dir:`` task (paths on the site's disk chosen by the
+    coordinator) is refused before anything is read, whatever the site's policy."""
+    from fedclient.local import site_task
+    from privacy.refusal import PolicyRefusal
+    from simulations import cli as fedsim_cli
+
+    with pytest.raises(PolicyRefusal, match="training.tasks"):
+        site_task({"task": f"dir:{tmp_path}::/etc"})
+    assert fedsim_cli.main(["run", "--model", str(tmp_path), "--data", str(tmp_path)]) == 2
+    assert "no readable config.json" in " ".join(capsys.readouterr().err.split())

@@ -99,3 +99,22 @@ def test_without_classes_only_the_format_is_checked(tmp_path: pathlib.Path) -> N
         read_site_corpus(tmp_path, None)
     (tmp_path / "a.jsonl").write_text('{"text": "x", "label": "zebra"}\n{"text": "y", "label": "ant"}\n')
     assert read_site_corpus(tmp_path, None).classes == ("zebra", "ant")
+
+
+def test_prompt_completion_lines_become_examples_and_each_bad_line_is_named(tmp_path: pathlib.Path) -> None:
+    from fedclient.tasks.site_data import read_prompt_completions
+
+    good = [{"prompt": f"Q{i}?", "completion": "yes" if i % 2 else "no"} for i in range(4)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in good) + "\n", encoding="utf-8")
+    corpus = read_prompt_completions(tmp_path)
+    assert corpus.classes == ("no", "yes") and corpus.texts[1] == "Q1?" and corpus.labels.tolist() == [0, 1, 0, 1]
+    (tmp_path / "b.jsonl").write_text('{"prompt": "Q?", "completion": ""}\n{"completion": "x"}\n'
+                                      '{"prompt": "Q?", "completion": "x", "split": "dev"}\n', encoding="utf-8")
+    with pytest.raises(SiteDataError) as err:
+        read_prompt_completions(tmp_path)
+    message = str(err.value)
+    assert message.startswith("3 problem(s)")
+    assert "b.jsonl:1: empty or missing completion" in message and "b.jsonl:2: empty or missing prompt" in message
+    assert "b.jsonl:3: split 'dev'" in message
+    with pytest.raises(SiteDataError, match=r"no \*\.jsonl file"):
+        read_prompt_completions(tmp_path / "missing")

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping
 
 from fedclient.tasks.causal_lm import CausalLMTask, bbc_prompt, drug_review_prompt, lm_layer_names
 from fedclient.tasks.data import MissingDataError, load_bbc_news, load_drug_reviews
+from fedclient.tasks.model_dir import directory_task, is_directory_task
 from fedclient.tasks.partition import SCHEMES, PartitionSpec
 from fedclient.tasks.site_data import SiteCorpus, SiteDataError, read_site_corpus
 from fedclient.tasks.text import ClientData, TextTask, evaluate_model
@@ -129,6 +130,9 @@ class TaskRegistry(Mapping[str, TextTask]):
         if name in self._built_in:
             return self._built_in[name]
         if name in self._loaded:
+            return self._loaded[name]
+        if is_directory_task(name):  # the user's own model and data (fedsim --model/--data)
+            self._loaded[name] = directory_task(name)
             return self._loaded[name]
         entry = self._entry_points()[name]  # KeyError for an unknown name, as a Mapping does
         try:

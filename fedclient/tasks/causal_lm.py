@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from fedclient.tasks.adapters import AdapterSpec, inject_adapter
 from fedclient.tasks.cache import cache_dir
 from fedclient.tasks.data import Corpus, MissingDataError, TokenizedDataset, package_dir
-from fedclient.tasks.text import TextTask
+from fedclient.tasks.text import TextTask, describe_callable
 
 IGNORE = -100
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -128,7 +128,8 @@ def pretrained_lm(directory: str, num_layers: int | None) -> torch.nn.Module:
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     extra = {"num_hidden_layers": num_layers} if num_layers else {}
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **extra).eval()
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, use_safetensors=True,
+                                                trust_remote_code=False, **extra).eval()
 
 
 @functools.lru_cache(maxsize=4)
@@ -307,7 +308,7 @@ class CausalLMTask(TextTask):
 
     def cache_fields(self) -> dict[str, object]:
         return {**super().cache_fields(), "architecture": "causal-lm", "num_layers": self.num_layers,
-                "prompt": f"{self.make_prompt.__module__}.{self.make_prompt.__qualname__}",
+                "prompt": describe_callable(self.make_prompt),
                 "model": str(self.model_directory().name), "system": SYSTEM_LINE}
 
 

@@ -22,7 +22,7 @@ import csv
 import json
 import pathlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -142,6 +142,50 @@ def _summarised(problems: list[str]) -> list[str]:
     return lines
 
 
+def _read_examples(directory: pathlib.Path, files: Sequence[pathlib.Path], fields: tuple[str, str],
+                   label_problem: Callable[[str], str | None], bad_target: str,
+                   ) -> tuple[list[str], list[str], list[str], dict[str, int]]:
+    """Rows of ``files`` as (input, target, split) lists, both ``fields`` stripped non-empty strings
+    and ``split`` one of :data:`SPLITS`; every bad row (and a file with none) becomes a problem, and
+    any problem raises :class:`SiteDataError` for the whole directory."""
+    input_field, target_field = fields
+    inputs: list[str] = []
+    targets: list[str] = []
+    splits: list[str] = []
+    per_file: dict[str, int] = {}
+    problems: list[str] = []
+    for path in files:
+        count = 0
+        try:
+            for line, row in _rows(path):
+                where = f"{path.name}:{line}"
+                if isinstance(row, str):
+                    problems.append(f"{where}: {row}")
+                    continue
+                source, target, split = row.get(input_field), row.get(target_field), row.get("split") or ""
+                if not isinstance(source, str) or not source.strip():
+                    problems.append(f"{where}: empty or missing {input_field}")
+                elif not isinstance(target, str) or not target.strip():
+                    problems.append(f"{where}: " + bad_target.format(value=target))
+                elif (problem := label_problem(target.strip())) is not None:
+                    problems.append(f"{where}: {problem}")
+                elif split not in SPLITS:
+                    problems.append(f"{where}: split {split!r} must be 'train', 'eval' or empty")
+                else:
+                    inputs.append(source.strip())
+                    targets.append(target.strip())
+                    splits.append(str(split))
+                    count += 1
+        except UnicodeDecodeError as err:
+            problems.append(f"{path.name}: not UTF-8 text (byte {err.start}); re-export it as UTF-8")
+        per_file[path.name] = count
+        if count == 0 and not any(p.startswith(path.name) for p in problems):
+            problems.append(f"{path.name}: no rows")
+    if problems:
+        raise SiteDataError(f"{len(problems)} problem(s) in {directory}:\n  " + "\n  ".join(_summarised(problems)))
+    return inputs, targets, splits, per_file
+
+
 def read_site_corpus(directory: str | pathlib.Path, classes: Sequence[str] | None) -> SiteCorpus:
     """Read and validate every data file in ``directory``; label names map to ``classes``' order.
     With ``classes=None`` only the format is checked and labels are numbered in sorted order.
@@ -161,39 +205,33 @@ def read_site_corpus(directory: str | pathlib.Path, classes: Sequence[str] | Non
         )
     check_labels = classes is not None
     index: dict[str, int] = {name: i for i, name in enumerate(classes or ())}
-    texts: list[str] = []
-    labels: list[int] = []
-    splits: list[str] = []
-    per_file: dict[str, int] = {}
-    problems: list[str] = []
-    for path in files:
-        count = 0
-        try:
-            for line, row in _rows(path):
-                where = f"{path.name}:{line}"
-                if isinstance(row, str):
-                    problems.append(f"{where}: {row}")
-                    continue
-                text, label, split = row.get("text"), row.get("label"), row.get("split") or ""
-                if not isinstance(text, str) or not text.strip():
-                    problems.append(f"{where}: empty or missing text")
-                elif not isinstance(label, str) or not label.strip():
-                    problems.append(f"{where}: label {label!r} is not a class name")
-                elif check_labels and label.strip() not in index:
-                    problems.append(f"{where}: label {label!r} is not one of the task's classes {list(index)}")
-                elif split not in SPLITS:
-                    problems.append(f"{where}: split {split!r} must be 'train', 'eval' or empty")
-                else:
-                    texts.append(text.strip())
-                    labels.append(index.setdefault(label.strip(), len(index)))
-                    splits.append(str(split))
-                    count += 1
-        except UnicodeDecodeError as err:
-            problems.append(f"{path.name}: not UTF-8 text (byte {err.start}); re-export it as UTF-8")
-        per_file[path.name] = count
-        if count == 0 and not any(p.startswith(path.name) for p in problems):
-            problems.append(f"{path.name}: no rows")
-    if problems:
-        raise SiteDataError(f"{len(problems)} problem(s) in {directory}:\n  " + "\n  ".join(_summarised(problems)))
+
+    def label_problem(label: str) -> str | None:
+        if check_labels and label not in index:
+            return f"label {label!r} is not one of the task's classes {list(index)}"
+        return None
+
+    texts, names, splits, per_file = _read_examples(directory, files, ("text", "label"), label_problem,
+                                                       "label {value!r} is not a class name")
+    labels = [index.setdefault(name, len(index)) for name in names]
     return SiteCorpus(directory, tuple(texts), np.asarray(labels, dtype=np.int64), tuple(splits),
                       tuple(classes) if check_labels else tuple(index), per_file)
+
+
+def read_prompt_completions(directory: str | pathlib.Path) -> SiteCorpus:
+    """Prompt → completion examples from ``directory``'s ``*.jsonl`` files (one object per line
+    with string fields ``prompt`` and ``completion``, optional ``split``), for a causal LM. The
+    distinct completions become the corpus's classes (a row's label is its completion's index), so
+    label-skew partitions and exact match work as for class names. Raises :class:`SiteDataError`
+    naming each bad file and line."""
+    directory = pathlib.Path(directory).expanduser()
+    files = sorted(p for p in directory.glob("*.jsonl") if p.is_file()) if directory.is_dir() else []
+    if not files:
+        raise SiteDataError(f"no *.jsonl file in {directory}; put prompt/completion pairs there as JSON Lines: "
+                            '{"prompt": "...", "completion": "..."}')
+    texts, answers, splits, per_file = _read_examples(directory, files, ("prompt", "completion"), lambda _: None,
+                                                          "empty or missing completion")
+    classes = tuple(sorted(set(answers)))
+    index = {answer: i for i, answer in enumerate(classes)}
+    return SiteCorpus(directory, tuple(texts), np.asarray([index[a] for a in answers], dtype=np.int64),
+                      tuple(splits), classes, per_file)

@@ -192,7 +192,7 @@ class TextTask:
 
     def cache_fields(self) -> dict[str, object]:
         """What a task's tokenized data depends on, for the on-disk cache key."""
-        return {"name": self.name, "corpus": f"{self.load_corpus.__module__}.{self.load_corpus.__qualname__}",
+        return {"name": self.name, "corpus": describe_callable(self.load_corpus),
                 "max_length": self.max_length, "test_size": self.test_size, "max_documents": self.max_documents}
 
     # ---- data --------------------------------------------------------------------------------
@@ -223,6 +223,13 @@ class TextTask:
         if len(train) == 0:
             raise SiteDataError(f"every row in {directory} is marked split=eval; nothing is left to train on")
         return ClientData(train=rows.subset(train), evaluate=rows.subset(evaluate))
+
+
+def describe_callable(function: Callable) -> str:
+    """``module.qualname`` of a function, with the arguments of a ``functools.partial``."""
+    if isinstance(function, functools.partial):
+        return f"{describe_callable(function.func)}{function.args}{sorted(function.keywords.items())}"
+    return f"{function.__module__}.{function.__qualname__}"
 
 
 @functools.lru_cache(maxsize=8)
