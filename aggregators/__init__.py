@@ -14,6 +14,7 @@ from aggregators.base import Algorithm, Instruction, Payload, PayloadError, Repl
 from aggregators.compression import Codec, CompressedUpdates
 from aggregators.controlled_averaging import Scafcom, Scallion
 from aggregators.fedavg import FedAvg
+from aggregators.local_training import TrainerOptions
 from aggregators.ferret import Ferret
 from aggregators.rank_based import RankBased
 from aggregators.selective_layer import SelectiveLayer
@@ -44,6 +45,8 @@ def make_algorithm(
     config_class = getattr(cls, "config_class", None)
     fields = {f.name for f in dataclasses.fields(config_class)} if config_class else set()
     kwargs = {key.replace("-", "_"): value for key, value in config.items() if key.replace("-", "_") in fields}
+    if "trainer" in fields:  # an algorithm that trains with gradients takes the trainer options
+        kwargs["trainer"] = TrainerOptions.from_config(config)
     algorithm = cls(config_class(**kwargs)) if config_class else cls()
     if wrap is not None:
         algorithm = wrap(algorithm)
@@ -51,6 +54,13 @@ def make_algorithm(
     if "codec" in fields or codec.is_identity:
         return algorithm
     return CompressedUpdates(algorithm, codec, seed=int(config.get("seed", 0)))
+
+
+def takes_trainer_options(name: str) -> bool:
+    """Whether strategy ``name`` trains with gradients through :func:`~aggregators.local_training.train_steps`
+    and so honours :class:`~aggregators.local_training.TrainerOptions` (its config has ``trainer``)."""
+    config_class = getattr(ALGORITHMS[name], "config_class", None)
+    return config_class is not None and "trainer" in {f.name for f in dataclasses.fields(config_class)}
 
 
 __all__ = ["ALGORITHMS", "Algorithm", "Codec", "Instruction", "Payload", "PayloadError", "Reply", "make_algorithm"]

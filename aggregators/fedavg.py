@@ -17,7 +17,7 @@ reply is validated, folded into per-key running sums and dropped (memory O(model
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,7 @@ from aggregators.base import (
     check_max_site_weight,
     check_weight,
 )
-from aggregators.local_training import check_local_training, train_steps
+from aggregators.local_training import TrainerOptions, check_local_training, instructed_training, train_steps
 from aggregators.streaming import WeightedMeanPerKey, WeightedMetricMeans
 
 
@@ -55,6 +55,8 @@ class FedAvgConfig:
     batch_size: int = 16
     weight_decay: float = 0.0
     seed: int = 0
+    num_server_rounds: int = 0  # the run's length, for a learning-rate schedule over all its rounds
+    trainer: TrainerOptions = field(default_factory=TrainerOptions)
     max_site_weight: float = 1.0  # the largest share one site may have in the weighted mean (1: uncapped)
 
     def __post_init__(self) -> None:
@@ -92,6 +94,7 @@ class FedAvg(Algorithm):
                     "batch-size": cfg.batch_size,
                     "weight-decay": cfg.weight_decay,
                     "seed": derive_seed(cfg.seed, server_round, client),
+                    **cfg.trainer.instruction(server_round, cfg.local_steps, cfg.num_server_rounds),
                 },
             )
             for client in clients
@@ -140,16 +143,7 @@ class FedAvg(Algorithm):
         with torch.no_grad():
             for key in keys:
                 params[key].copy_(torch.from_numpy(np.asarray(instruction.arrays[key])))
-        stats = train_steps(
-            model,
-            data,
-            trainable=keys,
-            steps=int(cfg["local-steps"]),
-            batch_size=int(cfg["batch-size"]),
-            lr=float(cfg["lr"]),
-            weight_decay=float(cfg.get("weight-decay", 0.0)),
-            seed=int(cfg["seed"]),
-        )
+        stats = train_steps(model, data, trainable=keys, **instructed_training(cfg))
         arrays = {k: params[k].detach().to("cpu", torch.float32).numpy().copy() for k in keys}
         return Payload(
             arrays=arrays,

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -58,7 +58,7 @@ from aggregators.base import (
     check_weight,
 )
 from aggregators.fedavg import derive_seed
-from aggregators.local_training import check_local_training, train_steps
+from aggregators.local_training import TrainerOptions, check_local_training, instructed_training, train_steps
 from aggregators.shared_randomness import (
     Manifest,
     ReplayAlgorithm,
@@ -83,6 +83,8 @@ class FerretConfig:
     batch_size: int = 16
     weight_decay: float = 0.0
     seed: int = 0
+    num_server_rounds: int = 0  # the run's length, for a learning-rate schedule over all its rounds
+    trainer: TrainerOptions = field(default_factory=TrainerOptions)
     ferret_bases: int = 15000
     ferret_block_size: int = 4096
     ferret_seeds: str = "round"
@@ -187,6 +189,7 @@ class Ferret(ReplayAlgorithm):
             "lr": cfg.lr, "local-steps": cfg.local_steps, "batch-size": cfg.batch_size,
             "weight-decay": cfg.weight_decay, "seed": derive_seed(cfg.seed, server_round, client),
             "basis-slot": self._slot(client),
+            **cfg.trainer.instruction(server_round, cfg.local_steps, cfg.num_server_rounds),
         }
 
     def round_entry(
@@ -251,10 +254,7 @@ class Ferret(ReplayAlgorithm):
         device = next(model.parameters()).device
         weights = start.to(device, copy=True)
         bind_parameters(model, manifest, weights)
-        stats = train_steps(
-            model, data, trainable=manifest.names, steps=int(cfg["local-steps"]), batch_size=int(cfg["batch-size"]),
-            lr=float(cfg["lr"]), weight_decay=float(cfg.get("weight-decay", 0.0)), seed=int(cfg["seed"]),
-        )
+        stats = train_steps(model, data, trainable=manifest.names, **instructed_training(cfg))
         delta = start - weights.detach().to("cpu")
         coefficients = project(delta, manifest, int(cfg["noise-seed"]), int(cfg["server-round"]),
                                int(cfg["basis-slot"]), int(cfg["ferret-bases"]))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,133 @@ def check_local_training(lr: float, local_steps: int, batch_size: int) -> None:
         raise ValueError(f"local-steps must be at least 1, got {local_steps}")
     if batch_size < 1:
         raise ValueError(f"batch-size must be at least 1, got {batch_size}")
+
+
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16", "fp16")
+MAX_GRAD_ACCUMULATION = 64
+
+
+@dataclass(frozen=True)
+class TrainerOptions:
+    r"""How a site runs its optimizer steps, beyond ``lr``, ``local-steps`` and ``batch-size``.
+
+    - ``grad_accumulation`` :math:`A`: each optimizer step averages the gradients of :math:`A`
+      mini-batches of ``batch-size`` (an effective batch :math:`A\cdot B` in the memory of one of
+      :math:`B`); ``local-steps`` counts optimizer steps.
+    - ``warmup_steps`` :math:`W` and ``lr_schedule``: step :math:`s` of the run (counted over all
+      rounds, :math:`s = (t-1)E + j` for local step :math:`j` of round :math:`t`, out of
+      :math:`S = TE`) uses :math:`\eta_s = \eta\,\frac{s+1}{W}` while :math:`s < W`, then
+      :math:`\eta` (``constant``) or :math:`\eta\,\tfrac12\bigl(1+\cos\pi\frac{s-W}{S-W}\bigr)`
+      (``cosine``, as Hugging Face's ``get_cosine_schedule_with_warmup`` without its step of
+      zero). Each round's optimizer starts afresh; only the learning rate follows the run.
+    - ``precision``: ``bf16`` or ``fp16`` runs forward and loss under ``torch.autocast`` on a
+      CUDA device (fp16 with a gradient scaler); weights, optimizer and what is sent stay fp32.
+      On a CPU it is ignored (fp32), since CPU autocast is slower than fp32 there.
+    - ``gradient_checkpointing``: recompute each block's activations in the backward pass
+      (Hugging Face models' ``gradient_checkpointing_enable``), trading compute for memory.
+
+    The coordinator sets these per run (run-config keys in :data:`TRAINER_CONFIG_KEYS`); a site
+    refuses values outside these ranges, so an instruction cannot make it accumulate without end.
+    """
+
+    grad_accumulation: int = 1
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= int(self.grad_accumulation) <= MAX_GRAD_ACCUMULATION:
+            raise ValueError(f"grad-accumulation must be between 1 and {MAX_GRAD_ACCUMULATION}, "
+                             f"got {self.grad_accumulation}")
+        if int(self.warmup_steps) < 0:
+            raise ValueError(f"warmup-steps must be 0 or more, got {self.warmup_steps}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> TrainerOptions:
+        """Read the kebab-case keys of a run config or an instruction (absent keys: defaults)."""
+        defaults = cls()
+        return cls(
+            grad_accumulation=int(config.get("grad-accumulation", defaults.grad_accumulation)),
+            warmup_steps=int(config.get("warmup-steps", defaults.warmup_steps)),
+            lr_schedule=str(config.get("lr-schedule", defaults.lr_schedule)),
+            precision=str(config.get("precision", defaults.precision)),
+            gradient_checkpointing=bool(config.get("gradient-checkpointing", defaults.gradient_checkpointing)),
+        )
+
+    def instruction(self, server_round: int, local_steps: int, num_rounds: int) -> dict[str, Any]:
+        """What a round's instruction carries: these options and where the round's steps sit in
+        the run's schedule (``schedule-step``, ``schedule-steps``)."""
+        return {
+            "grad-accumulation": self.grad_accumulation, "warmup-steps": self.warmup_steps,
+            "lr-schedule": self.lr_schedule, "precision": self.precision,
+            "gradient-checkpointing": self.gradient_checkpointing,
+            "schedule-step": max(0, server_round - 1) * local_steps,
+            "schedule-steps": max(num_rounds, server_round) * local_steps,
+        }
+
+    def lr_factor(self, step: int, total_steps: int) -> float:
+        """:math:`\eta_s / \eta` for step ``step`` (0-based) of ``total_steps`` (formula above)."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant" or total_steps <= self.warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / (total_steps - self.warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype on ``device``, or None for fp32 (always on a CPU)."""
+        if device.type != "cuda" or self.precision == "fp32":
+            return None
+        return torch.bfloat16 if self.precision == "bf16" else torch.float16
+
+
+TRAINER_CONFIG_KEYS = ("grad-accumulation", "warmup-steps", "lr-schedule", "precision", "gradient-checkpointing")
+
+
+def instructed_training(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The :func:`train_steps` keyword arguments an instruction's config asks for (``local-steps``,
+    ``batch-size``, ``lr``, ``weight-decay``, ``seed`` and the :class:`TrainerOptions` keys); a
+    value outside its range raises ValueError, so a site refuses it."""
+    return {
+        "steps": int(config["local-steps"]), "batch_size": int(config["batch-size"]), "lr": float(config["lr"]),
+        "weight_decay": float(config.get("weight-decay", 0.0)), "seed": int(config["seed"]),
+        "options": TrainerOptions.from_config(config),
+        "schedule_step": int(config.get("schedule-step", 0)), "schedule_steps": int(config.get("schedule-steps", 0)),
+    }
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Turn activation checkpointing on for every Hugging Face model inside ``model`` for the
+    duration (a model without support raises ValueError naming it), and off again after."""
+    if not enabled:
+        yield
+        return
+    supported: list[torch.nn.Module] = []
+    outer: list[str] = []
+    for name, module in model.named_modules():
+        if getattr(module, "supports_gradient_checkpointing", False) and not any(
+                prefix == "" or name.startswith(prefix + ".") for prefix in outer):
+            supported.append(module)
+            outer.append(name)
+    if not supported:
+        raise ValueError(f"gradient-checkpointing: {type(model).__name__} has no Hugging Face model that supports it")
+    for module in supported:  # transformers 5 renamed gradient_* to activation_checkpointing_*
+        if hasattr(module, "activation_checkpointing_enable"):
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        for module in supported:
+            (getattr(module, "activation_checkpointing_disable", None) or module.gradient_checkpointing_disable)()
 
 
 def set_trainable(model: torch.nn.Module, trainable: Collection[str]) -> list[torch.nn.Parameter]:
@@ -75,6 +204,9 @@ def train_steps(
     weight_decay: float = 0.0,
     optimizer: str = "adamw",
     gradient_correction: Mapping[str, torch.Tensor] | None = None,
+    options: TrainerOptions | None = None,
+    schedule_step: int = 0,
+    schedule_steps: int = 0,
 ) -> TrainStats:
     """Run ``steps`` optimizer steps of cross-entropy on mini-batches of ``data``.
 
@@ -83,7 +215,10 @@ def train_steps(
     the dropout masks, so the same instruction on the same data gives the same result.
     ``optimizer`` is ``adamw`` or ``sgd`` (plain :math:`y \\leftarrow y - \\eta g`); with
     ``gradient_correction`` (a tensor per trainable name, SGD only) each step uses
-    :math:`g + \text{correction}` (SCAFFOLD's :math:`g - c_i + c`).
+    :math:`g + \text{correction}` (SCAFFOLD's :math:`g - c_i + c`). ``options``
+    (:class:`TrainerOptions`) adds gradient accumulation, the learning-rate schedule (this call's
+    steps are ``schedule_step`` … of the run's ``schedule_steps``; 0: just these ``steps``),
+    autocast and gradient checkpointing.
     """
     if steps < 1:
         raise ValueError(f"local steps must be at least 1, got {steps}")
@@ -97,28 +232,47 @@ def train_steps(
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     else:
         raise ValueError(f"unknown optimizer '{optimizer}'; use adamw or sgd")
+    options = options or TrainerOptions()
+    total_steps = schedule_steps or schedule_step + steps
+    lr_factor = [options.lr_factor(schedule_step + i, total_steps) for i in range(steps)]
+    base_lrs = [group["lr"] for group in opt.param_groups]
+    autocast_dtype = options.autocast_dtype(device)
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
     named = dict(model.named_parameters())
     corrections = [(named[k], v.to(device)) for k, v in (gradient_correction or {}).items()]
     model.train()
     start = time.perf_counter()
     total_loss, seen = 0.0, 0
     batches = data.batches(batch_size, seed)
+    accumulate = options.grad_accumulation
     # dropout draws from the global RNG: seed it (without disturbing the caller's RNG state)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            gradient_checkpointing(model, options.gradient_checkpointing):
         torch.manual_seed(seed)
-        for _ in range(steps):
-            inputs, labels = to_device(next(batches), device)
+        for step in range(steps):
+            for group, base in zip(opt.param_groups, base_lrs, strict=True):
+                group["lr"] = base * lr_factor[step]
             opt.zero_grad(set_to_none=True)
-            loss = batch_loss(model, model(**inputs), labels)
-            loss.backward()
+            for _ in range(accumulate):
+                inputs, labels = to_device(next(batches), device)
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    loss = batch_loss(model, model(**inputs), labels)
+                scaled = loss / accumulate
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                total_loss += float(loss.detach()) * len(labels)
+                seen += len(labels)
+            if scaler:
+                scaler.unscale_(opt)
             for param, correction in corrections:
                 if param.grad is None:
                     param.grad = correction.clone()
                 else:
                     param.grad.add_(correction)
-            opt.step()
-            total_loss += float(loss.detach()) * len(labels)
-            seen += len(labels)
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
     if not math.isfinite(total_loss):
         raise FloatingPointError(f"local training diverged (loss {total_loss}); lower the learning rate")
     return TrainStats(total_loss / seen, steps, seen, time.perf_counter() - start)

@@ -40,7 +40,7 @@ resends everything next time.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -62,7 +62,15 @@ from aggregators.base import (
 )
 from aggregators.fedavg import derive_seed
 from aggregators.layer_selection import objective, solve_selection
-from aggregators.local_training import batch_loss, check_local_training, set_trainable, to_device, train_steps
+from aggregators.local_training import (
+    TrainerOptions,
+    batch_loss,
+    check_local_training,
+    instructed_training,
+    set_trainable,
+    to_device,
+    train_steps,
+)
 from aggregators.streaming import WeightedMeanPerKey, WeightedMetricMeans
 
 SELECTIONS = ("regulated", "client-top", "top", "bottom", "random", "full")
@@ -86,6 +94,8 @@ class SelectiveLayerConfig:
     batch_size: int = 16
     weight_decay: float = 0.0
     seed: int = 0
+    num_server_rounds: int = 0  # the run's length, for a learning-rate schedule over all its rounds
+    trainer: TrainerOptions = field(default_factory=TrainerOptions)
     selection: str = "regulated"
     selection_lambda: float = 0.05
     layer_scores: str = "fresh"
@@ -267,6 +277,7 @@ class SelectiveLayer(Algorithm):
                 "batch-size": cfg.batch_size,
                 "weight-decay": cfg.weight_decay,
                 "seed": derive_seed(cfg.seed, server_round, client),
+                **cfg.trainer.instruction(server_round, cfg.local_steps, cfg.num_server_rounds),
             }
             if cfg.layer_scores == "stale" and self._needs_scores():
                 config.update({"score-layers": self.selectable, "score-batches": cfg.score_batches})
@@ -380,10 +391,7 @@ class SelectiveLayer(Algorithm):
         keys = [k for keys in _layers_of(model, list(cfg["train-layers"]), owned).values() for k in keys]
         params = dict(model.named_parameters())
         before = {k: params[k].detach().clone() for k in keys}
-        stats = train_steps(
-            model, data, trainable=keys, steps=int(cfg["local-steps"]), batch_size=int(cfg["batch-size"]),
-            lr=float(cfg["lr"]), weight_decay=float(cfg.get("weight-decay", 0.0)), seed=int(cfg["seed"]),
-        )
+        stats = train_steps(model, data, trainable=keys, **instructed_training(cfg))
         for key in keys:
             arrays[key] = (params[key].detach() - before[key]).to("cpu", torch.float32).numpy()
         n_selectable = len(model.layer_prefixes())  # type: ignore[operator]

@@ -84,6 +84,8 @@ def _type_problem(key: str, value: Any) -> str | None:
     expected = type(DEFAULT_RUN_CONFIG[key])
     if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return None if math.isfinite(value) else f"{key} must be a finite number, got {value}"
+    if expected is bool:
+        return None if isinstance(value, bool) else f"{key} must be true or false, got {value!r} (e.g. {key}=true)"
     if isinstance(value, expected) and not isinstance(value, bool):
         return None
     kind = {int: "a whole number", float: "a number", str: "a string in quotes"}[expected]
@@ -152,6 +154,15 @@ def check_run_config(config: Mapping[str, Any], *, deployment: bool = False,
     if adapter is not None and algorithm is not None and algorithm.adapter_incompatibility:
         problems.append(f"strategy {algorithm.name} cannot train adapter={adapter.kind}: "
                         f"{algorithm.adapter_incompatibility}")
+    from aggregators import takes_trainer_options
+    from aggregators.local_training import TRAINER_CONFIG_KEYS, TrainerOptions
+
+    trainer = check(lambda: TrainerOptions.from_config(merged))
+    if (trainer is not None and trainer != TrainerOptions() and merged["strategy"] in ALGORITHMS
+            and not takes_trainer_options(merged["strategy"])):
+        problems.append(f"strategy {merged['strategy']} does not train with gradient steps that take "
+                        f"{', '.join(TRAINER_CONFIG_KEYS)}: leave them at their defaults or use "
+                        + ", ".join(name for name in ALGORITHMS if takes_trainer_options(name)))
     if merged["layer-budget"]:
         from fedclient.budget import draw_budget
 

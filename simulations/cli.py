@@ -39,6 +39,7 @@ METHOD_KEYS = (  # run-config keys set by one flag each, named alike (--zo-steps
     "codec", "sgd-lr", "scaffold-alpha", "scafcom-beta",
     "dp", "dp-epsilon", "dp-delta", "clip", "dp-noise-multiplier",
     "adapter", "lora-rank", "lora-alpha", "lora-dropout", "lora-targets",
+    "grad-accumulation", "warmup-steps", "lr-schedule", "precision", "gradient-checkpointing",
 )
 
 
@@ -334,6 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
     peft.add_argument("--lora-targets", default=d["lora-targets"],
                       help="modules to adapt, comma-separated (default: attention q_proj,v_proj for causal LMs, "
                       "query,value for MiniLM)")
+    trainer = run.add_argument_group("local trainer (fedavg, selective-layer, ferret)")
+    trainer.add_argument("--grad-accumulation", type=int, default=d["grad-accumulation"], metavar="A",
+                         help="average the gradients of A batches per optimizer step (an effective batch of "
+                         "A x batch-size in the memory of one); 1-64")
+    trainer.add_argument("--warmup-steps", type=int, default=d["warmup-steps"],
+                         help="raise the learning rate linearly over the run's first N local steps")
+    trainer.add_argument("--lr-schedule", choices=("constant", "cosine"), default=d["lr-schedule"],
+                         help="after warm-up: keep lr, or decay it along a half cosine over all rounds' steps")
+    trainer.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=d["precision"],
+                         help="autocast forward passes on CUDA (fp16 with a gradient scaler); weights and "
+                         "updates stay fp32; ignored on a CPU")
+    trainer.add_argument("--gradient-checkpointing", action="store_true", default=d["gradient-checkpointing"],
+                         help="recompute activations in the backward pass: less memory, about a third more compute")
     sel = run.add_argument_group("selective-layer (--strategy selective-layer)")
     sel.add_argument("--selection", default=d["selection"],
                      choices=("regulated", "client-top", "top", "bottom", "random", "full"),
