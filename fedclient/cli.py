@@ -1,7 +1,7 @@
 """``fedclient``: the partner site's command line.
 
-``fedclient check-data DIR --task T`` validates a site's own labelled text (CSV/JSONL with
-``text`` and ``label``) before it is used with ``fedclient start --data DIR``.
+``fedclient check-data DIR --task T`` validates a site's own data (CSV/JSONL with ``text`` and ``label``,
+or for a language-model task JSONL with ``prompt`` and ``completion``) before ``fedclient start --data DIR``.
 ``fedclient keys PATH`` creates this site's key pair (send PATH.pub to the coordinator's operator;
 the private key never leaves the site). ``fedclient start`` starts this site's SuperNode against a
 coordinator (TLS + node authentication over gRPC). ``fedclient doctor`` checks this site can take
@@ -92,12 +92,16 @@ def doctor(task_names: list[str], superlink: str = "", ca: str = "", key: str = 
             ok = False
             table.add_row("site key", "[red]fail[/]", escape(str(err)))
     if data:
-        from fedclient.tasks import SiteDataError, read_site_corpus
+        from fedclient.tasks import SiteDataError
 
         for name in task_names or ["minilm-bbc"]:
             try:
-                corpus = read_site_corpus(data, get_task(name).load_data().classes)
-                table.add_row(f"data for {name}", "ok", escape(f"{data}: {len(corpus)} rows in {len(corpus.rows_per_file)} file(s)"))
+                task = get_task(name)
+                corpus = task.read_site_data(data)
+                task.encode_site_corpus(corpus)  # what training will tokenize: answers that do not fit show here
+                kind = "prompt/completion pairs" if corpus.completions else "labelled rows"
+                table.add_row(f"data for {name}", "ok",
+                              escape(f"{data}: {len(corpus)} {kind} in {len(corpus.rows_per_file)} file(s)"))
             except (SiteDataError, MissingDataError) as err:
                 ok = False
                 table.add_row(f"data for {name}", "[red]fail[/]", escape(str(err)))
@@ -161,32 +165,32 @@ def _check_clock(table: Table, time_server: str, ca: str) -> bool:
 
 def check_data(directory: str, task_name: str) -> int:
     """Validate a site's data directory against a task's classes and summarise it."""
-    from fedclient.tasks import (
-        MissingDataError,
-        SiteDataError,
-        get_task,
-        read_site_corpus,
-    )
+    from fedclient.tasks import MissingDataError, SiteDataError, get_task
 
     try:
         task = get_task(task_name)
-        corpus = read_site_corpus(directory, task.load_data().classes)
+        corpus = task.read_site_data(directory)
+        task.encode_site_corpus(corpus)  # what training tokenizes: an answer too long for the task shows here
     except (SiteDataError, MissingDataError, ValueError) as err:
         console.print(f"[red]error:[/] {escape(str(err))}")
         return 2
-    console.print(escape(f"{directory}: {len(corpus)} labelled rows, valid for task {task_name}"))
+    kind = "prompt/completion pairs" if corpus.completions else "labelled rows"
+    console.print(escape(f"{directory}: {len(corpus)} {kind}, valid for task {task_name}"))
     table = Table()
     table.add_column("file")
     table.add_column("rows", justify="right")
     for name, rows in corpus.rows_per_file.items():
         table.add_row(name, str(rows))
     console.print(table)
-    classes = Table(title="rows per class")
-    classes.add_column("class")
-    classes.add_column("rows", justify="right")
-    for name, rows in corpus.class_counts().items():
-        classes.add_row(name, str(rows) if rows else "[yellow]0[/]")
-    console.print(classes)
+    if corpus.completions:
+        console.print(f"{len(corpus.classes)} distinct completions")
+    else:
+        classes = Table(title="rows per class")
+        classes.add_column("class")
+        classes.add_column("rows", justify="right")
+        for name, rows in corpus.class_counts().items():
+            classes.add_row(escape(name), str(rows) if rows else "[yellow]0[/]")
+        console.print(classes)
     train, evaluate = corpus.split_rows(seed=0)
     console.print(f"{len(train)} rows to train on, {len(evaluate)} for local evaluation "
                   "(rows marked split=eval, else 10% of the rest)")
@@ -300,15 +304,17 @@ def start(args: argparse.Namespace) -> int:
     node_config: dict = {"partition-id": args.partition_id, "num-partitions": args.num_partitions}
     if args.data:
         from fedclient.tasks import SiteDataError, read_site_corpus
+        from fedclient.tasks.site_data import holds_prompt_completions, read_prompt_completions
 
         data = pathlib.Path(args.data).expanduser().resolve()
         try:  # the format now; the labels against the run's task when a run asks for training
-            corpus = read_site_corpus(data, None)
+            corpus = read_prompt_completions(data) if holds_prompt_completions(data) else read_site_corpus(data, None)
         except SiteDataError as err:
             console.print(f"[red]error:[/] {escape(str(err))}")
             return 2
         node_config = {"data-dir": str(data)}
-        console.print(f"site data: {len(corpus)} rows from {data}")
+        kind = "prompt/completion pairs" if corpus.completions else "labelled rows"
+        console.print(escape(f"site data: {len(corpus)} {kind} from {data}"))
     if args.site_name:
         node_config["site-name"] = args.site_name
     if args.device:
@@ -435,11 +441,13 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--data", default="", help="also check this data directory against each --task's classes")
     check.add_argument("--time-server", default="", help="also measure this clock's offset against an NTP server "
                        "HOST[:PORT]; Flower refuses sites > 5 s ahead of the coordinator")
-    validate = sub.add_parser("check-data", help="validate a data directory (CSV/JSONL with text,label) for a task",
-                              description="Validate a site's data directory and summarise it. Format: *.csv files with "
-                              "a header naming columns text and label, and/or *.jsonl files of objects with text and "
-                              "label; labels are the task's class names; an optional split column (train/eval) fixes "
-                              "the local evaluation rows.")
+    validate = sub.add_parser("check-data", help="validate a data directory (text,label or prompt,completion) for a task",
+                              description="Validate a site's data directory and summarise it. Labelled text: *.csv files "
+                              "with a header naming columns text and label, and/or *.jsonl files of objects with text and "
+                              "label; labels are the task's class names. For a language-model task (smollm2-*), *.jsonl "
+                              "objects with prompt and completion may be given instead: trained on as they are, the "
+                              "loss on the completion. An optional split field (train/eval) fixes the local evaluation "
+                              "rows.")
     validate.add_argument("directory", help="the directory holding the site's *.csv / *.jsonl files")
     validate.add_argument("--task", default="minilm-bbc", help="the task whose classes the labels must name")
     make_keys = sub.add_parser("keys", help="create this site's key pair (OpenSSH ECDSA P-384)")
@@ -458,9 +466,10 @@ def main(argv: list[str] | None = None) -> int:
                      "writes (local DP required, evaluation refused)")
     run.add_argument("--state-dir", default="", help="where this site keeps its privacy ledger and search records "
                      "(default: HOME/state)")
-    run.add_argument("--data", default="", help="this site's own labelled text: a directory of CSV/JSONL files "
-                     "with text,label (see `fedclient check-data`); without it the site uses a share of the task's "
-                     "built-in corpus (--partition-id/--num-partitions)")
+    run.add_argument("--data", default="", help="this site's own data: a directory of CSV/JSONL files with "
+                     "text,label, or for a language-model task JSONL with prompt,completion (see `fedclient "
+                     "check-data`); without it the site uses a share of the task's built-in corpus "
+                     "(--partition-id/--num-partitions)")
     run.add_argument("--partition-id", type=int, default=0, help="which share of a built-in task's data this site uses")
     run.add_argument("--num-partitions", type=int, default=1, help="how many shares the built-in task is split into")
     run.add_argument("--site-name", default="", help="how this site names itself to the coordinator")

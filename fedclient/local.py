@@ -26,6 +26,7 @@ from fedclient.tasks import (
     SiteDataError,
     TextTask,
     get_task,
+    run_task,
 )
 from fedclient.tasks.adapters import AdapterSpec
 from fedclient.tasks.model_dir import is_directory_task
@@ -79,14 +80,14 @@ def site_task(config: Mapping[str, Any]) -> TextTask:
     name = str(config["task"])
     if is_directory_task(name) and not in_flower_simulation():
         raise PolicyRefusal("training.tasks", "a run config cannot point this site at model or data directories")
-    return get_task(name)
+    return run_task(config)
 
 
 def site_data(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> ClientData:
     """This site's training and evaluation data: its own files when the node config names a
     ``data-dir`` (``fedclient start --data``), else its share of the task's built-in corpus."""
     if data_dir := node_config.get("data-dir"):
-        return get_task(str(config["task"])).site_client_data(str(data_dir), int(config["seed"]))
+        return run_task(config).site_client_data(str(data_dir), int(config["seed"]))
     missing = [k for k in ("partition-id", "num-partitions") if k not in node_config]
     if missing:
         raise ValueError(
@@ -99,7 +100,7 @@ def site_data(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> Clie
         alpha=float(config["alpha"]),
         seed=int(config["seed"]),
     )
-    return get_task(str(config["task"])).client_data(spec, int(node_config["partition-id"]))
+    return run_task(config).client_data(spec, int(node_config["partition-id"]))
 
 
 def site_layer_budget(config: Mapping[str, Any], node_config: Mapping[str, Any]) -> int | None:

@@ -24,6 +24,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "lr": 0.0005,
     "local-steps": 4,
     "batch-size": 16,
+    "max-length": 0,
     "train-layers": "",
     "adapter": "",
     "lora-rank": 8,

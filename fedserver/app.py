@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from aggregators import Algorithm, make_algorithm
 from fedclient.runconfig import csv_list, quiet_environment, resolve_run_config
-from fedclient.tasks import get_task
+from fedclient.tasks import run_task
 from fedclient.tasks.adapters import AdapterSpec
 from fedserver.run_config import check_run_config, privacy_settings, resume_problems, strategy_settings
 from fedserver.store import FLOWER_RUN_ID, RunStore
@@ -46,7 +46,7 @@ def run_federation(
     flower_run_id: int | None = None,
 ) -> ServerRun:
     """Run one federated fine-tuning job on ``grid`` as ``config`` (a resolved run config) says."""
-    task = get_task(str(config["task"]))
+    task = run_task(config)
     algorithm = make_algorithm(str(config["strategy"]), config)
     settings = strategy_settings(config, num_clients, privacy_settings(config, algorithm))
     model = task.build_model(AdapterSpec.from_run_config(config))

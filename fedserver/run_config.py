@@ -133,6 +133,8 @@ def check_run_config(config: Mapping[str, Any], *, deployment: bool = False,
     task = check(lambda: TASKS.get(merged["task"]))  # a dir:… task's directories are checked here too
     if task is None and not is_directory_task(merged["task"]):
         problems.append(unknown("task", merged["task"], TASKS))
+    if task is not None and merged["max-length"]:
+        task = check(lambda: task.with_max_length(merged["max-length"])) or task
     if merged["partition"] not in SCHEMES:
         problems.append(unknown("partition", merged["partition"], SCHEMES))
     check(lambda: Codec.parse(merged["codec"]))

@@ -39,7 +39,7 @@ METHOD_KEYS = (  # run-config keys set by one flag each, named alike (--zo-steps
     "codec", "sgd-lr", "scaffold-alpha", "scafcom-beta",
     "dp", "dp-epsilon", "dp-delta", "clip", "dp-noise-multiplier",
     "adapter", "lora-rank", "lora-alpha", "lora-dropout", "lora-targets",
-    "grad-accumulation", "warmup-steps", "lr-schedule", "precision", "gradient-checkpointing",
+    "max-length", "grad-accumulation", "warmup-steps", "lr-schedule", "precision", "gradient-checkpointing",
 )
 
 
@@ -52,8 +52,8 @@ def _validate_and_prepare(args: argparse.Namespace) -> tuple[dict[str, Any], pat
         from fedclient.tasks.model_dir import ModelDirectoryError, directory_task_name
 
         if not (args.model and args.data):
-            raise UsageError("--model DIR and --data DIR go together (a causal-LM directory and its "
-                             "prompt/completion JSON Lines)")
+            raise UsageError("--model DIR and --data DIR go together (a model directory and the examples "
+                             "it trains on)")
         try:
             args.task = directory_task_name(args.model, args.data)
             task = TASKS[args.task]
@@ -303,11 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--task", default=d["task"], help="model + data; `fedsim tasks` lists them")
     run.add_argument("--model", default=None, metavar="DIR",
-                     help="your own Hugging Face causal-LM directory (config.json, *.safetensors, tokenizer) "
-                     "instead of --task; needs --data")
+                     help="your own Hugging Face model directory (config.json, *.safetensors, tokenizer) instead "
+                     "of --task: a causal LM (…ForCausalLM) or a BERT-style encoder (bert, roberta, electra, mpnet; "
+                     "a …ForSequenceClassification checkpoint's encoder), which classifies; needs --data")
     run.add_argument("--data", default=None, metavar="DIR",
-                     help="with --model: a directory of *.jsonl lines {\"prompt\": ..., \"completion\": ...}, "
-                     "split across the clients (--partition iid or dirichlet over the distinct completions)")
+                     help="with --model: a directory of *.jsonl lines {\"prompt\": ..., \"completion\": ...} "
+                     "(causal LM) or of *.csv / *.jsonl rows with text,label (either model), split across the "
+                     "clients (--partition iid or dirichlet over the labels or distinct completions)")
     run.add_argument("--strategy", default=d["strategy"],
                      help="aggregation algorithm: fedavg, selective-layer, ferret, fedkseed, fedkseed-pro, "
                      "one-byte, frl, scallion or scafcom (`fedsim tasks` lists them)")
@@ -336,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="modules to adapt, comma-separated (default: attention q_proj,v_proj for causal LMs, "
                       "query,value for MiniLM)")
     trainer = run.add_argument_group("local trainer (fedavg, selective-layer, ferret)")
+    trainer.add_argument("--max-length", type=int, default=d["max-length"], metavar="TOKENS",
+                         help="cut (and pad) every example to this many tokens instead of the task's own "
+                         "(0; `fedsim tasks` lists them); 16 up to the model's positions, at most 2048")
     trainer.add_argument("--grad-accumulation", type=int, default=d["grad-accumulation"], metavar="A",
                          help="average the gradients of A batches per optimizer step (an effective batch of "
                          "A x batch-size in the memory of one); 1-64")

@@ -259,3 +259,71 @@ def test_a_real_site_never_trains_a_directory_a_run_config_names(tmp_path: pathl
         site_task({"task": f"dir:{tmp_path}::/etc"})
     assert fedsim_cli.main(["run", "--model", str(tmp_path), "--data", str(tmp_path)]) == 2
     assert "no readable config.json" in " ".join(capsys.readouterr().err.split())
+
+
+def test_an_encoder_directory_classifies_labelled_text_and_a_causal_lm_answers_labels(tmp_path: pathlib.Path) -> None:
+    """``--model DIR`` of a BERT-style sequence classifier (a tiny random one the test writes) on
+    ``{text, label}`` rows: the same model in every process, a LoRA round that sends only the
+    adapter and the head; and a causal LM directory trained on labelled text (label = answer)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fedclient.tasks.model_dir import ModelDirectoryError, directory_task, directory_task_name
+    from fedclient.tasks.text import EncoderClassifier, tokenizer
+
+    torch.manual_seed(0)
+    encoder_dir, data_dir = tmp_path / "my-encoder", tmp_path / "labelled"
+    BertForSequenceClassification(BertConfig(vocab_size=tokenizer().vocab_size, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64, num_labels=2)
+                                  ).save_pretrained(encoder_dir)
+    tokenizer().save_pretrained(encoder_dir)
+    data_dir.mkdir()
+    rows = "".join(f"The team won match {n},sports\nShares fell {n} percent,business\n" for n in range(20))
+    (data_dir / "rows.csv").write_text("text,label\n" + rows)
+    task = directory_task(directory_task_name(encoder_dir, data_dir))
+    first, second = task.build_model(LORA), task.build_model(LORA)
+    assert isinstance(first, EncoderClassifier) and task.load_data().classes == ("business", "sports")
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True))
+    assert task.layer_names() == ["embeddings", "encoder.layer.0", "encoder.layer.1", "head"]
+    keys = task.trainable_keys(first)
+    assert {k.split(".")[0] for k in keys} == {"bert", "head"} and all(".lora_" in k or k.startswith("head.") for k in keys)
+    fedavg = make_algorithm("fedavg", {"local-steps": 2, "batch-size": 8, "lr": 1e-2})
+    state = fedavg.init_state({k: v.detach().clone() for k, v in first.state_dict().items() if k in keys})
+    (instruction,) = fedavg.plan(1, [0], state).values()
+    payload = fedavg.local(first, task.load_data().train, instruction, {})
+    assert set(payload.arrays) == set(keys) and 0 <= task.evaluate(first, task.load_data().test)["accuracy"] <= 1
+
+    model_dir, _ = _write_model_and_data(tmp_path)
+    lm_task = directory_task(directory_task_name(model_dir, data_dir))
+    data = lm_task.load_data()
+    _, targets = next(data.train.in_order(2))
+    answers = {lm_task.tokenizer().decode(row[row != IGNORE]) for row in targets}
+    assert answers <= {"sports<|im_end|>", "business<|im_end|>"}
+    with pytest.raises(ModelDirectoryError, match="classifies text"):
+        directory_task(directory_task_name(encoder_dir, tmp_path / "my-data"))  # prompt/completion for an encoder
+
+
+def test_a_site_brings_prompt_completion_pairs_for_a_language_model_task(tmp_path: pathlib.Path, capsys) -> None:
+    """``fedclient check-data`` and ``fedclient start --data`` take {prompt, completion} JSON Lines
+    for a causal-LM task: trained as given (loss on the completion); too long an answer, or such
+    pairs for a classifier, are refused with what to do."""
+    import json
+
+    from fedclient import cli as fedclient_cli
+    from fedclient.tasks import SiteDataError
+
+    lines = [{"prompt": f"Translate {n} to French.", "completion": ["un", "deux", "trois"][n % 3]} for n in range(30)]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert fedclient_cli.main(["check-data", str(tmp_path), "--task", "tiny-lm"]) == 0
+    assert "30 prompt/completion pairs, valid for task tiny-lm" in " ".join(capsys.readouterr().out.split())
+    task = get_task("tiny-lm")
+    share = task.site_client_data(tmp_path, seed=0)
+    assert share.train.num_examples + share.evaluate.num_examples == 30
+    inputs, targets = next(share.train.in_order(1))
+    assert "Translate" in task.tokenizer().decode(inputs["input_ids"][0])
+    assert task.tokenizer().decode(targets[0][targets[0] != IGNORE]) in {"un<|im_end|>", "deux<|im_end|>", "trois<|im_end|>"}
+    assert fedclient_cli.main(["check-data", str(tmp_path), "--task", "minilm-bbc"]) == 2
+    assert "classifies text: give rows of {text, label}" in " ".join(capsys.readouterr().out.split())
+    (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": "Say a lot.", "completion": "word " * 400}) + "\n")
+    with pytest.raises(SiteDataError, match="an answer of 401 tokens does not fit max-length 64; shorten the completions"):
+        task.site_client_data(tmp_path, seed=0)
+    assert fedclient_cli.main(["check-data", str(tmp_path), "--task", "tiny-lm"]) == 2

@@ -98,7 +98,7 @@ def test_without_classes_only_the_format_is_checked(tmp_path: pathlib.Path) -> N
     with pytest.raises(SiteDataError, match=r"a.jsonl:3: label '' is not a class name"):
         read_site_corpus(tmp_path, None)
     (tmp_path / "a.jsonl").write_text('{"text": "x", "label": "zebra"}\n{"text": "y", "label": "ant"}\n')
-    assert read_site_corpus(tmp_path, None).classes == ("zebra", "ant")
+    assert read_site_corpus(tmp_path, None).classes == ("ant", "zebra")  # sorted, as documented
 
 
 def test_prompt_completion_lines_become_examples_and_each_bad_line_is_named(tmp_path: pathlib.Path) -> None:

@@ -163,3 +163,19 @@ def test_the_run_config_check_names_bad_options_and_strategies_that_ignore_them(
     assert takes_trainer_options("ferret") and not takes_trainer_options("scallion")
     check_run_config({"strategy": "ferret", "grad-accumulation": 2, "lr-schedule": "cosine", "precision": "bf16",
                       "gradient-checkpointing": True})
+
+
+def test_a_runs_max_length_re_encodes_the_task_and_is_bounded() -> None:
+    from fedclient.tasks import get_task, run_task
+
+    task = get_task("tiny-lm")
+    short = run_task({"task": "tiny-lm", "max-length": 48})
+    assert short.max_length == 48 and run_task({"task": "tiny-lm", "max-length": 0}) is task
+    data = short.load_data()
+    assert data.train.input_ids.shape[1] == 48 and task.load_data().train.input_ids.shape[1] == task.max_length
+    assert len(data.train) == len(task.load_data().train)
+    for hostile in (10**6, 4):  # a site refuses to encode without bound, or to lose every answer
+        with pytest.raises(ValueError, match="max-length must be between 16 and 2048 for task 'tiny-lm'"):
+            run_task({"task": "tiny-lm", "max-length": hostile})
+    with pytest.raises(RunConfigError, match="max-length must be between 16 and 512 for task 'minilm-bbc'"):
+        check_run_config({"max-length": 1024})

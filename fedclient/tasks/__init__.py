@@ -17,6 +17,7 @@ adapter on any of them (:mod:`fedclient.tasks.adapters`).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 from fedclient.tasks.causal_lm import CausalLMTask, bbc_prompt, drug_review_prompt, lm_layer_names
 from fedclient.tasks.data import MissingDataError, load_bbc_news, load_drug_reviews
@@ -160,6 +161,13 @@ class TaskRegistry(Mapping[str, TextTask]):
 TASKS = TaskRegistry(BUILT_IN_TASKS)
 
 
+def run_task(config: Mapping[str, Any]) -> TextTask:
+    """The task a run config names, with its ``max-length`` where the run sets one (> 0)."""
+    task = get_task(str(config["task"]))
+    max_length = int(config.get("max-length", 0) or 0)
+    return task.with_max_length(max_length) if max_length else task
+
+
 def get_task(name: str) -> TextTask:
     """The task registered as ``name``, or a clear error listing the known ones."""
     if name not in TASKS:
@@ -169,6 +177,7 @@ def get_task(name: str) -> TextTask:
 
 __all__ = [
     "SCHEMES",
+    "run_task",
     "CausalLMTask",
     "TASKS",
     "ClientData",

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from fedclient.tasks.adapters import AdapterSpec, inject_adapter
 from fedclient.tasks.cache import cache_dir
 from fedclient.tasks.data import Corpus, MissingDataError, TokenizedDataset, package_dir
+from fedclient.tasks.site_data import SiteCorpus, SiteDataError, holds_prompt_completions, read_prompt_completions
 from fedclient.tasks.text import TextTask, describe_callable
 
 IGNORE = -100
@@ -288,6 +289,10 @@ class CausalLMTask(TextTask):
     def layer_names(self) -> list[str]:
         return list(lm_layer_names(self.num_layers))
 
+    def max_positions(self) -> int:
+        config = json.loads((self.model_directory() / "config.json").read_text(encoding="utf-8"))
+        return int(config.get("max_position_embeddings", 2048))
+
     def tokenizer(self):
         return lm_tokenizer(str(self.model_directory()))
 
@@ -296,6 +301,23 @@ class CausalLMTask(TextTask):
         prompts = [self.make_prompt(text, groups[i] if groups else None, classes) for i, text in enumerate(texts)]
         encoded = encode_chats(self.tokenizer(), prompts, [classes[int(label)] for label in labels], self.max_length)
         return [encoded["input_ids"], encoded["attention_mask"], encoded["targets"], torch.as_tensor(labels)]
+
+    def read_site_data(self, directory: str | pathlib.Path) -> SiteCorpus:
+        """A site's own data: ``{prompt, completion}`` JSON Lines (trained on as they are), or
+        labelled text (prompted as the task prompts its corpus, answered with the label)."""
+        if holds_prompt_completions(directory):
+            return read_prompt_completions(directory)
+        return super().read_site_data(directory)
+
+    def encode_site_corpus(self, corpus: SiteCorpus) -> list[torch.Tensor]:
+        if not corpus.completions:
+            return super().encode_site_corpus(corpus)
+        try:
+            encoded = encode_chats(self.tokenizer(), corpus.texts,
+                                   [corpus.classes[int(label)] for label in corpus.labels], self.max_length)
+        except ValueError as err:
+            raise SiteDataError(f"{corpus.directory}: {err}; shorten the completions or raise max-length") from err
+        return [encoded["input_ids"], encoded["attention_mask"], encoded["targets"], torch.as_tensor(corpus.labels)]
 
     def load_corpus_classes(self) -> tuple[str, ...]:
         return _corpus_classes(self.load_corpus)

@@ -1,7 +1,14 @@
 """A task made of the user's own model directory and data directory (``fedsim run --model DIR
---data DIR``): any local Hugging Face causal-LM directory (``config.json`` naming a
-``…ForCausalLM`` architecture, safetensors weights, a tokenizer) and JSON Lines of
-``{"prompt", "completion"}`` pairs.
+--data DIR``): any local Hugging Face directory (``config.json``, safetensors weights, a tokenizer)
+of either kind:
+
+- a **causal LM** (``architectures`` naming a ``…ForCausalLM``), trained on ``{"prompt",
+  "completion"}`` JSON Lines (loss on the completion) or on labelled text (``{text, label}`` rows,
+  CSV or JSON Lines: the text is the prompt, the label the answer);
+- a **BERT-style encoder** (``model_type`` one of :data:`ENCODER_TYPES`, e.g. a
+  ``…ForSequenceClassification`` checkpoint, whose base encoder is kept), classifying labelled text
+  with fedtune's mean-pooled head (:class:`~fedclient.tasks.text.EncoderClassifier`) over the
+  classes the data names.
 
 Such a task is named ``dir:MODEL_DIR::DATA_DIR`` (absolute paths), so every process of a
 simulation (the ServerApp, each Ray actor) rebuilds the same task from its name. **A real site
@@ -12,15 +19,20 @@ Weights load with ``use_safetensors=True`` and without remote code.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import pathlib
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from fedclient.tasks.adapters import AdapterSpec, inject_adapter
 from fedclient.tasks.causal_lm import CausalLMTask, lm_layer_names
 from fedclient.tasks.data import Corpus
-from fedclient.tasks.site_data import read_prompt_completions
+from fedclient.tasks.site_data import holds_prompt_completions, read_prompt_completions, read_site_corpus
+from fedclient.tasks.text import EncoderClassifier, TextTask
 
 PREFIX = "dir:"
 SEPARATOR = "::"
@@ -35,12 +47,16 @@ def directory_task_name(model_dir: str | pathlib.Path, data_dir: str | pathlib.P
     model, data = pathlib.Path(model_dir).expanduser().resolve(), pathlib.Path(data_dir).expanduser().resolve()
     _architecture(model)
     if not data.is_dir():
-        raise ModelDirectoryError(f"--data {data_dir}: not a directory of *.jsonl prompt/completion files")
+        raise ModelDirectoryError(f"--data {data_dir}: not a directory (give one of *.jsonl prompt/completion pairs, "
+                                  "or of *.csv / *.jsonl text,label rows)")
     return f"{PREFIX}{model}{SEPARATOR}{data}"
 
 
 def is_directory_task(name: str) -> bool:
     return name.startswith(PREFIX)
+
+
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet")
 
 
 def _architecture(model: pathlib.Path) -> dict:
@@ -50,12 +66,17 @@ def _architecture(model: pathlib.Path) -> dict:
         raise ModelDirectoryError(f"--model {model}: no readable config.json ({err}); give a Hugging Face model "
                                   "directory (what save_pretrained writes)") from err
     architectures = config.get("architectures") or []
-    if not any(str(a).endswith("ForCausalLM") for a in architectures):
-        raise ModelDirectoryError(f"--model {model}: architectures {architectures} has no …ForCausalLM; fedtune "
-                                  "trains causal LMs from a directory (sequence classification: a task plugin)")
+    if not _is_causal_lm(config) and config.get("model_type") not in ENCODER_TYPES:
+        raise ModelDirectoryError(f"--model {model}: architectures {architectures} (model_type "
+                                  f"{config.get('model_type')!r}) is neither a …ForCausalLM nor a BERT-style encoder "
+                                  f"({', '.join(ENCODER_TYPES)}); other models need a task plugin")
     if not any(model.glob("*.safetensors")):
         raise ModelDirectoryError(f"--model {model}: no *.safetensors weights (pickled weights are not loaded)")
     return config
+
+
+def _is_causal_lm(config: dict) -> bool:
+    return any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])
 
 
 def verbatim_prompt(text: str, condition: str | None, classes) -> str:
@@ -64,30 +85,74 @@ def verbatim_prompt(text: str, condition: str | None, classes) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _prompt_corpus(data_dir: str) -> Corpus:
-    corpus = read_prompt_completions(data_dir)
+def _directory_corpus(data_dir: str) -> Corpus:
+    """The data directory's examples: prompt/completion pairs or labelled text (classes in sorted order)."""
+    corpus = read_prompt_completions(data_dir) if holds_prompt_completions(data_dir) else read_site_corpus(data_dir, None)
     return Corpus(corpus.texts, np.asarray(corpus.labels), corpus.classes)
 
 
-def directory_task(name: str) -> CausalLMTask:
+@functools.lru_cache(maxsize=4)
+def _encoder(directory: str) -> torch.nn.Module:
+    from transformers import AutoModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    model = AutoModel.from_pretrained(directory, dtype=torch.float32, use_safetensors=True, trust_remote_code=False,
+                                      )
+    if not (hasattr(model, "embeddings") and hasattr(getattr(model, "encoder", None), "layer")):
+        raise ModelDirectoryError(f"--model {directory}: {type(model).__name__} has no embeddings and encoder.layer")
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=4)
+def _encoder_tokenizer(directory: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+@dataclass(frozen=True)
+class EncoderDirectoryTask(TextTask):
+    """A BERT-style encoder from a directory classifying the data directory's labelled text."""
+
+    model_directory: str = ""
+
+    def build_model(self, adapter: AdapterSpec | None = None) -> torch.nn.Module:
+        model = EncoderClassifier(copy.deepcopy(_encoder(self.model_directory)), len(self.load_data().classes))
+        if adapter is not None:
+            model.bert = inject_adapter(model.bert, adapter, task_type="FEATURE_EXTRACTION")
+        return model
+
+    def tokenizer(self):
+        return _encoder_tokenizer(self.model_directory)
+
+    def max_positions(self) -> int:
+        return int(_architecture(pathlib.Path(self.model_directory)).get("max_position_embeddings", 512))
+
+    def cache_fields(self) -> dict[str, object]:
+        return {**super().cache_fields(), "architecture": "encoder", "model": self.model_directory}
+
+
+def directory_task(name: str) -> TextTask:
     """The task ``name`` (see :func:`directory_task_name`) describes."""
     model_part, _, data_part = name.removeprefix(PREFIX).partition(SEPARATOR)
     if not model_part or not data_part:
         raise ModelDirectoryError(f"task '{name}' is not of the form dir:MODEL_DIR::DATA_DIR")
     model = pathlib.Path(model_part)
     config = _architecture(model)
-    corpus = _prompt_corpus(data_part)
+    corpus = _directory_corpus(data_part)
     layers = int(config.get("num_hidden_layers") or 0)
     if layers < 1:
         raise ModelDirectoryError(f"--model {model}: config.json gives no num_hidden_layers")
-    return CausalLMTask(
-        name=name,
-        description=f"{model.name} on the prompt/completion pairs in {data_part}",
-        load_corpus=functools.partial(_prompt_corpus, data_part),
-        num_layers=layers,
-        max_length=128,
-        train_layers=lm_layer_names(layers),
-        test_size=max(1, len(corpus) // 10),
-        model_directory=functools.partial(pathlib.Path, model_part),
-        make_prompt=verbatim_prompt,
-    )
+    common = {"name": name, "load_corpus": functools.partial(_directory_corpus, data_part), "num_layers": layers,
+              "max_length": 128, "test_size": max(1, len(corpus) // 10)}
+    if _is_causal_lm(config):
+        return CausalLMTask(
+            description=f"{model.name} on the examples in {data_part}", train_layers=lm_layer_names(layers),
+            model_directory=functools.partial(pathlib.Path, model_part), make_prompt=verbatim_prompt, **common)
+    if holds_prompt_completions(data_part):
+        raise ModelDirectoryError(f"--data {data_part} holds prompt/completion pairs; the encoder in {model} "
+                                  "classifies text: give {text, label} rows, or a causal-LM --model")
+    return EncoderDirectoryTask(
+        description=f"{model.name} classifying the labelled text in {data_part}",
+        train_layers=(f"encoder.layer.{layers - 1}", "head"), model_directory=model_part, **common)

@@ -46,6 +46,7 @@ class SiteCorpus:
     splits: tuple[str, ...]
     classes: tuple[str, ...]
     rows_per_file: dict[str, int] = field(default_factory=dict)
+    completions: bool = False  # texts are prompts and classes the completions ({prompt, completion} rows)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -213,7 +214,9 @@ def read_site_corpus(directory: str | pathlib.Path, classes: Sequence[str] | Non
 
     texts, names, splits, per_file = _read_examples(directory, files, ("text", "label"), label_problem,
                                                        "label {value!r} is not a class name")
-    labels = [index.setdefault(name, len(index)) for name in names]
+    if not check_labels:
+        index = {name: i for i, name in enumerate(sorted(set(names)))}
+    labels = [index[name] for name in names]
     return SiteCorpus(directory, tuple(texts), np.asarray(labels, dtype=np.int64), tuple(splits),
                       tuple(classes) if check_labels else tuple(index), per_file)
 
@@ -234,4 +237,16 @@ def read_prompt_completions(directory: str | pathlib.Path) -> SiteCorpus:
     classes = tuple(sorted(set(answers)))
     index = {answer: i for i, answer in enumerate(classes)}
     return SiteCorpus(directory, tuple(texts), np.asarray([index[a] for a in answers], dtype=np.int64),
-                      tuple(splits), classes, per_file)
+                      tuple(splits), classes, per_file, completions=True)
+
+
+def holds_prompt_completions(directory: str | pathlib.Path) -> bool:
+    """Whether ``directory`` holds ``{prompt, completion}`` JSON Lines rather than labelled text:
+    no CSV file, and the first record of its first ``*.jsonl`` file has a ``prompt`` field."""
+    directory = pathlib.Path(directory).expanduser()
+    if not directory.is_dir() or any(directory.glob("*.csv")):
+        return False
+    for path in sorted(directory.glob("*.jsonl")):
+        for _, row in _rows(path):
+            return isinstance(row, dict) and "prompt" in row
+    return False

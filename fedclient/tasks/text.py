@@ -9,6 +9,7 @@ linear head. Parameters are addressable by layer name: ``embeddings``, ``encoder
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import os
 import pathlib
@@ -23,7 +24,7 @@ from fedclient.tasks.adapters import AdapterSpec, adapter_parameter_names, injec
 from fedclient.tasks.cache import cache_key, cached
 from fedclient.tasks.data import Corpus, TokenizedDataset, package_dir
 from fedclient.tasks.partition import PartitionSpec, partition_indices
-from fedclient.tasks.site_data import SiteDataError, read_site_corpus
+from fedclient.tasks.site_data import SiteCorpus, SiteDataError, holds_prompt_completions, read_site_corpus
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -31,8 +32,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HEAD_SEED = 20240917  # the head's initial weights are identical in every process
 
 
-class MiniLMClassifier(torch.nn.Module):
-    """MiniLM encoder + mean pooling + linear head."""
+class EncoderClassifier(torch.nn.Module):
+    """A BERT-style encoder (``embeddings``, ``encoder.layer.i``: MiniLM, BERT, RoBERTa…) + mean
+    pooling + a linear head initialised from :data:`HEAD_SEED` (the same in every process)."""
 
     def __init__(self, encoder: torch.nn.Module, num_classes: int) -> None:
         super().__init__()
@@ -59,7 +61,7 @@ class MiniLMClassifier(torch.nn.Module):
 
 
 def layer_prefixes(num_layers: int, encoder: str = "bert.") -> dict[str, str]:
-    """Layer name → parameter-name prefix of a :class:`MiniLMClassifier` with ``num_layers`` layers."""
+    """Layer name → parameter-name prefix of a :class:`EncoderClassifier` with ``num_layers`` layers."""
     layers = {"embeddings": f"{encoder}embeddings."}
     for i in range(num_layers):
         layers[f"encoder.layer.{i}"] = f"{encoder}encoder.layer.{i}."
@@ -110,6 +112,10 @@ class ClientData:
     evaluate: TokenizedDataset
 
 
+MIN_SEQUENCE_LENGTH = 16
+MAX_SEQUENCE_LENGTH = 2048
+
+
 @dataclass(frozen=True)
 class TextTask:
     """A pretrained model plus a corpus: what a federation fine-tunes.
@@ -136,10 +142,14 @@ class TextTask:
         """A fresh model with the pretrained encoder and the deterministic initial head; with
         ``adapter``, its encoder carries that (seeded) PEFT adapter and its base weights are frozen."""
         data = self.load_data()
-        model = MiniLMClassifier(copy.deepcopy(pretrained_encoder(self.num_layers)), len(data.classes))
+        model = EncoderClassifier(copy.deepcopy(pretrained_encoder(self.num_layers)), len(data.classes))
         if adapter is not None:
             model.bert = inject_adapter(model.bert, adapter, task_type="FEATURE_EXTRACTION")
         return model
+
+    def tokenizer(self):
+        """The tokenizer of the task's model (MiniLM's)."""
+        return tokenizer()
 
     def layer_names(self) -> list[str]:
         """Names of the model's layers, in forward order."""
@@ -176,6 +186,20 @@ class TextTask:
         return [layer for layer, prefix in prefixes.items()
                 if layer in self.full_layers or any(name.startswith(prefix) for name in adapted)]
 
+    def max_positions(self) -> int:
+        """The longest sequence the model takes (MiniLM's 512 position embeddings)."""
+        return 512
+
+    def with_max_length(self, max_length: int) -> TextTask:
+        """This task with its texts cut (and padded) to ``max_length`` tokens instead of its own
+        (a run's ``max-length``); at most the model's positions and :data:`MAX_SEQUENCE_LENGTH`, so a
+        run config cannot make a site encode sequences without bound. Raises ValueError."""
+        limit = min(MAX_SEQUENCE_LENGTH, self.max_positions())
+        if not MIN_SEQUENCE_LENGTH <= max_length <= limit:
+            raise ValueError(f"max-length must be between {MIN_SEQUENCE_LENGTH} and {limit} for task "
+                             f"'{self.name}' (0: its own {self.max_length}), got {max_length}")
+        return dataclasses.replace(self, max_length=max_length)
+
     def evaluate(self, model: torch.nn.Module, data: TokenizedDataset) -> dict[str, float]:
         """Loss, accuracy and macro-F1 of ``model`` on ``data``."""
         return evaluate_model(model, data)
@@ -183,8 +207,8 @@ class TextTask:
     # ---- encoding (what a subclass with another model changes) --------------------------------
     def encode(self, texts: Sequence[str], labels: np.ndarray, groups: Sequence[str] | None) -> list[torch.Tensor]:
         """The tensors of a dataset of ``texts`` (see :meth:`dataset`)."""
-        encoded = tokenizer()(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
-                              return_tensors="pt")
+        encoded = self.tokenizer()(list(texts), padding="max_length", truncation=True, max_length=self.max_length,
+                                   return_tensors="pt")
         return [encoded["input_ids"], encoded["attention_mask"], torch.as_tensor(labels)]
 
     def dataset(self, tensors: Sequence[torch.Tensor]) -> TokenizedDataset:
@@ -214,11 +238,23 @@ class TextTask:
     def partition_sizes(self, spec: PartitionSpec) -> list[int]:
         return [len(p) for p in _partitions(self, spec)]
 
+    def read_site_data(self, directory: str | pathlib.Path) -> SiteCorpus:
+        """A site's own data for this task, validated: labelled text whose labels are the task's
+        classes (``fedclient check-data`` and ``fedclient start --data`` both read it here)."""
+        if holds_prompt_completions(directory):
+            raise SiteDataError(f"{directory} holds {{prompt, completion}} pairs, but task '{self.name}' classifies "
+                                "text: give rows of {text, label} (or train a causal-LM task on them)")
+        return read_site_corpus(directory, self.load_data().classes)
+
+    def encode_site_corpus(self, corpus: SiteCorpus) -> list[torch.Tensor]:
+        """The tensors of a site's corpus (what :meth:`read_site_data` returned)."""
+        return self.encode(corpus.texts, corpus.labels, None)
+
     def site_client_data(self, directory: str | pathlib.Path, seed: int, eval_fraction: float = 0.1) -> ClientData:
         """A site's own labelled text from ``directory`` (format: :mod:`fedclient.tasks.site_data`),
         tokenized as this task tokenizes its corpus; raises ``SiteDataError`` naming what is wrong."""
-        corpus = read_site_corpus(directory, self.load_data().classes)
-        rows = self.dataset(self.encode(corpus.texts, corpus.labels, None))
+        corpus = self.read_site_data(directory)
+        rows = self.dataset(self.encode_site_corpus(corpus))
         train, evaluate = corpus.split_rows(seed, eval_fraction)
         if len(train) == 0:
             raise SiteDataError(f"every row in {directory} is marked split=eval; nothing is left to train on")
