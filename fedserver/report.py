@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rich.table import Table
@@ -140,9 +141,12 @@ def rounds_table(summary: dict[str, Any]) -> Table:
     for entry in summary.get("selection", []):
         layers_per_round.setdefault(entry["round"], []).append(len([x for x in entry["layers"] if x != "head"]))
     table = Table(title=f"run {summary['run_id']} · {summary['task']} · {summary['strategy']} · {summary['status']}")
-    columns = ["round", "central acc", "central loss", "train loss", "clients ok", "MB down", "MB up", "seconds"]
+    em = accuracy_name(summary_metric_names(summary)) == "exact match"
+    columns = ["round", "central EM" if em else "central acc", "central loss", "train loss", "clients ok", "MB down",
+               "MB up", "seconds"]
     if selective:
-        columns = ["round", "acc", "loss", "train loss", "ok", "MB down", "MB up", "s", "objective", "layers"]
+        columns = ["round", "EM" if em else "acc", "loss", "train loss", "ok", "MB down", "MB up", "s", "objective",
+                   "layers"]
     extras = central_extra_metrics(summary)  # macro-F1; perplexity for a causal LM
     columns[3:3] = [name for name, _ in extras]
     for column in columns:
@@ -180,10 +184,31 @@ def rounds_table(summary: dict[str, Any]) -> Table:
 EXTRA_CENTRAL = {"macro-f1": "macro-F1", "perplexity": "perplexity"}  # metric -> column (exact match = acc)
 
 
+def accuracy_name(metric_names: Iterable[str]) -> str:
+    """What a run's ``accuracy`` is: ``exact match`` where the evaluation reports ``exact-match``
+    (a causal LM's greedy answers), else ``accuracy``."""
+    return "exact match" if any(name.removeprefix("central-") == "exact-match" for name in metric_names) else "accuracy"
+
+
+def central_metrics_text(central: Mapping[str, float]) -> str:
+    """One line of a central evaluation: ``EM 59.4% · perplexity 1.50`` or ``acc 85.0% · macro-F1 80.1%``."""
+    parts = []
+    if central.get("accuracy") is not None:
+        parts.append(f"{'EM' if accuracy_name(central) == 'exact match' else 'acc'} {100 * central['accuracy']:.1f}%")
+    if central.get("macro-f1") is not None:
+        parts.append(f"macro-F1 {100 * central['macro-f1']:.1f}%")
+    if central.get("perplexity") is not None:
+        parts.append(f"perplexity {central['perplexity']:.2f}")
+    return " · ".join(parts)
+
+
+def summary_metric_names(summary: dict[str, Any]) -> set[str]:
+    return {key for r in summary["rounds"] for key in (r.get("metrics") or {})}
+
+
 def central_extra_metrics(summary: dict[str, Any]) -> list[tuple[str, str]]:
     """(column, metric) for the central metrics beyond accuracy and loss that this run recorded."""
-    seen = {key.removeprefix("central-") for r in summary["rounds"] for key in (r.get("metrics") or {})
-            if key.startswith("central-")}
+    seen = {key.removeprefix("central-") for key in summary_metric_names(summary) if key.startswith("central-")}
     return [(column, key) for key, column in EXTRA_CENTRAL.items() if key in seen]
 
 

@@ -136,7 +136,15 @@ def _default_out(root: pathlib.Path) -> pathlib.Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedserver.report import plot_run, plot_selection, run_summary, summary_tables, write_summary
+    from fedserver.report import (
+        accuracy_name,
+        plot_run,
+        plot_selection,
+        run_summary,
+        summary_metric_names,
+        summary_tables,
+        write_summary,
+    )
     from fedserver.store import RunStore
     from simulations.runner import SimulationSpec, run_simulation_spec
 
@@ -184,7 +192,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                           f"{summary['num_rounds']}) are in {escape(str(out))}/store.db, summary.json and plot.png")
         return 130 if stopped else 1
     console.print(
-        f"final central accuracy [bold]{100 * (summary['final_central_accuracy'] or 0):.1f}%[/] "
+        f"final central {accuracy_name(summary_metric_names(summary))} "
+        f"[bold]{100 * (summary['final_central_accuracy'] or 0):.1f}%[/] "
         f"in {wall:.0f} s wall · run [bold]{run_id}[/]\n"
         f"wrote {out}/store.db, {out}/summary.json, {out}/plot.png"
         + (f", {out}/selection.png (which site trained which layer)" if has_selection else "")

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedclient.runconfig import quiet_environment, resolve_run_config
+from fedserver.report import central_metrics_text
 from fedserver.store import RoundRecord
 
 quiet_environment()
@@ -59,8 +60,7 @@ class ProgressObserver:
 
     def round_finished(self, record: RoundRecord) -> None:
         self.records.append(record)
-        acc = record.central.get("accuracy")
-        info = f"acc {100 * acc:.1f}%" if acc is not None else ""
+        info = central_metrics_text(record.central)
         with self._lock:
             self.progress.update(self.rounds, advance=1, info=info)
 

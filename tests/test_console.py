@@ -73,6 +73,8 @@ def test_run_detail_has_rounds_fedavg_comparison_sites_and_heat_map(client, fill
     assert heat["sites"] == sorted(sites) and set(heat["layers"]) <= {"encoder.layer.0", "head"}
     assert all(sum(row) >= 2 for row in heat["rounds"])  # each site trained >= 1 layer in each of 2 rounds
     assert {p["site"] for p in detail["privacy"]} == set(sites)
+    assert detail["accuracy_label"] == "accuracy" and len(detail["evaluation_metrics"]["macro-f1"]) == 2
+    assert not any(k.startswith("central-") for k in (detail["algorithm_metrics"] or {"series": {}})["series"])
 
 
 def test_unknown_runs_and_bad_forms_get_clear_4xx(client, filled_store) -> None:

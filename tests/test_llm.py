@@ -125,7 +125,8 @@ def test_an_exported_adapter_loads_in_peft_and_reproduces_the_server_logits(task
 
 @pytest.mark.simulation
 @pytest.mark.parametrize("strategy, overrides", [
-    ("fedavg", {"local-steps": 2, "batch-size": 4}),
+    ("fedavg", {"local-steps": 2, "batch-size": 4, "grad-accumulation": 2, "warmup-steps": 1, "lr-schedule": "cosine",
+                "gradient-checkpointing": True, "max-length": 48}),  # the trainer's options, through Flower
     ("ferret", {"local-steps": 2, "batch-size": 4, "ferret-bases": 2000}),
     ("fedkseed", {"zo-steps": 4, "seed-pool": 64, "batch-size": 4, "zo-lr": 1e-4}),
 ])
@@ -153,6 +154,14 @@ def test_tiny_lm_with_lora_on_flower_sends_only_the_adapter_or_its_seeds(tmp_pat
     assert state and all(".lora_" in key for key in state)
     rounds = store.rounds(run_id)
     assert all(r.central_accuracy is not None and "central-perplexity" in r.metrics for r in rounds)
+    from fedserver.console.views import run_detail
+    from fedserver.report import rounds_table, run_summary
+
+    detail = run_detail(store, run_id)  # what the console's run page shows
+    assert detail["accuracy_label"] == "exact match"
+    assert {"exact-match", "perplexity"} <= set(detail["evaluation_metrics"])
+    headers = [column.header for column in rounds_table(run_summary(store, run_id)).columns]  # fedsim/fedserver show
+    assert headers[1] == "central EM" and "perplexity" in headers
 
 
 def test_a_task_plugin_installed_from_a_package_is_found_and_run_by_name(tmp_path: pathlib.Path) -> None:

@@ -11,7 +11,7 @@ import re
 from collections import defaultdict
 from typing import Any
 
-from fedserver.report import privacy_per_site, run_summary
+from fedserver.report import accuracy_name, privacy_per_site, run_summary, summary_metric_names
 from fedserver.store import RunStore
 
 FP32_BYTES = 4
@@ -131,7 +131,9 @@ def run_detail(store: RunStore, run_ref: str) -> dict[str, Any]:
     moved = summary["total_bytes_down"] + summary["total_bytes_up"]
     fedavg_rounds = [r["clients_sampled"] * per_client if per_client else None for r in summary["rounds"]]
     fedavg_total = sum(x for x in fedavg_rounds if x) if per_client else None
-    extra_metrics = sorted({k for r in summary["rounds"] for k in r["metrics"] if k not in ("train-loss",)})
+    names = summary_metric_names(summary)
+    extra_metrics = sorted(k for k in names if k != "train-loss" and not k.startswith("central-"))
+    central = sorted(k for k in names if k.startswith("central-"))
     return {
         "run": {k: summary[k] for k in ("run_id", "name", "task", "strategy", "status", "error", "created_at",
                                           "finished_at", "num_clients", "num_rounds", "rounds_completed",
@@ -147,6 +149,10 @@ def run_detail(store: RunStore, run_ref: str) -> dict[str, Any]:
         "sites": site_table(store, run.id),
         "privacy": summary["privacy"],
         "heatmap": layer_heatmap(summary["selection"]),
+        "accuracy_label": accuracy_name(names),
+        "evaluation_metrics": {  # the central evaluation beyond accuracy: macro-F1; exact match, perplexity
+            k.removeprefix("central-"): [r["metrics"].get(k) for r in summary["rounds"]] for k in central
+        } if central else None,
         "algorithm_metrics": {
             "title": "robustness metrics" if run.strategy == "frl" else "algorithm metrics",
             "series": {k: [r["metrics"].get(k) for r in summary["rounds"]] for k in extra_metrics},
