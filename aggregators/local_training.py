@@ -20,7 +20,7 @@ class TrainStats:
     """What a local training run did."""
 
     mean_loss: float
-    steps: int
+    steps: int  # optimizer steps taken (fp16 skips a step whose gradients overflowed)
     examples_seen: int
     seconds: float
 
@@ -59,8 +59,10 @@ class TrainerOptions:
     - ``gradient_checkpointing``: recompute each block's activations in the backward pass
       (Hugging Face models' ``gradient_checkpointing_enable``), trading compute for memory.
 
-    The coordinator sets these per run (run-config keys in :data:`TRAINER_CONFIG_KEYS`); a site
-    refuses values outside these ranges, so an instruction cannot make it accumulate without end.
+    The coordinator sets these per run (run-config keys in :data:`TRAINER_CONFIG_KEYS`); values
+    outside these ranges raise ValueError wherever they are read. What a site will spend on a round
+    (steps, batch size, accumulation, sequence length) is its policy's to bound
+    (:meth:`fedclient.policy.SitePolicy.check_workload`), checked before any training.
     """
 
     grad_accumulation: int = 1
@@ -105,6 +107,7 @@ class TrainerOptions:
 
     def lr_factor(self, step: int, total_steps: int) -> float:
         """:math:`\eta_s / \eta` for step ``step`` (0-based) of ``total_steps`` (formula above)."""
+        step = max(0, step)
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if self.lr_schedule == "constant" or total_steps <= self.warmup_steps:
@@ -150,6 +153,7 @@ def gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[No
             outer.append(name)
     if not supported:
         raise ValueError(f"gradient-checkpointing: {type(model).__name__} has no Hugging Face model that supports it")
+    hooked_before = [bool(getattr(module, "_require_grads_hooks", None)) for module in supported]
     for module in supported:  # transformers 5 renamed gradient_* to activation_checkpointing_*
         if hasattr(module, "activation_checkpointing_enable"):
             module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -158,8 +162,10 @@ def gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[No
     try:
         yield
     finally:
-        for module in supported:
+        for module, hooked in zip(supported, hooked_before, strict=True):
             (getattr(module, "activation_checkpointing_disable", None) or module.gradient_checkpointing_disable)()
+            if not hooked and getattr(module, "_require_grads_hooks", None):  # enable's input-grad hook goes too
+                module.disable_input_require_grads()
 
 
 def set_trainable(model: torch.nn.Module, trainable: Collection[str]) -> list[torch.nn.Parameter]:
@@ -222,6 +228,9 @@ def train_steps(
     """
     if steps < 1:
         raise ValueError(f"local steps must be at least 1, got {steps}")
+    if schedule_step < 0 or (schedule_steps and schedule_steps < schedule_step + steps):
+        raise ValueError(f"schedule-step {schedule_step} and schedule-steps {schedule_steps} do not hold this "
+                         f"round's {steps} steps (0 <= schedule-step, schedule-step + steps <= schedule-steps)")
     device = next(model.parameters()).device
     params = set_trainable(model, trainable)
     if optimizer == "sgd":
@@ -237,7 +246,9 @@ def train_steps(
     lr_factor = [options.lr_factor(schedule_step + i, total_steps) for i in range(steps)]
     base_lrs = [group["lr"] for group in opt.param_groups]
     autocast_dtype = options.autocast_dtype(device)
-    scaler = torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None
+    # fp16: a loss scaler, starting low (each round's scaler is new: a high start skips the first steps)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**10) if autocast_dtype == torch.float16 else None
+    skipped = 0
     named = dict(model.named_parameters())
     corrections = [(named[k], v.to(device)) for k, v in (gradient_correction or {}).items()]
     model.train()
@@ -269,10 +280,12 @@ def train_steps(
                 else:
                     param.grad.add_(correction)
             if scaler:
+                scale = scaler.get_scale()
                 scaler.step(opt)
                 scaler.update()
+                skipped += scaler.get_scale() < scale  # an overflow: this step was skipped, the scale halved
             else:
                 opt.step()
     if not math.isfinite(total_loss):
         raise FloatingPointError(f"local training diverged (loss {total_loss}); lower the learning rate")
-    return TrainStats(total_loss / seen, steps, seen, time.perf_counter() - start)
+    return TrainStats(total_loss / seen, steps - skipped, seen, time.perf_counter() - start)

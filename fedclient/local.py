@@ -169,8 +169,9 @@ def train_reply(msg: Message, context: Context, node: Mapping[str, Any], config:
     """Run this site's half of a round (``Algorithm.local`` or ``local_probe``) as its policy allows."""
     instruction = Instruction.from_record(from_recorddict(msg.content))
     try:
-        site_task(config)
         policy.check_training(str(config["task"]), str(instruction.config["strategy"]))
+        policy.check_workload(instruction.config, config)
+        site_task(config)
         privacy = LdpSettings.resolve(instruction.config, policy.privacy, run_key(context))
         ledger = ledger_path(policy, node) if privacy.enabled else None
     except PolicyRefusal as err:
@@ -222,6 +223,8 @@ def evaluate_reply(msg: Message, context: Context, node: Mapping[str, Any], conf
     is sent."""
     mechanism = "gaussian" if "gaussian" in policy.privacy.mechanisms else "laplace"  # one the site accepts
     try:
+        policy.check_training(str(config["task"]), "")
+        policy.check_workload({}, config)
         site_task(config)
         settings = LdpSettings.resolve({"dp": mechanism, "dp-epsilon": 1e12, "dp-delta": 1e-5, "clip": 1.0},
                                        policy.privacy, run_key(context))

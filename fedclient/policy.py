@@ -34,6 +34,11 @@ from privacy.refusal import PolicyRefusal
 from privacy.vector_search import SearchLimits
 
 EVALUATION_MODES = ("refuse", "noised", "exact")
+WORKLOAD_LIMITS = {  # what an instruction (or the run's max-length) asks -> the policy key bounding it
+    "local-steps": "max-local-steps", "zo-steps": "max-local-steps", "score-batches": "max-local-steps",
+    "batch-size": "max-batch-size", "grad-accumulation": "max-grad-accumulation",
+    "max-length": "max-sequence-length",
+}
 
 DEFAULT_POLICY = """\
 # fedtune site policy. The coordinator cannot override anything here: a run that asks for more is
@@ -46,6 +51,11 @@ tasks = []
 strategies = []
 # The largest example count this site reports (the weight of its update in a weighted mean).
 max-num-examples = 100000
+# What one round may make this site compute: a run asking for more is declined.
+max-local-steps = 500          # optimizer (or zeroth-order) steps per round
+max-batch-size = 64            # examples per batch
+max-grad-accumulation = 16     # batches summed per optimizer step
+max-sequence-length = 512      # tokens per example a run's max-length may ask for
 
 [privacy]
 # true: decline every run without local differential privacy on what this site sends.
@@ -104,6 +114,11 @@ class SitePolicy:
     tasks: tuple[str, ...] = ()
     strategies: tuple[str, ...] = ()
     max_num_examples: int = 100_000
+    # a round's workload (the built-in policy file tightens these; a simulation's virtual sites keep them)
+    max_local_steps: int = 100_000
+    max_batch_size: int = 4096
+    max_grad_accumulation: int = 64
+    max_sequence_length: int = 2048
     privacy: SitePrivacy = field(default_factory=SitePrivacy)
     ledger: str = ""
     evaluation: str = ""  # "": exact unless privacy is required, then refuse
@@ -115,6 +130,10 @@ class SitePolicy:
     def __post_init__(self) -> None:
         if not isinstance(self.max_num_examples, int) or self.max_num_examples < 1:
             raise ValueError(f"training.max-num-examples must be a whole number >= 1, got {self.max_num_examples!r}")
+        for key in WORKLOAD_LIMITS.values():
+            value = getattr(self, key.replace("-", "_"))
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"training.{key} must be a whole number >= 1, got {value!r}")
         if self.evaluation and self.evaluation not in EVALUATION_MODES:
             raise ValueError(f"evaluation.mode must be one of {', '.join(EVALUATION_MODES)}, got '{self.evaluation}'")
         if self.privacy.required and self.evaluation == "exact":
@@ -137,6 +156,21 @@ class SitePolicy:
             raise PolicyRefusal("training.tasks", f"this site does not train task '{task}'")
         if strategy and self.strategies and strategy not in self.strategies:
             raise PolicyRefusal("training.strategies", f"this site does not train with strategy '{strategy}'")
+
+    def check_workload(self, instruction: Mapping[str, Any], run_config: Mapping[str, Any]) -> None:
+        """PolicyRefusal (naming the ``training.max-*`` key) when an instruction's steps, batch size
+        or accumulation, or the run's ``max-length``, ask this site for more than its policy allows;
+        checked before the site loads a model or reads its data."""
+        asked = {**{k: instruction[k] for k in WORKLOAD_LIMITS if k in instruction and k != "max-length"},
+                 "max-length": run_config.get("max-length", 0)}
+        for key, limit_key in WORKLOAD_LIMITS.items():
+            try:
+                value = int(asked.get(key) or 0)
+            except (TypeError, ValueError):
+                raise PolicyRefusal(f"training.{limit_key}", f"{key} is not a whole number") from None
+            limit = getattr(self, limit_key.replace("-", "_"))
+            if value > limit:
+                raise PolicyRefusal(f"training.{limit_key}", f"{key} {value} is more than this site allows ({limit})")
 
     def reported_examples(self, count: int) -> int:
         """The example count this site reports: its own, capped by ``training.max-num-examples``."""
@@ -197,6 +231,8 @@ class SitePolicy:
                 tasks=typed(training, "tasks", tuple, "training"),
                 strategies=typed(training, "strategies", tuple, "training"),
                 max_num_examples=typed(training, "max-num-examples", int, "training"),
+                **{key.replace("-", "_"): typed(training, key, int, "training")
+                   for key in dict.fromkeys(WORKLOAD_LIMITS.values())},
                 privacy=privacy,
                 ledger=typed(private, "ledger", str, "privacy"),
                 evaluation=typed(evaluation, "mode", str, "evaluation"),
@@ -267,6 +303,8 @@ class SitePolicy:
         rows = [("training.tasks", ", ".join(self.tasks) or "any"),
                 ("training.strategies", ", ".join(self.strategies) or "any"),
                 ("training.max-num-examples", str(self.max_num_examples)),
+                *((f"training.{key}", str(getattr(self, key.replace("-", "_"))))
+                  for key in dict.fromkeys(WORKLOAD_LIMITS.values())),
                 ("privacy.required", str(p.required).lower()),
                 ("privacy.mechanisms", ", ".join(p.mechanisms))]
         rows += [(f"privacy.{f.name.replace('_', '-')}", f"{getattr(p, f.name):g}") for f in fields(p)

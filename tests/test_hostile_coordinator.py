@@ -196,6 +196,29 @@ def test_example_counts_are_capped_and_refusals_never_quote_site_data(app, tmp_p
         assert secret not in reason
 
 
+def test_a_round_asking_more_work_than_the_policy_allows_is_declined_before_any_is_done(app, tmp_path,
+                                                                                     flower_identity) -> None:
+    """Steps, batch size, accumulation and sequence length are the site's to bound: the built-in
+    policy's limits hold against a hostile instruction or run config, before a model is loaded;
+    an out-of-range learning-rate schedule fails the round instead of training with it."""
+    node = {**NODE, "policy": _policy(tmp_path, OPEN)}  # the file leaves [training] out: built-in limits
+    for config, key in (({"local-steps": 10**6}, "max-local-steps"), ({"batch-size": 100_000}, "max-batch-size"),
+                        ({"grad-accumulation": 64}, "max-grad-accumulation"), ({"zo-steps": 10**9}, "max-local-steps")):
+        reason = refusal_reason(_deliver(app, "train", _train_content(config), node).content)
+        assert reason.startswith(f"site policy training.{key}"), reason
+    reason = refusal_reason(_deliver(app, "train", _train_content(), node, {"task": "tiny", "max-length": 2048}).content)
+    assert reason.startswith("site policy training.max-sequence-length")
+    assert "training.max-sequence-length" in refusal_reason(
+        _deliver(app, "evaluate", RecordDict(), node, {"task": "tiny", "max-length": 2048}).content)
+    wider = {**NODE, "policy": _policy(tmp_path, OPEN + "[training]\nmax-local-steps = 3\n")}
+    assert "training.max-local-steps" in refusal_reason(_deliver(app, "train", _train_content({"local-steps": 4}),
+                                                                 wider).content)
+    assert dict(_deliver(app, "train", _train_content({"local-steps": 3, "schedule-steps": 3}), wider).content["metrics"])["num-examples"]
+    hostile_schedule = _deliver(app, "train", _train_content({"warmup-steps": 1, "schedule-step": -10**6}), node)
+    assert hostile_schedule.has_error() and "ValueError" in hostile_schedule.error.reason
+    assert not hostile_schedule.has_content()  # nothing trained is sent
+
+
 def test_errors_and_spent_budgets_stay_in_the_site_log(app, tmp_path, flower_identity, capfd) -> None:
     """An unexpected error (here an unreadable ledger) reaches the coordinator as its type only,
     its text (which names the site's files) goes to the site's log; a spent budget is refused

@@ -307,6 +307,9 @@ def test_an_encoder_directory_classifies_labelled_text_and_a_causal_lm_answers_l
     _, targets = next(data.train.in_order(2))
     answers = {lm_task.tokenizer().decode(row[row != IGNORE]) for row in targets}
     assert answers <= {"sports<|im_end|>", "business<|im_end|>"}
+    (data_dir / "more.csv").write_text("text,label\nRates rose again,business\n")  # the user adds a file
+    assert len(directory_task(directory_task_name(model_dir, data_dir)).load_corpus()) == len(data.train) + len(
+        data.test) + 1  # read again, not the cached corpus or tokens
     with pytest.raises(ModelDirectoryError, match="classifies text"):
         directory_task(directory_task_name(encoder_dir, tmp_path / "my-data"))  # prompt/completion for an encoder
 
@@ -333,6 +336,6 @@ def test_a_site_brings_prompt_completion_pairs_for_a_language_model_task(tmp_pat
     assert fedclient_cli.main(["check-data", str(tmp_path), "--task", "minilm-bbc"]) == 2
     assert "classifies text: give rows of {text, label}" in " ".join(capsys.readouterr().out.split())
     (tmp_path / "long.jsonl").write_text(json.dumps({"prompt": "Say a lot.", "completion": "word " * 400}) + "\n")
-    with pytest.raises(SiteDataError, match="an answer of 401 tokens does not fit max-length 64; shorten the completions"):
+    with pytest.raises(SiteDataError, match="an answer of 401 tokens does not fit max-length 64; shorten the answers"):
         task.site_client_data(tmp_path, seed=0)
     assert fedclient_cli.main(["check-data", str(tmp_path), "--task", "tiny-lm"]) == 2

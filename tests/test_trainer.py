@@ -101,13 +101,14 @@ def test_gradient_checkpointing_gives_the_same_step_on_a_real_language_model() -
         mlp = next(m for name, m in model.named_modules() if name.endswith("layers.1.mlp"))
         calls = []
         mlp.forward = lambda *args, _forward=mlp.forward, **kwargs: calls.append(1) or _forward(*args, **kwargs)
-        train_steps(model, data, trainable=keys, steps=1, batch_size=4, lr=1e-3, seed=0,
+        train_steps(model, data, trainable=keys, steps=1, batch_size=4, lr=1e-1, seed=0, optimizer="sgd",
                     options=TrainerOptions(gradient_checkpointing=checkpointing))
         block_calls.append(len(calls))
+        assert not any(getattr(m, "_require_grads_hooks", None) for m in model.modules())  # no hook left behind
         assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # switched off after
         results.append({k: v.detach().clone() for k, v in model.named_parameters() if k in keys})
     assert block_calls == [1, 2]  # checkpointing ran the block's MLP again in the backward pass
-    assert all(torch.allclose(results[0][k], results[1][k], atol=1e-6) for k in keys)
+    assert all(torch.allclose(results[0][k], results[1][k], atol=1e-6) for k in keys)  # SGD: the same gradients
     with pytest.raises(ValueError, match="gradient-checkpointing: BagOfTokens"):
         _trained(TrainerOptions(gradient_checkpointing=True), batch_size=4)
 
@@ -179,3 +180,28 @@ def test_a_runs_max_length_re_encodes_the_task_and_is_bounded() -> None:
             run_task({"task": "tiny-lm", "max-length": hostile})
     with pytest.raises(RunConfigError, match="max-length must be between 16 and 512 for task 'minilm-bbc'"):
         check_run_config({"max-length": 1024})
+
+
+def test_fp16_with_a_loss_scaler_and_accumulation_trains_close_to_fp32(monkeypatch) -> None:
+    """The fp16 path (autocast, GradScaler, unscaling before SCAFFOLD's correction is added),
+    exercised on the CPU by letting autocast run there."""
+    fp32 = _trained(TrainerOptions(grad_accumulation=2), batch_size=4, steps=3)
+    monkeypatch.setattr(TrainerOptions, "autocast_dtype", lambda self, device: torch.float16
+                        if self.precision == "fp16" else None)
+    fp16 = _trained(TrainerOptions(grad_accumulation=2, precision="fp16"), batch_size=4, steps=3)
+    assert all(torch.allclose(fp16[k], fp32[k], atol=5e-3) for k in fp32)
+    assert not all(torch.equal(fp16[k], fp32[k]) for k in fp32)  # it did run in half precision
+    model = BagOfTokens()
+    correction = {n: torch.full_like(p, 0.01) for n, p in model.named_parameters()}
+    stats = train_steps(model, _data(), trainable=list(correction), steps=2, batch_size=4, lr=0.5, seed=3,
+                        optimizer="sgd", gradient_correction=correction, options=TrainerOptions(precision="fp16"))
+    assert stats.steps == 2 and math.isfinite(stats.mean_loss)
+
+
+def test_a_schedule_position_outside_the_run_is_refused() -> None:
+    model = BagOfTokens()
+    for step, total in ((-5, 0), (0, 1), (10, 12)):
+        with pytest.raises(ValueError, match="do not hold this round's 3 steps"):
+            train_steps(model, _data(), trainable=["head.bias"], steps=3, batch_size=4, lr=0.1, seed=0,
+                        options=TrainerOptions(warmup_steps=1), schedule_step=step, schedule_steps=total)
+    assert 0 < TrainerOptions(warmup_steps=2, lr_schedule="cosine").lr_factor(-10**6, 10) <= 1

@@ -132,9 +132,8 @@ class TaskRegistry(Mapping[str, TextTask]):
             return self._built_in[name]
         if name in self._loaded:
             return self._loaded[name]
-        if is_directory_task(name):  # the user's own model and data (fedsim --model/--data)
-            self._loaded[name] = directory_task(name)
-            return self._loaded[name]
+        if is_directory_task(name):  # the user's own model and data (fedsim --model/--data), as the files are now
+            return directory_task(name)
         entry = self._entry_points()[name]  # KeyError for an unknown name, as a Mapping does
         try:
             found = entry.load()  # type: ignore[attr-defined]

@@ -310,13 +310,13 @@ class CausalLMTask(TextTask):
         return super().read_site_data(directory)
 
     def encode_site_corpus(self, corpus: SiteCorpus) -> list[torch.Tensor]:
-        if not corpus.completions:
-            return super().encode_site_corpus(corpus)
         try:
+            if not corpus.completions:
+                return super().encode_site_corpus(corpus)
             encoded = encode_chats(self.tokenizer(), corpus.texts,
                                    [corpus.classes[int(label)] for label in corpus.labels], self.max_length)
-        except ValueError as err:
-            raise SiteDataError(f"{corpus.directory}: {err}; shorten the completions or raise max-length") from err
+        except ValueError as err:  # an answer longer than the task's max-length
+            raise SiteDataError(f"{corpus.directory}: {err}; shorten the answers or raise max-length") from err
         return [encoded["input_ids"], encoded["attention_mask"], encoded["targets"], torch.as_tensor(corpus.labels)]
 
     def load_corpus_classes(self) -> tuple[str, ...]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import pathlib
 from dataclasses import dataclass
@@ -85,8 +86,9 @@ def verbatim_prompt(text: str, condition: str | None, classes) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _directory_corpus(data_dir: str) -> Corpus:
-    """The data directory's examples: prompt/completion pairs or labelled text (classes in sorted order)."""
+def _directory_corpus(data_dir: str, signature: str = "") -> Corpus:
+    """The data directory's examples: prompt/completion pairs or labelled text (classes in sorted
+    order). ``signature`` (:func:`files_signature`) keys this and the tokenized cache to the files."""
     corpus = read_prompt_completions(data_dir) if holds_prompt_completions(data_dir) else read_site_corpus(data_dir, None)
     return Corpus(corpus.texts, np.asarray(corpus.labels), corpus.classes)
 
@@ -133,6 +135,17 @@ class EncoderDirectoryTask(TextTask):
         return {**super().cache_fields(), "architecture": "encoder", "model": self.model_directory}
 
 
+def files_signature(*directories: pathlib.Path) -> str:
+    """Name, size and modification time of every file in ``directories``: a task's cached tokens are
+    made again when the user edits the data or replaces the model in place."""
+    entries = []
+    for directory in directories:
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            stat = path.stat()
+            entries.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
+
+
 def directory_task(name: str) -> TextTask:
     """The task ``name`` (see :func:`directory_task_name`) describes."""
     model_part, _, data_part = name.removeprefix(PREFIX).partition(SEPARATOR)
@@ -140,11 +153,13 @@ def directory_task(name: str) -> TextTask:
         raise ModelDirectoryError(f"task '{name}' is not of the form dir:MODEL_DIR::DATA_DIR")
     model = pathlib.Path(model_part)
     config = _architecture(model)
-    corpus = _directory_corpus(data_part)
+    signature = files_signature(model, pathlib.Path(data_part))
+    corpus = _directory_corpus(data_part, signature)
     layers = int(config.get("num_hidden_layers") or 0)
     if layers < 1:
         raise ModelDirectoryError(f"--model {model}: config.json gives no num_hidden_layers")
-    common = {"name": name, "load_corpus": functools.partial(_directory_corpus, data_part), "num_layers": layers,
+    common = {"name": name, "load_corpus": functools.partial(_directory_corpus, data_part, signature),
+              "num_layers": layers,
               "max_length": 128, "test_size": max(1, len(corpus) // 10)}
     if _is_causal_lm(config):
         return CausalLMTask(

@@ -134,6 +134,7 @@ class TextTask:
     max_documents: int | None = None
     default_partition: str = "dirichlet"
     licence: str = ""
+    cache_on_disk: bool = True  # keep the tokenized data in the on-disk cache (not for a run's max-length)
 
     # ---- model -------------------------------------------------------------------------------
     full_layers: tuple[str, ...] = ("head",)  # trained whole even when the run trains an adapter
@@ -198,7 +199,7 @@ class TextTask:
         if not MIN_SEQUENCE_LENGTH <= max_length <= limit:
             raise ValueError(f"max-length must be between {MIN_SEQUENCE_LENGTH} and {limit} for task "
                              f"'{self.name}' (0: its own {self.max_length}), got {max_length}")
-        return dataclasses.replace(self, max_length=max_length)
+        return dataclasses.replace(self, max_length=max_length, cache_on_disk=False)
 
     def evaluate(self, model: torch.nn.Module, data: TokenizedDataset) -> dict[str, float]:
         """Loss, accuracy and macro-F1 of ``model`` on ``data``."""
@@ -271,7 +272,10 @@ def describe_callable(function: Callable) -> str:
 @functools.lru_cache(maxsize=8)
 def _load_task_data(task: TextTask) -> TaskData:
     """The task's tokenized train/test split: from the on-disk cache when a previous process made it."""
-    saved = cached(cache_key("task-data", **task.cache_fields()), lambda: _tokenize_task_data(task))
+    if task.cache_on_disk:
+        saved = cached(cache_key("task-data", **task.cache_fields()), lambda: _tokenize_task_data(task))
+    else:  # a run's own max-length: tokenized in memory, so runs cannot fill the site's disk with variants
+        saved = _tokenize_task_data(task)
     train, test = (task.dataset(saved[part]) for part in ("train", "test"))
     groups = tuple(saved["groups"]) if saved["groups"] is not None else None
     return TaskData(train, test, groups, tuple(saved["classes"]))
