@@ -29,6 +29,7 @@ from flwr.common.constant import ErrorCode
 
 from fedclient.policy import SitePolicy, evaluation_refused, in_flower_simulation, site_policy
 from fedclient.runconfig import quiet_environment, resolve_run_config
+from fedclient.runtime import NODE_CONFIG_KEY as RUNTIME_SOCKET
 from fedclient.wire import refusal_record
 from privacy.refusal import PolicyRefusal, site_log
 
@@ -69,6 +70,24 @@ def keeps_errors_at_the_site(handler: Handler) -> Handler:
     return guarded
 
 
+def answered_by_the_site_runtime(handler: Handler) -> Handler:
+    """``handler`` that, at a site whose node config names a site runtime (``runtime-socket``, set
+    by ``fedclient start``), has that long-lived process answer instead of this per-message one
+    (:mod:`fedclient.runtime`): the model, data and imports stay loaded across messages. Only the
+    site's SuperNode sets its node config, so a coordinator cannot route a message anywhere."""
+
+    @functools.wraps(handler)
+    def routed(msg: Message, context: Context) -> Message:
+        socket_path = context.node_config.get(RUNTIME_SOCKET)
+        if socket_path:
+            from fedclient.runtime import forward
+
+            return forward(str(socket_path), msg, context)
+        return handler(msg, context)
+
+    return routed
+
+
 def build_client_app(overrides: Mapping[str, Any] | None = None, *,
                      site_config: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None) -> ClientApp:
     """A ClientApp. ``overrides`` stand in for the run config where Flower passes none (fedsim);
@@ -103,16 +122,19 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         return train_reply(msg, context, node, config, policy, probe)
 
     @app.train()
+    @answered_by_the_site_runtime
     @keeps_errors_at_the_site
     def train(msg: Message, context: Context) -> Message:
         return run_local(msg, context, probe=False)
 
     @app.query("probe")
+    @answered_by_the_site_runtime
     @keeps_errors_at_the_site
     def probe(msg: Message, context: Context) -> Message:
         return run_local(msg, context, probe=True)
 
     @app.evaluate()
+    @answered_by_the_site_runtime
     @keeps_errors_at_the_site
     def evaluate(msg: Message, context: Context) -> Message:
         """Federated evaluation, if the site's policy allows it (:func:`fedclient.local.evaluate_reply`)."""
@@ -130,6 +152,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         return evaluate_reply(msg, context, node, config, policy)
 
     @app.query("search")
+    @answered_by_the_site_runtime
     @keeps_errors_at_the_site
     def search(msg: Message, context: Context) -> Message:
         from fedclient.search import answer
@@ -142,6 +165,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         return answer(msg, policy, node.get("state-dir") or None)
 
     @app.query("identify")
+    @answered_by_the_site_runtime
     @keeps_errors_at_the_site
     def identify(msg: Message, context: Context) -> Message:
         from fedclient.device import describe_device

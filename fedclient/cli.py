@@ -163,6 +163,33 @@ def _check_clock(table: Table, time_server: str, ca: str) -> bool:
     return ok
 
 
+def runtime_status_command(home: str, state_dir: str) -> int:
+    """Print what the site runtime ``fedclient start`` runs reports of itself."""
+    import pathlib
+
+    from fedclient.runtime import RuntimeUnavailable, runtime_status, socket_path
+
+    directory = pathlib.Path(state_dir).expanduser() if state_dir else pathlib.Path(home).expanduser() / "state"
+    try:
+        status = runtime_status(str(socket_path(directory)))
+    except RuntimeUnavailable as err:
+        console.print(f"[red]error:[/] {escape(str(err))}; is `fedclient start` running with this --home/--state-dir?")
+        return 1
+    table = Table(title="site runtime")
+    table.add_column("")
+    table.add_column("")
+    last = status.get("last-message") or {}
+    for name, value in (("process", str(status["pid"])), ("up", f"{status['uptime-seconds']:.0f} s"),
+                        ("memory", f"{status['memory-mb']} MB"), ("messages answered", str(status["messages"])),
+                        ("answering now", status.get("busy") or "nothing"),
+                        ("models loaded", f"{status['models-loaded']} ({status['model-loads']} loads so far)"),
+                        ("last message", f"{last['type']} of run {last['run-id']} at {last['at']}, {last['seconds']} s"
+                         + (", failed" if last.get("failed") else "") if last else "none yet")):
+        table.add_row(name, escape(value))
+    console.print(table)
+    return 0
+
+
 def check_data(directory: str, task_name: str) -> int:
     """Validate a site's data directory against a task's classes and summarise it."""
     from fedclient.tasks import MissingDataError, SiteDataError, get_task
@@ -365,6 +392,10 @@ def start(args: argparse.Namespace) -> int:
                   + (f"required (epsilon <= {privacy.max_epsilon_per_run:g} per run, {privacy.max_epsilon_lifetime:g} "
                      f"over the ledger's life)" if privacy.required else "not required")
                   + f"; evaluation {policy.evaluation_mode}; state in {node_config['state-dir']}")
+    if not args.no_runtime:  # where the SuperNode's ClientApp processes forward each message
+        from fedclient.runtime import NODE_CONFIG_KEY, socket_path
+
+        node_config[NODE_CONFIG_KEY] = str(socket_path(node_config["state-dir"]))
     try:
         if not args.data and args.partition_id < 0 or args.partition_id >= args.num_partitions:
             raise ValueError(f"--partition-id must be in 0..{args.num_partitions - 1}, got {args.partition_id}")
@@ -379,6 +410,18 @@ def start(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/] {escape(str(err))}")
         return 2
     home.mkdir(parents=True, exist_ok=True)
+    runtime = None
+    if not args.no_runtime:  # a long-lived process answers every message with the model kept loaded
+        from fedclient.runtime import RuntimeUnavailable, Supervisor
+
+        runtime = Supervisor(node_config["state-dir"], node_config, home / "runtime.log")
+        console.print(f"starting the site runtime (log: {escape(str(runtime.log))})")
+        try:
+            runtime.start()
+        except RuntimeUnavailable as err:
+            runtime.stop()
+            console.print(f"[red]error:[/] {escape(str(err))}")
+            return 1
     console.print(f"starting the SuperNode: {' '.join(command)}")
     refused = stopped_here = clock_refused = False
 
@@ -406,6 +449,8 @@ def start(args: argparse.Namespace) -> int:
                 except ProcessLookupError:
                     break
                 time.sleep(2 if sig == signal.SIGTERM else 0)
+            if runtime is not None:
+                runtime.stop()
         returncode = process.wait()
     if refused and clock_refused:
         console.print("[red]error:[/] the coordinator refused this site's signed request as badly timed: this "
@@ -498,6 +543,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--heartbeat-interval", type=float, default=None,
                      help="seconds between this site's heartbeats, 10..1800: if the site dies, the coordinator "
                      "gives up on its replies after two missed heartbeats (default: Flower's 30 s, so 60 s)")
+    run.add_argument("--no-runtime", action="store_true",
+                     help="answer each message in Flower's own per-message ClientApp process (imports and the model "
+                     "load are paid at every message) instead of the long-lived site runtime (fedclient/runtime.py)")
+    status = sub.add_parser("status", help="what this site's runtime is doing: model loads, memory, last message")
+    status.add_argument("--home", default=".fedclient", help="the --home `fedclient start` was given")
+    status.add_argument("--state-dir", default="", help="the --state-dir `fedclient start` was given (default: HOME/state)")
     rules = sub.add_parser("policy", help="write or check this site's policy file",
                            description="A site's policy (TOML) says what it accepts whatever the coordinator asks: "
                            "tasks and strategies, required local DP and its limits, federated evaluation, encrypted "
@@ -523,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         return start(args)
     if args.command == "policy":
         return policy_command(args.policy_command, args.file)
+    if args.command == "status":
+        return runtime_status_command(args.home, args.state_dir)
     if args.command == "check-data":
         return check_data(args.directory, args.task)
     return doctor(args.task, args.superlink, args.ca, args.key, args.data, args.time_server)

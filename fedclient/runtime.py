@@ -1,0 +1,361 @@
+"""The site runtime: one long-lived process per partner site that keeps imports, the model, the
+tokenized data and per-site caches across Flower's messages and runs.
+
+Flower 1.39 starts a fresh ``flwr-clientapp`` process for every message, and none of its isolation
+modes keeps one alive (``../shared/research/flower139.md`` §3.5): each message pays ~1 s of Python
+and Flower start-up, ~1.5 s of ``import torch`` and then the model and data loads. ``fedclient
+start`` therefore starts this runtime beside the SuperNode (:class:`Supervisor`), and the signed
+app's ClientApp handlers, seeing ``runtime-socket`` in the site's node config, forward each message
+and its context here (:func:`forward`) instead of computing in their own process.
+
+- **Transport.** A Unix socket, ``runtime.sock`` in the site's state directory, made in a
+  directory only the site's user can enter (0700) and itself 0600: no other local user can talk
+  to the runtime. Frames are an 8-byte big-endian length and bytes; a request is a kind
+  (``message`` or ``status``) then Flower's own protobuf of the Message and the Context; a reply is
+  the reply Message's protobuf and the updated ``Context.state``'s (what the SuperNode keeps).
+- **What the runtime trusts.** It answers with the fedtune installed at the site and with the node
+  config ``fedclient start`` gave it, never the one a forwarded context carries, so the site's
+  policy, state directory and data directory are the site's own whatever the forwarding process
+  sends.
+- **Recovery.** If the runtime dies, :func:`forward` answers that message with a clean failure (the
+  round goes on without the site) and the supervisor starts a new runtime; the site trains again in
+  the next round.
+- **Reloads.** Models stay cached by task name, device and adapter (``fedclient.local._model``);
+  built-in model files are checked by sha256 when loaded and a ``dir:`` task is keyed to its files,
+  so a changed model is loaded again, never reused silently. ``status`` reports how many loads
+  the runtime made (``model-loads``), its memory and its last message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import socket
+import socketserver
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+
+SOCKET_NAME = "runtime.sock"
+NODE_CONFIG_KEY = "runtime-socket"  # in the SuperNode's node config: where the ClientApp forwards
+FRAME = struct.Struct(">Q")
+MAX_FRAME = 4 << 30  # 4 GiB: a model update of a large LM fits, a corrupt length does not allocate
+CONNECT_TIMEOUT_S = 5.0
+
+
+class RuntimeUnavailable(ConnectionError):
+    """The site runtime did not answer (not started, restarting, or died mid-message)."""
+
+
+# ---- framing ------------------------------------------------------------------------------------
+def _send(sock: socket.socket, *parts: bytes) -> None:
+    sock.sendall(b"".join(FRAME.pack(len(part)) + part for part in parts))
+
+
+def _receive_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise RuntimeUnavailable("the site runtime closed the connection mid-message")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _receive(sock: socket.socket) -> bytes:
+    (size,) = FRAME.unpack(_receive_exactly(sock, FRAME.size))
+    if size > MAX_FRAME:
+        raise RuntimeUnavailable(f"a frame of {size} bytes is over the {MAX_FRAME}-byte limit")
+    return _receive_exactly(sock, size)
+
+
+def _message_bytes(message: Message) -> bytes:
+    from flwr.common.serde import message_to_proto
+
+    return message_to_proto(message).SerializeToString()
+
+
+def _message_from(data: bytes) -> Message:
+    from flwr.common.serde import message_from_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+
+    proto = ProtoMessage()
+    proto.ParseFromString(data)
+    return message_from_proto(proto)
+
+
+def _context_bytes(context: Context) -> bytes:
+    from flwr.common.serde import context_to_proto
+
+    return context_to_proto(context).SerializeToString()
+
+
+def _context_from(data: bytes) -> Context:
+    from flwr.common.serde import context_from_proto
+    from flwr.proto.message_pb2 import Context as ProtoContext
+
+    proto = ProtoContext()
+    proto.ParseFromString(data)
+    return context_from_proto(proto)
+
+
+def _recorddict_bytes(records: RecordDict) -> bytes:
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(records).SerializeToString()
+
+
+def _recorddict_from(data: bytes) -> RecordDict:
+    from flwr.common.serde import recorddict_from_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+
+    proto = ProtoRecordDict()
+    proto.ParseFromString(data)
+    return recorddict_from_proto(proto)
+
+
+# ---- the ClientApp's side -----------------------------------------------------------------------
+def _task_identity() -> bytes:
+    """The Flower task this process runs (Flower stamps the reply's metadata with it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    return json.dumps({"task": TaskIdentity.task_id, "run": TaskIdentity.run_id, "node": TaskIdentity.node_id}).encode()
+
+
+def _set_task_identity(data: bytes) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    identity = json.loads(data)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = (
+        int(identity["task"]), int(identity["run"]), int(identity["node"]))
+
+def forward(socket_path: str, message: Message, context: Context, timeout: float | None = None) -> Message:
+    """Have the site runtime at ``socket_path`` answer ``message``; ``context.state`` becomes the
+    runtime's. A runtime that is not there or dies mid-message gives a failed reply (the round goes
+    on without this site), never an exception that could carry site details to the coordinator."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(CONNECT_TIMEOUT_S)
+            sock.connect(socket_path)
+            sock.settimeout(timeout)
+            _send(sock, b"message", _message_bytes(message), _context_bytes(context), _task_identity())
+            reply, state = _receive(sock), _receive(sock)
+    except (OSError, RuntimeUnavailable, struct.error) as err:
+        from privacy.refusal import site_log
+
+        site_log(f"the site runtime did not answer a {message.metadata.message_type} message: {err}")
+        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "the site's runtime did not answer (it is restarted; "
+                             "the site takes part again in a later round)"), reply_to=message)
+    context.state = _recorddict_from(state)
+    return _message_from(reply)
+
+
+def runtime_status(socket_path: str) -> dict[str, Any]:
+    """What the runtime at ``socket_path`` reports of itself (raises RuntimeUnavailable)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(CONNECT_TIMEOUT_S)
+            sock.connect(socket_path)
+            _send(sock, b"status")
+            return json.loads(_receive(sock))
+    except OSError as err:
+        raise RuntimeUnavailable(f"no site runtime answers at {socket_path} ({err})") from err
+
+
+# ---- the runtime's side -------------------------------------------------------------------------
+class SiteRuntime:
+    """Answers forwarded messages with fedtune's ClientApp in this process, under the site's own
+    node config; counts what it did for ``status``."""
+
+    def __init__(self, node_config: Mapping[str, Any]) -> None:
+        from fedclient.app import build_client_app
+
+        self.node_config = {k: v for k, v in node_config.items() if k != NODE_CONFIG_KEY}
+        self.app = build_client_app()
+        self.started = time.time()
+        self.messages = 0
+        self.busy: str | None = None  # the type of the message being answered
+        self.last_message: dict[str, Any] | None = None
+        self.lock = threading.Lock()  # one message at a time, as a SuperNode sends them
+
+    def warm_up(self) -> None:
+        """Import the training stack now, not during the first round."""
+        import fedclient.local  # noqa: F401  (torch, transformers, the tasks)
+
+    def answer(self, message: Message, context: Context, identity: bytes) -> tuple[Message, RecordDict]:
+        own = Context(run_id=context.run_id, node_id=context.node_id, node_config=dict(self.node_config),
+                      state=context.state, run_config=context.run_config)
+        started = time.time()
+        with self.lock:
+            _set_task_identity(identity)
+            self.busy = message.metadata.message_type
+            try:
+                reply = self.app(message, own)
+            finally:
+                self.busy = None
+            self.messages += 1
+        self.last_message = {"type": message.metadata.message_type, "run-id": context.run_id,
+                             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                             "seconds": round(time.time() - started, 3), "failed": reply.has_error()}
+        return reply, own.state
+
+    def status(self) -> dict[str, Any]:
+        local = sys.modules.get("fedclient.local")
+        cache = local._model.cache_info() if local is not None else None
+        return {
+            "pid": os.getpid(), "uptime-seconds": round(time.time() - self.started, 1), "messages": self.messages,
+            "busy": self.busy, "last-message": self.last_message, "model-loads": cache.misses if cache else 0,
+            "models-loaded": cache.currsize if cache else 0, "memory-mb": _resident_mb(),
+        }
+
+
+def _resident_mb() -> float | None:
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _RuntimeServer
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        try:
+            kind = _receive(sock)
+            if kind == b"status":
+                _send(sock, json.dumps(self.server.runtime.status()).encode())
+            elif kind == b"message":
+                message, context = _message_from(_receive(sock)), _context_from(_receive(sock))
+                reply, state = self.server.runtime.answer(message, context, _receive(sock))
+                _send(sock, _message_bytes(reply), _recorddict_bytes(state))
+        except (OSError, RuntimeUnavailable, struct.error):
+            return  # the forwarding process went away; it answers its message itself
+
+
+class _RuntimeServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True  # ``status`` answers while a message trains; messages take the runtime's lock
+
+    def __init__(self, path: str, runtime: SiteRuntime) -> None:
+        self.runtime = runtime
+        super().__init__(path, _Handler)
+
+
+def socket_path(state_dir: str | pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(state_dir) / SOCKET_NAME
+
+
+def serve(state_dir: str | pathlib.Path, node_config: Mapping[str, Any]) -> None:
+    """Run the site runtime on ``state_dir``'s socket until killed."""
+    directory = pathlib.Path(state_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    path = socket_path(directory)
+    path.unlink(missing_ok=True)
+    runtime = SiteRuntime(node_config)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    runtime.warm_up()
+    previous = os.umask(0o177)  # the socket is created 0600
+    try:
+        server = _RuntimeServer(str(path), runtime)
+    finally:
+        os.umask(previous)
+    print(f"site runtime {os.getpid()} ready on {path}", flush=True)
+    with server:
+        server.serve_forever()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this runtime when the ``fedclient start`` that supervises it is gone (even SIGKILLed):
+    no orphan keeps a site's model and socket after its site stopped."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+class Supervisor:
+    """Keeps one site runtime process running (``python -m fedclient.runtime``), restarting it
+    when it exits, until :meth:`stop`; its output goes to ``log``."""
+
+    def __init__(self, state_dir: str | pathlib.Path, node_config: Mapping[str, Any], log: pathlib.Path,
+                 restart_delay: float = 1.0) -> None:
+        self.state_dir = pathlib.Path(state_dir)
+        self.node_config = {k: v for k, v in node_config.items() if k != NODE_CONFIG_KEY}
+        self.log = log
+        self.restart_delay = restart_delay
+        self.starts = 0
+        self.process: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._keep_running, name="site-runtime", daemon=True)
+
+    @property
+    def socket(self) -> pathlib.Path:
+        return socket_path(self.state_dir)
+
+    def start(self, ready_timeout: float = 120.0) -> None:
+        self._thread.start()
+        self.wait_ready(ready_timeout)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                runtime_status(str(self.socket))
+                return
+            except RuntimeUnavailable:
+                time.sleep(0.1)
+        raise RuntimeUnavailable(f"the site runtime did not start within {timeout:.0f} s; see {self.log}")
+
+    def _launch(self) -> subprocess.Popen:
+        self.starts += 1
+        with self.log.open("a", encoding="utf-8") as log:
+            return subprocess.Popen([sys.executable, "-m", "fedclient.runtime", "--state-dir", str(self.state_dir),
+                                     "--node-config", json.dumps(self.node_config)],
+                                    stdout=log, stderr=subprocess.STDOUT)  # in the site's process group
+
+    def _keep_running(self) -> None:
+        while not self._stopping.is_set():
+            self.process = self._launch()
+            self.process.wait()
+            if not self._stopping.is_set():
+                with self.log.open("a", encoding="utf-8") as log:
+                    log.write(f"site runtime exited with code {self.process.returncode}; restarting\n")
+                self._stopping.wait(self.restart_delay)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        if self._thread.is_alive():
+            self._thread.join(timeout=15)
+        self.socket.unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fedclient.runtime", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--state-dir", required=True, help="the site's state directory (the socket goes there)")
+    parser.add_argument("--node-config", default="{}", help="the site's node config, as JSON")
+    args = parser.parse_args(argv)
+    serve(args.state_dir, json.loads(args.node_config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

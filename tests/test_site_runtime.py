@@ -1,0 +1,101 @@
+"""The site runtime (issue #20): a long-lived process that answers the messages Flower's per-message
+ClientApp processes forward to it, keeps the model loaded, uses the site's own node config, and
+recovers when it is killed mid-message. Real processes, a real Unix socket, the real ClientApp."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import stat
+import threading
+import time
+import uuid
+
+import pytest
+from flwr.app import ConfigRecord, Context, RecordDict
+
+from fedclient.app import build_client_app
+from fedclient.runtime import NODE_CONFIG_KEY, Supervisor, forward, runtime_status
+from fedclient.wire import ARRAYS, refusal_reason
+from tests.test_hostile_coordinator import OPEN, _deliver, _policy, _train_content
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """One site runtime for the module, supervised as `fedclient start` supervises it."""
+    root = tmp_path_factory.mktemp("site")
+    node = {"partition-id": 0, "num-partitions": 2, "state-dir": str(root / "state"),
+            "policy": _policy(root, OPEN)}
+    supervisor = Supervisor(root / "state", node, root / "runtime.log", restart_delay=0.2)
+    supervisor.start(ready_timeout=180)
+    yield supervisor, node
+    supervisor.stop()
+
+
+def _train(supervisor: Supervisor, config: dict | None = None, node_config: dict | None = None,
+           state: RecordDict | None = None):
+    from flwr.app import Message
+
+    content = _train_content(config)
+    context = Context(run_id=7, node_id=1, node_config={**(node_config or {}), NODE_CONFIG_KEY: str(supervisor.socket)},
+                      state=state or RecordDict(), run_config={"task": "tiny"})
+    message = Message(content, dst_node_id=1, message_type="train")
+    message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+    return forward(str(supervisor.socket), message, context), context
+
+
+def test_the_runtime_answers_messages_with_the_model_loaded_once(site, flower_identity) -> None:
+    supervisor, _ = site
+    assert stat.S_IMODE(supervisor.socket.stat().st_mode) == 0o600
+    assert stat.S_IMODE(supervisor.socket.parent.stat().st_mode) == 0o700
+    first, context = _train(supervisor, state=RecordDict({"kept": ConfigRecord({"rounds": 3})}))
+    assert ARRAYS in first.content, first.error if first.has_error() else refusal_reason(first.content)
+    assert context.state["kept"]["rounds"] == 3  # the state the SuperNode keeps went there and came back
+    started = time.monotonic()
+    second, _ = _train(supervisor)
+    assert ARRAYS in second.content and time.monotonic() - started < 5
+    status = runtime_status(str(supervisor.socket))
+    assert status["model-loads"] == 1 and status["messages"] >= 2 and status["memory-mb"] > 0
+    assert status["last-message"]["type"] == "train" and not status["last-message"]["failed"]
+
+
+def test_the_runtime_uses_the_sites_node_config_not_the_forwarded_one(site, tmp_path, flower_identity) -> None:
+    supervisor, _ = site
+    strict = {"partition-id": 0, "num-partitions": 2, "policy": _policy(tmp_path, "[training]\nmax-local-steps = 1\n")}
+    reply, _ = _train(supervisor, {"local-steps": 2, "schedule-steps": 2}, node_config=strict)
+    assert ARRAYS in reply.content  # the forwarded policy (max 1 step) was not the site's: the site's OPEN one ran
+    reply, _ = _train(supervisor, {"local-steps": 10**6}, node_config={"policy": _policy(tmp_path, OPEN)})
+    assert refusal_reason(reply.content).startswith("site policy training.max-local-steps")  # the built-in limits
+
+
+def test_a_runtime_killed_mid_message_fails_that_reply_and_comes_back(site, flower_identity) -> None:
+    supervisor, _ = site
+    before = supervisor.starts
+    result: dict = {}
+    worker = threading.Thread(target=lambda: result.update(reply=_train(supervisor, {"local-steps": 400,
+                                                                                    "schedule-steps": 400})[0]))
+    worker.start()
+    deadline = time.monotonic() + 60
+    while runtime_status(str(supervisor.socket))["busy"] != "train":  # it is training now
+        assert time.monotonic() < deadline and worker.is_alive()
+        time.sleep(0.05)
+    os.kill(supervisor.process.pid, signal.SIGKILL)
+    worker.join(timeout=60)
+    reply = result["reply"]
+    assert reply.has_error() and "runtime did not answer" in reply.error.reason
+    supervisor.wait_ready(timeout=180)
+    assert supervisor.starts == before + 1
+    again, _ = _train(supervisor)
+    assert ARRAYS in again.content  # the site trains again
+
+
+def test_the_client_app_forwards_only_at_a_real_site(site, tmp_path, flower_identity) -> None:
+    """In the SuperNode's ClientApp process the handlers forward to the runtime the node config
+    names; a runtime that is not there is a clean failure, not a crash."""
+    supervisor, node = site
+    app = build_client_app({"task": "tiny"})
+    reply = _deliver(app, "train", _train_content(), {**node, NODE_CONFIG_KEY: str(supervisor.socket)})
+    assert ARRAYS in reply.content
+    gone = _deliver(app, "train", _train_content(), {**node, NODE_CONFIG_KEY: str(tmp_path / "no.sock")})
+    assert gone.has_error() and "runtime did not answer" in gone.error.reason
