@@ -11,7 +11,15 @@ trains every round, central evaluation on the coordinator):
 - ``cached``: fedtune's defaults: the ClientApp's on-disk cache (fedclient/tasks/cache.py, warm)
   and ``fedclient start``'s SuperExec task poll of 0.1 s;
 - ``fast-poll``: ``cached`` plus ``fedclient start --poll-interval 0.2`` (the SuperNode's fixed
-  3 s / 0.5 s waits shortened; fedclient/supernode_launcher.py).
+  3 s / 0.5 s waits shortened; fedclient/supernode_launcher.py);
+- ``runtime``: ``fast-poll`` with the site runtime (fedclient/runtime.py, ``fedclient start``'s
+  default): each message is forwarded to one long-lived process per site that keeps imports, model
+  and data loaded. The three arms before it pass ``--no-runtime``.
+
+The ``runtime`` arm also reports how many times each site's runtime loaded a model (its own
+``model-loads`` metric, read with ``fedclient status``'s call after the run). The last line compares
+the last deployment arm with simulation:
+``deployment/simulation round ratio: X (deployment Y s, simulation Z s)``.
 
 Per arm it prints the mean round time over rounds 2..N (round 1 also pays the FAB install), the
 ClientApp start-up measured inside each ClientApp (process start to first training step:
@@ -39,16 +47,17 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
 from bench.common import LoopbackDeployment, simulate_arm
 
-ARMS = ("simulation", "stock", "cached", "fast-poll")
+ARMS = ("simulation", "stock", "cached", "fast-poll", "runtime")
 SETTINGS = {
     "stock": {"FEDTUNE_CACHE_DIR": "off", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"},
     "cached": {},
     "fast-poll": {},
+    "runtime": {},
 }
 
 
 def _config(args: argparse.Namespace) -> dict:
-    return {"task": "tiny", "strategy": "fedavg", "num-server-rounds": args.rounds, "local-steps": args.local_steps,
+    return {"task": args.task, "strategy": "fedavg", "num-server-rounds": args.rounds, "local-steps": args.local_steps,
             "min-train-nodes": args.sites, "checkpoint-every": 0}
 
 
@@ -81,7 +90,7 @@ def deployment_arm(arm: str, args: argparse.Namespace, tmp: str) -> dict:
     if arm != "stock":  # warm the site cache as the site's first message of any run would
         env.setdefault("FEDTUNE_CACHE_DIR", str(pathlib.Path(tmp) / "site-cache"))
         warm = ("from fedclient.tasks import PartitionSpec, get_task; "
-                f"get_task('tiny').client_data(PartitionSpec('dirichlet', {args.sites}, 0.5, 0), 0)")
+                f"t = get_task({args.task!r}); t.client_data(PartitionSpec(t.default_partition, {args.sites}, 0.5, 0), 0)")
         subprocess.run([sys.executable, "-c", warm], env={**os.environ, **env}, check=True)
 
     policy = root / "no-dp-policy.toml"  # this bench trains without DP: the sites opt out of the built-in policy
@@ -90,7 +99,8 @@ def deployment_arm(arm: str, args: argparse.Namespace, tmp: str) -> dict:
 
     def site_arguments(index: int) -> list[str]:
         return ["--policy", str(policy), "--partition-id", str(index), "--num-partitions", str(args.sites),
-                *(["--poll-interval", "0.2"] if arm == "fast-poll" else [])]
+                *(["--poll-interval", "0.2"] if arm in ("fast-poll", "runtime") else []),
+                *(["--no-runtime"] if arm != "runtime" else [])]
 
     with LoopbackDeployment(root, args.sites, site_arguments, env) as deployment:
         result = dep.submit(deployment.coord, _config(args), timeout=900)
@@ -98,7 +108,13 @@ def deployment_arm(arm: str, args: argparse.Namespace, tmp: str) -> dict:
             raise RuntimeError(f"{arm}: flwr run failed:\n{result.stderr[-2000:]}")
         store = RunStore(deployment.coord.store_url)
         (run,) = store.list_runs()
-        return _rounds_summary(arm, store, run.id)
+        summary = _rounds_summary(arm, store, run.id)
+        if arm == "runtime":  # each site runtime's own count of model loads
+            from fedclient.runtime import runtime_status, socket_path
+
+            summary["model-loads"] = [runtime_status(str(socket_path(root / f"site-{i}" / "home" / "state")))
+                                      ["model-loads"] for i in range(args.sites)]
+        return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,13 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sites", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--local-steps", type=int, default=2)
+    parser.add_argument("--task", default="tiny", help="tiny (default) or tiny-lm, the 2-block causal LM")
     args = parser.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         parser.error(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
     print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}; "
-          f"tiny, FedAvg, {args.sites} sites, {args.rounds} rounds, {args.local_steps} local steps")
+          f"{args.task}, FedAvg, {args.sites} sites, {args.rounds} rounds, {args.local_steps} local steps")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for arm in arms:
@@ -135,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         startup_text = f"{r['startup']:.1f}" if r["startup"] == r["startup"] else "–"
         print(f"| {r['arm']} | {r['first']:.1f} | {r['steady']:.1f} | {ratio} | {startup_text} | {r['train']:.2f} | "
               f"{waiting} | {share} | {r['accuracy']:.3f} |")
+    for r in results:
+        if "model-loads" in r:
+            print(f"\nmodel loads per site runtime over the whole run: {r['model-loads']}")
+    deployed = [r for r in results if r["arm"] != "simulation"]
+    if deployed and baseline:
+        last = deployed[-1]
+        print(f"\ndeployment/simulation round ratio: {last['steady'] / baseline:.1f} "
+              f"(deployment {last['steady']:.2f} s, simulation {baseline:.2f} s)")
     return 0
 
 

@@ -264,7 +264,7 @@ def test_the_readme_walkthrough_survives_a_killed_site_and_a_killed_coordinator(
         shown = {s["site"]: s for s in sites_overview(deployment)}  # the console's Sites page
         assert sorted(shown) == ["site-a", "site-b", "site-c"] and all(s["connected"] for s in shown.values())
         # step 5: status, then the run: c is killed in round 1, the coordinator right after it
-        status, run_command, runs_command = steps[5]
+        status, run_command, runs_command, site_status = steps[5]
         assert "site-c" in shell.ok(status)
         first = shell.start(run_command, demo / "run.log")
         deadline = time.monotonic() + 180
@@ -304,6 +304,9 @@ def test_the_readme_walkthrough_survives_a_killed_site_and_a_killed_coordinator(
         assert all(status[2, s].status == "ok" for s in ("site-a", "site-b", "site-c")), status
         assert all(0 < c.bytes_up < 200_000 for c in status.values() if c.status == "ok")  # compressed, not 7 MB
         assert rounds[-1].central_accuracy > 0
+        runtime = " ".join(shell.ok(site_status).split())  # site a's runtime answered the rounds, model kept loaded
+        assert "site runtime" in runtime and re.search(r"models loaded\W+1 \(1 loads so far\)", runtime), runtime
+        assert not re.search(r"messages answered\W+[01]\W", runtime), runtime
         listed = shell.ok(runs_command)
         assert run.id in listed and "completed" in listed
         by_flower_id = shell.ok(f"fedserver --store sqlite:///coord/store.db show {flower_id}")

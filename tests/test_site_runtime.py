@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import signal
 import stat
 import threading
@@ -45,7 +46,7 @@ def _train(supervisor: Supervisor, config: dict | None = None, node_config: dict
     return forward(str(supervisor.socket), message, context), context
 
 
-def test_the_runtime_answers_messages_with_the_model_loaded_once(site, flower_identity) -> None:
+def test_the_runtime_answers_messages_with_the_model_loaded_once(site, flower_identity, capsys) -> None:
     supervisor, _ = site
     assert stat.S_IMODE(supervisor.socket.stat().st_mode) == 0o600
     assert stat.S_IMODE(supervisor.socket.parent.stat().st_mode) == 0o700
@@ -58,6 +59,12 @@ def test_the_runtime_answers_messages_with_the_model_loaded_once(site, flower_id
     status = runtime_status(str(supervisor.socket))
     assert status["model-loads"] == 1 and status["messages"] >= 2 and status["memory-mb"] > 0
     assert status["last-message"]["type"] == "train" and not status["last-message"]["failed"]
+    from fedclient import cli as fedclient_cli
+
+    assert fedclient_cli.main(["status", "--state-dir", str(supervisor.state_dir)]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"models loaded\W+1 \(1 loads so far\)", shown) and "last message" in shown, shown
+    assert fedclient_cli.main(["status", "--state-dir", str(supervisor.state_dir / "elsewhere")]) == 1
 
 
 def test_the_runtime_uses_the_sites_node_config_not_the_forwarded_one(site, tmp_path, flower_identity) -> None:
