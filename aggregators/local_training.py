@@ -106,7 +106,7 @@ class TrainerOptions:
         }
 
     def lr_factor(self, step: int, total_steps: int) -> float:
-        """:math:`\eta_s / \eta` for step ``step`` (0-based) of ``total_steps`` (formula above)."""
+        r""":math:`\eta_s / \eta` for step ``step`` (0-based) of ``total_steps`` (formula above)."""
         step = max(0, step)
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps

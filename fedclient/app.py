@@ -70,20 +70,29 @@ def keeps_errors_at_the_site(handler: Handler) -> Handler:
     return guarded
 
 
-def answered_by_the_site_runtime(handler: Handler) -> Handler:
+def answered_by_the_site_runtime(handler: Handler, overrides: Mapping[str, Any] | None = None,
+                                 site_config: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+                                 ) -> Handler:
     """``handler`` that, at a site whose node config names a site runtime (``runtime-socket``, set
     by ``fedclient start``), has that long-lived process answer instead of this per-message one
-    (:mod:`fedclient.runtime`): the model, data and imports stay loaded across messages. Only the
-    site's SuperNode sets its node config, so a coordinator cannot route a message anywhere."""
+    (:mod:`fedclient.runtime`), with this ClientApp's effective run config (``overrides`` applied;
+    ``site_config`` adds a simulated site's node config, as in :func:`build_client_app`):
+    the model, data and imports stay loaded across messages. Only the site's SuperNode sets its
+    node config, so a coordinator cannot route a message anywhere."""
 
     @functools.wraps(handler)
     def routed(msg: Message, context: Context) -> Message:
-        socket_path = context.node_config.get(RUNTIME_SOCKET)
-        if socket_path:
-            from fedclient.runtime import forward
+        node = {**context.node_config, **(site_config(context.node_config) if site_config else {})}
+        socket_path = node.get(RUNTIME_SOCKET)
+        if not socket_path:
+            return handler(msg, context)
+        from fedclient.runtime import forward
 
-            return forward(str(socket_path), msg, context)
-        return handler(msg, context)
+        effective = Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+                            state=context.state, run_config=resolve_run_config(context.run_config, overrides))
+        reply = forward(str(socket_path), msg, effective)
+        context.state = effective.state
+        return reply
 
     return routed
 
@@ -101,6 +110,8 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         if site_config is not None:
             node.update(site_config(node))
         return node
+
+    routed = functools.partial(answered_by_the_site_runtime, overrides=overrides, site_config=site_config)
 
     def policy_of(node: Mapping[str, Any]) -> SitePolicy:
         """The site's policy; PolicyRefusal (details in the site's log) if its file cannot be used."""
@@ -122,19 +133,19 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         return train_reply(msg, context, node, config, policy, probe)
 
     @app.train()
-    @answered_by_the_site_runtime
+    @routed
     @keeps_errors_at_the_site
     def train(msg: Message, context: Context) -> Message:
         return run_local(msg, context, probe=False)
 
     @app.query("probe")
-    @answered_by_the_site_runtime
+    @routed
     @keeps_errors_at_the_site
     def probe(msg: Message, context: Context) -> Message:
         return run_local(msg, context, probe=True)
 
     @app.evaluate()
-    @answered_by_the_site_runtime
+    @routed
     @keeps_errors_at_the_site
     def evaluate(msg: Message, context: Context) -> Message:
         """Federated evaluation, if the site's policy allows it (:func:`fedclient.local.evaluate_reply`)."""
@@ -152,7 +163,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         return evaluate_reply(msg, context, node, config, policy)
 
     @app.query("search")
-    @answered_by_the_site_runtime
+    @routed
     @keeps_errors_at_the_site
     def search(msg: Message, context: Context) -> Message:
         from fedclient.search import answer
@@ -165,7 +176,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         return answer(msg, policy, node.get("state-dir") or None)
 
     @app.query("identify")
-    @answered_by_the_site_runtime
+    @routed
     @keeps_errors_at_the_site
     def identify(msg: Message, context: Context) -> Message:
         from fedclient.device import describe_device

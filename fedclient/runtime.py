@@ -125,11 +125,16 @@ def _recorddict_from(data: bytes) -> RecordDict:
 
 
 # ---- the ClientApp's side -----------------------------------------------------------------------
-def _task_identity() -> bytes:
-    """The Flower task this process runs (Flower stamps the reply's metadata with it)."""
+def _task_identity(context: Context) -> bytes:
+    """The Flower task this process runs (Flower stamps a reply's metadata with it); where Flower
+    set none (its simulation engine), the context's run and node."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    return json.dumps({"task": TaskIdentity.task_id, "run": TaskIdentity.run_id, "node": TaskIdentity.node_id}).encode()
+    try:
+        identity = {"task": TaskIdentity.task_id, "run": TaskIdentity.run_id, "node": TaskIdentity.node_id}
+    except RuntimeError:
+        identity = {"task": 0, "run": context.run_id, "node": context.node_id}
+    return json.dumps(identity).encode()
 
 
 def _set_task_identity(data: bytes) -> None:
@@ -148,7 +153,7 @@ def forward(socket_path: str, message: Message, context: Context, timeout: float
             sock.settimeout(CONNECT_TIMEOUT_S)
             sock.connect(socket_path)
             sock.settimeout(timeout)
-            _send(sock, b"message", _message_bytes(message), _context_bytes(context), _task_identity())
+            _send(sock, b"message", _message_bytes(message), _context_bytes(context), _task_identity(context))
             reply, state = _receive(sock), _receive(sock)
     except (OSError, RuntimeUnavailable, struct.error) as err:
         from privacy.refusal import site_log

@@ -28,7 +28,7 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)  # two 
 
 LONGEST_FIRST = (  # measured here, slowest first: minutes of processes and Flower simulations
     "test_deployment.py", "test_simulation.py", "test_llm.py", "test_cli.py", "test_vector_search.py",
-    "test_console.py", "test_search_flower.py", "test_hostile_coordinator.py",
+    "test_console.py", "test_search_flower.py", "test_site_runtime.py", "test_hostile_coordinator.py",
 )
 
 

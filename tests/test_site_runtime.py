@@ -4,6 +4,7 @@ recovers when it is killed mid-message. Real processes, a real Unix socket, the 
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import re
@@ -106,3 +107,45 @@ def test_the_client_app_forwards_only_at_a_real_site(site, tmp_path, flower_iden
     assert ARRAYS in reply.content
     gone = _deliver(app, "train", _train_content(), {**node, NODE_CONFIG_KEY: str(tmp_path / "no.sock")})
     assert gone.has_error() and "runtime did not answer" in gone.error.reason
+
+
+def _runtime_of_site_0(socket_path: str, node: dict) -> dict:
+    """Simulated site 0's node config names the runtime (what `fedclient start` sets); Ray pickles it."""
+    return {NODE_CONFIG_KEY: socket_path} if int(node.get("partition-id", -1)) == 0 else {}
+
+
+@pytest.mark.simulation
+def test_on_flower_a_killed_runtime_fails_one_reply_and_the_site_trains_again(site, tmp_path) -> None:
+    """3 sites on Flower's engine, 4 rounds; site 0 answers through the site runtime, which is
+    SIGKILLed while it trains round 1: that reply fails, every round completes with the others,
+    and site 0 trains again once the supervisor has restarted its runtime."""
+    from tests.test_simulation import _simulate
+
+    supervisor, _ = site
+    starts = supervisor.starts
+
+    def kill_while_training() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if runtime_status(str(supervisor.socket))["busy"] == "train":
+                    os.kill(supervisor.process.pid, signal.SIGKILL)
+                    return
+            except OSError:
+                pass
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_while_training)
+    killer.start()
+    store, run_id = _simulate(tmp_path, lambda config: build_client_app(
+        config, site_config=functools.partial(_runtime_of_site_0, str(supervisor.socket))),
+                              rounds=4, clients=3, **{"fraction-evaluate": 0.0, "local-steps": 30})
+    killer.join(timeout=5)
+    assert store.get_run(run_id).status == "completed"
+    rounds = store.rounds(run_id)
+    assert [r.round for r in rounds] == [1, 2, 3, 4] and all(r.num_accepted >= 2 for r in rounds)
+    site_0 = {c.round: c.status for c in store.client_rounds(run_id) if c.phase == "train" and c.site == "partition-0"}
+    failed = [r for r, status in site_0.items() if status != "ok"]
+    assert failed and failed[0] == min(site_0), site_0  # the reply in flight when it was killed failed
+    assert any(status == "ok" for r, status in site_0.items() if r > failed[0]), site_0  # and it trained again
+    assert supervisor.starts == starts + 1
