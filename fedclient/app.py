@@ -133,20 +133,20 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         return train_reply(msg, context, node, config, policy, probe)
 
     @app.train()
-    @routed
     @keeps_errors_at_the_site
+    @routed
     def train(msg: Message, context: Context) -> Message:
         return run_local(msg, context, probe=False)
 
     @app.query("probe")
-    @routed
     @keeps_errors_at_the_site
+    @routed
     def probe(msg: Message, context: Context) -> Message:
         return run_local(msg, context, probe=True)
 
     @app.evaluate()
-    @routed
     @keeps_errors_at_the_site
+    @routed
     def evaluate(msg: Message, context: Context) -> Message:
         """Federated evaluation, if the site's policy allows it (:func:`fedclient.local.evaluate_reply`)."""
         node = node_config(context)
@@ -163,8 +163,8 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         return evaluate_reply(msg, context, node, config, policy)
 
     @app.query("search")
-    @routed
     @keeps_errors_at_the_site
+    @routed
     def search(msg: Message, context: Context) -> Message:
         from fedclient.search import answer
 
@@ -176,8 +176,8 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
         return answer(msg, policy, node.get("state-dir") or None)
 
     @app.query("identify")
-    @routed
     @keeps_errors_at_the_site
+    @routed
     def identify(msg: Message, context: Context) -> Message:
         from fedclient.device import describe_device
 

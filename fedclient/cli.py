@@ -417,9 +417,8 @@ def start(args: argparse.Namespace) -> int:
         runtime = Supervisor(node_config["state-dir"], node_config, home / "runtime.log")
         console.print(f"starting the site runtime (log: {escape(str(runtime.log))})")
         try:
-            runtime.start()
+            runtime.start(ready_timeout=None)  # it warms up while the SuperNode connects
         except RuntimeUnavailable as err:
-            runtime.stop()
             console.print(f"[red]error:[/] {escape(str(err))}")
             return 1
     console.print(f"starting the SuperNode: {' '.join(command)}")

@@ -21,19 +21,25 @@ and its context here (:func:`forward`) instead of computing in their own process
   round goes on without the site) and the supervisor starts a new runtime; the site trains again in
   the next round.
 - **Reloads.** Models stay cached by task name, device and adapter (``fedclient.local._model``);
-  built-in model files are checked by sha256 when loaded and a ``dir:`` task is keyed to its files,
-  so a changed model is loaded again, never reused silently. ``status`` reports how many loads
-  the runtime made (``model-loads``), its memory and its last message.
+  a ``dir:`` task is keyed to its files' sizes and times. Not yet keyed to a model digest: a
+  package upgrade (a new MiniLM or SmolLM2 wheel, a task plugin) takes effect when ``fedclient
+  start`` is restarted. ``status`` reports how many task models the runtime built
+  (``model-loads``), its memory and its last message.
+- **One runtime per state directory.** The runtime holds an exclusive lock on ``runtime.lock``
+  there for its lifetime; a second one on the same directory exits with :data:`EXIT_IN_USE`, and
+  its supervisor gives up instead of taking the first site's socket.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import pathlib
 import socket
 import socketserver
+import stat
 import struct
 import subprocess
 import sys
@@ -46,10 +52,14 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
 SOCKET_NAME = "runtime.sock"
+LOCK_NAME = "runtime.lock"  # held by the live runtime of a state directory
 NODE_CONFIG_KEY = "runtime-socket"  # in the SuperNode's node config: where the ClientApp forwards
 FRAME = struct.Struct(">Q")
 MAX_FRAME = 4 << 30  # 4 GiB: a model update of a large LM fits, a corrupt length does not allocate
 CONNECT_TIMEOUT_S = 5.0
+RESTART_WAIT_S = 30.0  # how long a message waits for a runtime that is restarting (its socket file is there)
+EXIT_IN_USE = 3  # another runtime holds this state directory
+SMALL_FRAME = 256  # the kind and identity frames
 
 
 class RuntimeUnavailable(ConnectionError):
@@ -72,10 +82,10 @@ def _receive_exactly(sock: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def _receive(sock: socket.socket) -> bytes:
+def _receive(sock: socket.socket, limit: int = MAX_FRAME) -> bytes:
     (size,) = FRAME.unpack(_receive_exactly(sock, FRAME.size))
-    if size > MAX_FRAME:
-        raise RuntimeUnavailable(f"a frame of {size} bytes is over the {MAX_FRAME}-byte limit")
+    if size > limit:
+        raise RuntimeUnavailable(f"a frame of {size} bytes is over the {limit}-byte limit")
     return _receive_exactly(sock, size)
 
 
@@ -149,20 +159,48 @@ def forward(socket_path: str, message: Message, context: Context, timeout: float
     runtime's. A runtime that is not there or dies mid-message gives a failed reply (the round goes
     on without this site), never an exception that could carry site details to the coordinator."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(CONNECT_TIMEOUT_S)
-            sock.connect(socket_path)
+        with _connect(socket_path) as sock:
             sock.settimeout(timeout)
             _send(sock, b"message", _message_bytes(message), _context_bytes(context), _task_identity(context))
-            reply, state = _receive(sock), _receive(sock)
-    except (OSError, RuntimeUnavailable, struct.error) as err:
+            reply, state = _message_from(_receive(sock)), _recorddict_from(_receive(sock))
+    except Exception as err:  # noqa: BLE001 (whatever went wrong, the coordinator learns only that it failed)
         from privacy.refusal import site_log
 
-        site_log(f"the site runtime did not answer a {message.metadata.message_type} message: {err}")
+        site_log(f"the site runtime did not answer a {message.metadata.message_type} message: {err!r}")
         return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "the site's runtime did not answer (it is restarted; "
                              "the site takes part again in a later round)"), reply_to=message)
-    context.state = _recorddict_from(state)
-    return _message_from(reply)
+    context.state = state
+    return reply
+
+
+def _connect(socket_path: str) -> socket.socket:
+    """A connection to the runtime. While one is starting or restarting (it holds the state
+    directory's lock but does not answer yet, or its old socket file is still there), keep trying
+    for :data:`RESTART_WAIT_S`; with no runtime at all, fail at once."""
+    deadline = time.monotonic() + RESTART_WAIT_S
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_TIMEOUT_S)
+        try:
+            sock.connect(socket_path)
+            return sock
+        except OSError:
+            sock.close()
+            coming = os.path.exists(socket_path) or _runtime_holds_lock(pathlib.Path(socket_path).parent)
+            if not coming or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _runtime_holds_lock(directory: pathlib.Path) -> bool:
+    try:
+        with open(directory / LOCK_NAME, "rb") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
 
 
 def runtime_status(socket_path: str) -> dict[str, Any]:
@@ -240,12 +278,12 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         sock: socket.socket = self.request
         try:
-            kind = _receive(sock)
+            kind = _receive(sock, SMALL_FRAME)
             if kind == b"status":
                 _send(sock, json.dumps(self.server.runtime.status()).encode())
             elif kind == b"message":
                 message, context = _message_from(_receive(sock)), _context_from(_receive(sock))
-                reply, state = self.server.runtime.answer(message, context, _receive(sock))
+                reply, state = self.server.runtime.answer(message, context, _receive(sock, SMALL_FRAME))
                 _send(sock, _message_bytes(reply), _recorddict_bytes(state))
         except (OSError, RuntimeUnavailable, struct.error):
             return  # the forwarding process went away; it answers its message itself
@@ -263,21 +301,39 @@ def socket_path(state_dir: str | pathlib.Path) -> pathlib.Path:
     return pathlib.Path(state_dir) / SOCKET_NAME
 
 
-def serve(state_dir: str | pathlib.Path, node_config: Mapping[str, Any]) -> None:
-    """Run the site runtime on ``state_dir``'s socket until killed."""
+def own_directory(directory: pathlib.Path) -> None:
+    """Make ``directory`` (0700) or accept an existing one only if it is a real directory of this
+    user: the socket and lock go there, and another user's directory could be swapped under us."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise SystemExit(f"the state directory {directory} is not a directory owned by this user; refusing to "
+                         "put the site runtime's socket there")
+    os.chmod(directory, 0o700, follow_symlinks=False)
+
+
+def serve(state_dir: str | pathlib.Path, node_config: Mapping[str, Any], parent: int | None = None) -> None:
+    """Run the site runtime on ``state_dir``'s socket until killed or until ``parent`` (the
+    supervising ``fedclient start``) is gone."""
     directory = pathlib.Path(state_dir)
-    directory.mkdir(parents=True, exist_ok=True)
-    os.chmod(directory, 0o700)
+    own_directory(directory)
+    lock = open(directory / LOCK_NAME, "a")  # noqa: SIM115 (held for the process's lifetime)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        print(f"another site runtime holds {directory}; one state directory per site", flush=True)
+        raise SystemExit(EXIT_IN_USE) from None
     path = socket_path(directory)
-    path.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)  # a dead runtime's (we hold the lock: no live one has it)
     runtime = SiteRuntime(node_config)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_exit_with_parent, args=(parent or os.getppid(),), daemon=True).start()
     runtime.warm_up()
     previous = os.umask(0o177)  # the socket is created 0600
     try:
         server = _RuntimeServer(str(path), runtime)
     finally:
         os.umask(previous)
+    _SERVING["socket"] = str(path)
     print(f"site runtime {os.getpid()} ready on {path}", flush=True)
     with server:
         server.serve_forever()
@@ -288,7 +344,13 @@ def _exit_with_parent(parent: int) -> None:
     no orphan keeps a site's model and socket after its site stopped."""
     while os.getppid() == parent:
         time.sleep(1.0)
+    socket_path_of_runtime = _SERVING.get("socket")
+    if socket_path_of_runtime is not None:
+        pathlib.Path(socket_path_of_runtime).unlink(missing_ok=True)
     os._exit(0)
+
+
+_SERVING: dict[str, str] = {}
 
 
 class Supervisor:
@@ -302,6 +364,7 @@ class Supervisor:
         self.log = log
         self.restart_delay = restart_delay
         self.starts = 0
+        self.failure = ""  # why the supervisor gave up, if it did
         self.process: subprocess.Popen | None = None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._keep_running, name="site-runtime", daemon=True)
@@ -310,13 +373,21 @@ class Supervisor:
     def socket(self) -> pathlib.Path:
         return socket_path(self.state_dir)
 
-    def start(self, ready_timeout: float = 120.0) -> None:
+    def start(self, ready_timeout: float | None = 120.0) -> None:
+        """Start the runtime; wait until it answers unless ``ready_timeout`` is None (messages that
+        arrive while it starts wait for it: :func:`forward`)."""
+        if _runtime_holds_lock(self.state_dir):
+            self.failure = "another site runtime uses this state directory (another `fedclient start`?)"
+            raise RuntimeUnavailable(self.failure)
         self._thread.start()
-        self.wait_ready(ready_timeout)
+        if ready_timeout is not None:
+            self.wait_ready(ready_timeout)
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.failure:
+                raise RuntimeUnavailable(self.failure)
             try:
                 runtime_status(str(self.socket))
                 return
@@ -326,19 +397,33 @@ class Supervisor:
 
     def _launch(self) -> subprocess.Popen:
         self.starts += 1
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with self.log.open("a", encoding="utf-8") as log:
-            return subprocess.Popen([sys.executable, "-m", "fedclient.runtime", "--state-dir", str(self.state_dir),
-                                     "--node-config", json.dumps(self.node_config)],
-                                    stdout=log, stderr=subprocess.STDOUT)  # in the site's process group
+            # -P: nothing from the directory `fedclient start` was run in is importable; its own session,
+            # so a terminal's Ctrl-C reaches `fedclient start`, which stops it (it also exits with us)
+            return subprocess.Popen([sys.executable, "-P", "-m", "fedclient.runtime", "--state-dir", str(self.state_dir),
+                                     "--node-config", json.dumps(self.node_config), "--parent-pid", str(os.getpid())],
+                                    stdout=log, stderr=subprocess.STDOUT, cwd=self.state_dir, start_new_session=True)
 
     def _keep_running(self) -> None:
+        delay = self.restart_delay
         while not self._stopping.is_set():
+            started = time.monotonic()
             self.process = self._launch()
             self.process.wait()
-            if not self._stopping.is_set():
-                with self.log.open("a", encoding="utf-8") as log:
-                    log.write(f"site runtime exited with code {self.process.returncode}; restarting\n")
-                self._stopping.wait(self.restart_delay)
+            if self._stopping.is_set():
+                return
+            code = self.process.returncode
+            if code == EXIT_IN_USE:
+                self.failure = "another site runtime uses this state directory (another `fedclient start`?)"
+                return
+            # a runtime that keeps dying at once is not restarted in a tight loop: the wait doubles, up to 60 s
+            delay = self.restart_delay if time.monotonic() - started > 60 else min(60.0, delay * 2)
+            with self.log.open("a", encoding="utf-8") as log:
+                log.write(f"site runtime exited with code {code}; restarting in {delay:.0f} s\n")
+            print(f"the site runtime exited (code {code}); restarting it in {delay:.0f} s (log: {self.log})",
+                  file=sys.stderr, flush=True)
+            self._stopping.wait(delay)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -350,15 +435,15 @@ class Supervisor:
                 self.process.kill()
         if self._thread.is_alive():
             self._thread.join(timeout=15)
-        self.socket.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fedclient.runtime", description=__doc__.split("\n\n")[0])
     parser.add_argument("--state-dir", required=True, help="the site's state directory (the socket goes there)")
     parser.add_argument("--node-config", default="{}", help="the site's node config, as JSON")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     args = parser.parse_args(argv)
-    serve(args.state_dir, json.loads(args.node_config))
+    serve(args.state_dir, json.loads(args.node_config), args.parent_pid)
     return 0
 
 

@@ -73,8 +73,11 @@ def test_the_runtime_uses_the_sites_node_config_not_the_forwarded_one(site, tmp_
     strict = {"partition-id": 0, "num-partitions": 2, "policy": _policy(tmp_path, "[training]\nmax-local-steps = 1\n")}
     reply, _ = _train(supervisor, {"local-steps": 2, "schedule-steps": 2}, node_config=strict)
     assert ARRAYS in reply.content  # the forwarded policy (max 1 step) was not the site's: the site's OPEN one ran
+    elsewhere = {"data-dir": str(tmp_path / "not-the-sites-data"), "state-dir": str(tmp_path / "not-its-state")}
+    reply, _ = _train(supervisor, node_config=elsewhere)
+    assert ARRAYS in reply.content and not (tmp_path / "not-its-state").exists()  # its own data and state
     reply, _ = _train(supervisor, {"local-steps": 10**6}, node_config={"policy": _policy(tmp_path, OPEN)})
-    assert refusal_reason(reply.content).startswith("site policy training.max-local-steps")  # the built-in limits
+    assert refusal_reason(reply.content).startswith("site policy training.max-local-steps")  # policy limits hold
 
 
 def test_a_runtime_killed_mid_message_fails_that_reply_and_comes_back(site, flower_identity) -> None:
@@ -103,8 +106,11 @@ def test_the_client_app_forwards_only_at_a_real_site(site, tmp_path, flower_iden
     names; a runtime that is not there is a clean failure, not a crash."""
     supervisor, node = site
     app = build_client_app({"task": "tiny"})
+    answered = runtime_status(str(supervisor.socket))["messages"]
     reply = _deliver(app, "train", _train_content(), {**node, NODE_CONFIG_KEY: str(supervisor.socket)})
-    assert ARRAYS in reply.content
+    assert ARRAYS in reply.content and runtime_status(str(supervisor.socket))["messages"] == answered + 1
+    local = _deliver(app, "train", _train_content(), node)  # no runtime named: this process answers
+    assert ARRAYS in local.content and runtime_status(str(supervisor.socket))["messages"] == answered + 1
     gone = _deliver(app, "train", _train_content(), {**node, NODE_CONFIG_KEY: str(tmp_path / "no.sock")})
     assert gone.has_error() and "runtime did not answer" in gone.error.reason
 
@@ -149,3 +155,14 @@ def test_on_flower_a_killed_runtime_fails_one_reply_and_the_site_trains_again(si
     assert failed and failed[0] == min(site_0), site_0  # the reply in flight when it was killed failed
     assert any(status == "ok" for r, status in site_0.items() if r > failed[0]), site_0  # and it trained again
     assert supervisor.starts == starts + 1
+
+
+def test_one_runtime_per_state_directory(site, tmp_path) -> None:
+    """A second `fedclient start` on the same state directory must not take the first site's socket."""
+    from fedclient.runtime import RuntimeUnavailable
+
+    supervisor, node = site
+    second = Supervisor(supervisor.state_dir, {**node, "site-name": "other"}, tmp_path / "second.log")
+    with pytest.raises(RuntimeUnavailable, match="another site runtime uses this state directory"):
+        second.start(ready_timeout=None)
+    assert runtime_status(str(supervisor.socket))["pid"] == supervisor.process.pid  # the first one still answers
