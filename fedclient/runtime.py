@@ -8,9 +8,10 @@ start`` therefore starts this runtime beside the SuperNode (:class:`Supervisor`)
 app's ClientApp handlers, seeing ``runtime-socket`` in the site's node config, forward each message
 and its context here (:func:`forward`) instead of computing in their own process.
 
-- **Transport.** A Unix socket, ``runtime.sock`` in the site's state directory, made in a
-  directory only the site's user can enter (0700) and itself 0600: no other local user can talk
-  to the runtime. Frames are an 8-byte big-endian length and bytes; a request is a kind
+- **Transport.** A Unix socket, ``runtime.sock`` in the site's state directory (or, where that
+  path is too long for a Unix socket, a hashed name in ``$TMPDIR/fedtune-UID/``), made in a
+  directory of the site's user only it can enter (0700) and itself 0600: no other local user can
+  talk to the runtime. Frames are an 8-byte big-endian length and bytes; a request is a kind
   (``message`` or ``status``) then Flower's own protobuf of the Message and the Context; a reply is
   the reply Message's protobuf and the updated ``Context.state``'s (what the SuperNode keeps).
 - **What the runtime trusts.** It answers with the fedtune installed at the site and with the node
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import os
 import pathlib
@@ -43,6 +45,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -52,7 +55,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 
 SOCKET_NAME = "runtime.sock"
-LOCK_NAME = "runtime.lock"  # held by the live runtime of a state directory
+MAX_SOCKET_PATH = 100  # bytes; Linux takes at most 107 for a Unix socket's path
 NODE_CONFIG_KEY = "runtime-socket"  # in the SuperNode's node config: where the ClientApp forwards
 FRAME = struct.Struct(">Q")
 MAX_FRAME = 4 << 30  # 4 GiB: a model update of a large LM fits, a corrupt length does not allocate
@@ -186,15 +189,15 @@ def _connect(socket_path: str) -> socket.socket:
             return sock
         except OSError:
             sock.close()
-            coming = os.path.exists(socket_path) or _runtime_holds_lock(pathlib.Path(socket_path).parent)
+            coming = os.path.exists(socket_path) or _runtime_holds_lock(lock_path(socket_path))
             if not coming or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
 
 
-def _runtime_holds_lock(directory: pathlib.Path) -> bool:
+def _runtime_holds_lock(lock: pathlib.Path) -> bool:
     try:
-        with open(directory / LOCK_NAME, "rb") as lock:
+        with open(lock, "rb") as lock:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
             return False
     except BlockingIOError:
@@ -298,7 +301,19 @@ class _RuntimeServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
 
 
 def socket_path(state_dir: str | pathlib.Path) -> pathlib.Path:
-    return pathlib.Path(state_dir) / SOCKET_NAME
+    """Where the runtime of ``state_dir`` listens: ``runtime.sock`` there, or, where that path is
+    too long for a Unix socket (108 bytes), a socket named by its hash in this user's private
+    directory under the system's temporary directory."""
+    path = pathlib.Path(state_dir).resolve() / SOCKET_NAME
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        return path
+    digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:24]
+    return pathlib.Path(tempfile.gettempdir()) / f"fedtune-{os.geteuid()}" / f"{digest}.sock"
+
+
+def lock_path(socket: str | pathlib.Path) -> pathlib.Path:
+    """The lock the live runtime of ``socket`` holds."""
+    return pathlib.Path(socket).with_suffix(".lock")
 
 
 def own_directory(directory: pathlib.Path) -> None:
@@ -317,13 +332,14 @@ def serve(state_dir: str | pathlib.Path, node_config: Mapping[str, Any], parent:
     supervising ``fedclient start``) is gone."""
     directory = pathlib.Path(state_dir)
     own_directory(directory)
-    lock = open(directory / LOCK_NAME, "a")  # noqa: SIM115 (held for the process's lifetime)
+    path = socket_path(directory)
+    own_directory(path.parent)
+    lock = open(lock_path(path), "a")  # noqa: SIM115 (held for the process's lifetime)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         print(f"another site runtime holds {directory}; one state directory per site", flush=True)
         raise SystemExit(EXIT_IN_USE) from None
-    path = socket_path(directory)
     path.unlink(missing_ok=True)  # a dead runtime's (we hold the lock: no live one has it)
     runtime = SiteRuntime(node_config)
     threading.Thread(target=_exit_with_parent, args=(parent or os.getppid(),), daemon=True).start()
@@ -376,7 +392,7 @@ class Supervisor:
     def start(self, ready_timeout: float | None = 120.0) -> None:
         """Start the runtime; wait until it answers unless ``ready_timeout`` is None (messages that
         arrive while it starts wait for it: :func:`forward`)."""
-        if _runtime_holds_lock(self.state_dir):
+        if _runtime_holds_lock(lock_path(self.socket)):
             self.failure = "another site runtime uses this state directory (another `fedclient start`?)"
             raise RuntimeUnavailable(self.failure)
         self._thread.start()

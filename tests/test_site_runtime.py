@@ -166,3 +166,13 @@ def test_one_runtime_per_state_directory(site, tmp_path) -> None:
     with pytest.raises(RuntimeUnavailable, match="another site runtime uses this state directory"):
         second.start(ready_timeout=None)
     assert runtime_status(str(supervisor.socket))["pid"] == supervisor.process.pid  # the first one still answers
+
+
+def test_a_state_directory_too_deep_for_a_unix_socket_gets_a_private_short_one(tmp_path) -> None:
+    from fedclient.runtime import lock_path, socket_path
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60) / "state"
+    path = socket_path(deep)
+    assert len(str(path)) < 100 and path.parent.name == f"fedtune-{os.geteuid()}"
+    assert path == socket_path(deep) and path != socket_path(tmp_path / ("d" * 60) / ("e" * 60) / "other")
+    assert lock_path(path).suffix == ".lock" and socket_path(tmp_path) == tmp_path.resolve() / "runtime.sock"
