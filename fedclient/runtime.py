@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import pathlib
+import signal
 import socket
 import socketserver
 import stat
@@ -350,6 +351,13 @@ def serve(state_dir: str | pathlib.Path, node_config: Mapping[str, Any], parent:
     finally:
         os.umask(previous)
     _SERVING["socket"] = str(path)
+
+    def stop(_signum: int, _frame: object) -> None:  # SIGTERM (the supervisor's stop): leave nothing behind
+        path.unlink(missing_ok=True)
+        lock_path(path).unlink(missing_ok=True)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     print(f"site runtime {os.getpid()} ready on {path}", flush=True)
     with server:
         server.serve_forever()
