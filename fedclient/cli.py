@@ -330,12 +330,12 @@ def start(args: argparse.Namespace) -> int:
 
     node_config: dict = {"partition-id": args.partition_id, "num-partitions": args.num_partitions}
     if args.data:
-        from fedclient.tasks import SiteDataError, read_site_corpus
-        from fedclient.tasks.site_data import holds_prompt_completions, read_prompt_completions
+        from fedclient.tasks import SiteDataError
+        from fedclient.tasks.site_data import read_site_examples
 
         data = pathlib.Path(args.data).expanduser().resolve()
         try:  # the format now; the labels against the run's task when a run asks for training
-            corpus = read_prompt_completions(data) if holds_prompt_completions(data) else read_site_corpus(data, None)
+            corpus = read_site_examples(data, None)
         except SiteDataError as err:
             console.print(f"[red]error:[/] {escape(str(err))}")
             return 2

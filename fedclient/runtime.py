@@ -49,11 +49,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.common import serde
 from flwr.common.constant import ErrorCode
+from flwr.proto.message_pb2 import Context as ProtoContext
+from flwr.proto.message_pb2 import Message as ProtoMessage
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 SOCKET_NAME = "runtime.sock"
 MAX_SOCKET_PATH = 100  # bytes; Linux takes at most 107 for a Unix socket's path
@@ -93,49 +97,16 @@ def _receive(sock: socket.socket, limit: int = MAX_FRAME) -> bytes:
     return _receive_exactly(sock, size)
 
 
-def _message_bytes(message: Message) -> bytes:
-    from flwr.common.serde import message_to_proto
+def _to_bytes(to_proto: Callable[[Any], Any], value: Any) -> bytes:
+    """``value`` as the bytes of Flower's own protobuf (``to_proto`` from ``flwr.common.serde``)."""
+    return to_proto(value).SerializeToString()
 
-    return message_to_proto(message).SerializeToString()
 
-
-def _message_from(data: bytes) -> Message:
-    from flwr.common.serde import message_from_proto
-    from flwr.proto.message_pb2 import Message as ProtoMessage
-
-    proto = ProtoMessage()
+def _from_bytes(from_proto: Callable[[Any], Any], proto_type: type, data: bytes) -> Any:
+    """The object ``from_proto`` makes of the ``proto_type`` protobuf in ``data``."""
+    proto = proto_type()
     proto.ParseFromString(data)
-    return message_from_proto(proto)
-
-
-def _context_bytes(context: Context) -> bytes:
-    from flwr.common.serde import context_to_proto
-
-    return context_to_proto(context).SerializeToString()
-
-
-def _context_from(data: bytes) -> Context:
-    from flwr.common.serde import context_from_proto
-    from flwr.proto.message_pb2 import Context as ProtoContext
-
-    proto = ProtoContext()
-    proto.ParseFromString(data)
-    return context_from_proto(proto)
-
-
-def _recorddict_bytes(records: RecordDict) -> bytes:
-    from flwr.common.serde import recorddict_to_proto
-
-    return recorddict_to_proto(records).SerializeToString()
-
-
-def _recorddict_from(data: bytes) -> RecordDict:
-    from flwr.common.serde import recorddict_from_proto
-    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
-
-    proto = ProtoRecordDict()
-    proto.ParseFromString(data)
-    return recorddict_from_proto(proto)
+    return from_proto(proto)
 
 
 # ---- the ClientApp's side -----------------------------------------------------------------------
@@ -165,8 +136,10 @@ def forward(socket_path: str, message: Message, context: Context, timeout: float
     try:
         with _connect(socket_path) as sock:
             sock.settimeout(timeout)
-            _send(sock, b"message", _message_bytes(message), _context_bytes(context), _task_identity(context))
-            reply, state = _message_from(_receive(sock)), _recorddict_from(_receive(sock))
+            _send(sock, b"message", _to_bytes(serde.message_to_proto, message),
+                  _to_bytes(serde.context_to_proto, context), _task_identity(context))
+            reply = _from_bytes(serde.message_from_proto, ProtoMessage, _receive(sock))
+            state = _from_bytes(serde.recorddict_from_proto, ProtoRecordDict, _receive(sock))
     except Exception as err:  # noqa: BLE001 (whatever went wrong, the coordinator learns only that it failed)
         from privacy.refusal import site_log
 
@@ -286,9 +259,10 @@ class _Handler(socketserver.BaseRequestHandler):
             if kind == b"status":
                 _send(sock, json.dumps(self.server.runtime.status()).encode())
             elif kind == b"message":
-                message, context = _message_from(_receive(sock)), _context_from(_receive(sock))
+                message = _from_bytes(serde.message_from_proto, ProtoMessage, _receive(sock))
+                context = _from_bytes(serde.context_from_proto, ProtoContext, _receive(sock))
                 reply, state = self.server.runtime.answer(message, context, _receive(sock, SMALL_FRAME))
-                _send(sock, _message_bytes(reply), _recorddict_bytes(state))
+                _send(sock, _to_bytes(serde.message_to_proto, reply), _to_bytes(serde.recorddict_to_proto, state))
         except (OSError, RuntimeUnavailable, struct.error):
             return  # the forwarding process went away; it answers its message itself
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from fedclient.tasks.adapters import AdapterSpec, inject_adapter
 from fedclient.tasks.cache import cache_dir
 from fedclient.tasks.data import Corpus, MissingDataError, TokenizedDataset, package_dir
-from fedclient.tasks.site_data import SiteCorpus, SiteDataError, holds_prompt_completions, read_prompt_completions
+from fedclient.tasks.site_data import SiteCorpus, SiteDataError, read_site_examples
 from fedclient.tasks.text import TextTask, describe_callable
 
 IGNORE = -100
@@ -305,9 +305,7 @@ class CausalLMTask(TextTask):
     def read_site_data(self, directory: str | pathlib.Path) -> SiteCorpus:
         """A site's own data: ``{prompt, completion}`` JSON Lines (trained on as they are), or
         labelled text (prompted as the task prompts its corpus, answered with the label)."""
-        if holds_prompt_completions(directory):
-            return read_prompt_completions(directory)
-        return super().read_site_data(directory)
+        return read_site_examples(directory, self.load_data().classes)
 
     def encode_site_corpus(self, corpus: SiteCorpus) -> list[torch.Tensor]:
         try:

@@ -32,7 +32,7 @@ import torch
 from fedclient.tasks.adapters import AdapterSpec, inject_adapter
 from fedclient.tasks.causal_lm import CausalLMTask, lm_layer_names
 from fedclient.tasks.data import Corpus
-from fedclient.tasks.site_data import holds_prompt_completions, read_prompt_completions, read_site_corpus
+from fedclient.tasks.site_data import holds_prompt_completions, read_site_examples
 from fedclient.tasks.text import EncoderClassifier, TextTask
 
 PREFIX = "dir:"
@@ -89,7 +89,7 @@ def verbatim_prompt(text: str, condition: str | None, classes) -> str:
 def _directory_corpus(data_dir: str, signature: str = "") -> Corpus:
     """The data directory's examples: prompt/completion pairs or labelled text (classes in sorted
     order). ``signature`` (:func:`files_signature`) keys this and the tokenized cache to the files."""
-    corpus = read_prompt_completions(data_dir) if holds_prompt_completions(data_dir) else read_site_corpus(data_dir, None)
+    corpus = read_site_examples(data_dir, None)
     return Corpus(corpus.texts, np.asarray(corpus.labels), corpus.classes)
 
 

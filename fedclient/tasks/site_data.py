@@ -250,3 +250,11 @@ def holds_prompt_completions(directory: str | pathlib.Path) -> bool:
         for _, row in _rows(path):
             return isinstance(row, dict) and "prompt" in row
     return False
+
+
+def read_site_examples(directory: str | pathlib.Path, classes: Sequence[str] | None) -> SiteCorpus:
+    """A directory of either format: ``{prompt, completion}`` JSON Lines
+    (:func:`read_prompt_completions`) or labelled text (:func:`read_site_corpus` with ``classes``)."""
+    if holds_prompt_completions(directory):
+        return read_prompt_completions(directory)
+    return read_site_corpus(directory, classes)
