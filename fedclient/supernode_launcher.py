@@ -23,7 +23,15 @@ replaces those two waits with ``S`` (at most the originals), at the price of an 
 the range the SuperLink accepts) announces and uses ``S`` instead, so a site that dies is noticed
 within about 2·S, at the price of 30/S times the heartbeat calls.
 
-All three reach into Flower's module internals, so the launcher refuses to start on any Flower but the
+**Lost replies.** After pulling a message the SuperNode waits for the ClientApp's reply before it
+pulls the next one, and waits forever if none comes. Flower answers for a ClientApp process whose
+heartbeat stops, but not for one that finished without a reply (its push to the SuperNode failed,
+which a loaded machine can cause): such a site keeps heartbeating and answers nothing, and every
+later run hangs on it. The launcher therefore answers such a message itself, with Flower's own
+``CLIENT_APP_CRASHED`` error, once every ClientApp task has finished and no reply came within
+:data:`LOST_REPLY_GRACE_S`.
+
+All four reach into Flower's module internals, so the launcher refuses to start on any Flower but the
 one it was written against (:data:`FLOWER_VERSION`) and checks the shape of what it wraps;
 ``tests/test_hostile_coordinator.py`` pins the wrapped source, so an upgrade fails a test first.
 """
@@ -41,6 +49,8 @@ from typing import Any
 FLOWER_VERSION = "1.39.0"
 IDLE_WAIT_S = 3.0  # the SuperNode's wait after an empty PullMessages
 REPLY_WAIT_S = 0.5  # its poll for the ClientApp's reply
+LOST_REPLY_GRACE_S = 10.0  # after its last ClientApp task finished, a message with no reply is answered as crashed
+PUSH_PARAMETERS = ("state", "object_store", "send", "push_object")
 WRAPPED_PARAMETERS = ("state", "object_store", "node_config", "receive", "get_run", "get_fab", "pull_object",
                       "confirm_message_received", "trusted_entities")
 
@@ -149,6 +159,45 @@ def install_app_check(publisher: Any) -> None:
     module._pull_and_store_message = pull_and_store_verified
 
 
+def install_lost_reply_watchdog(grace: float = LOST_REPLY_GRACE_S) -> None:
+    """Make this process's SuperNode answer a message whose ClientApp task finished without a reply
+    (Flower's ``CLIENT_APP_CRASHED`` error), ``grace`` seconds after the last task finished,
+    instead of waiting for that reply forever."""
+    from flwr.common.constant import Status
+    from flwr.supercore import log
+    from flwr.supernode.nodestate.in_memory_nodestate import CLIENT_APP_CRASHED_ERROR, InMemoryNodeState
+
+    module = _supernode_module()
+    original = module._push_messages
+    if tuple(inspect.signature(original).parameters) != PUSH_PARAMETERS:
+        raise RuntimeError("this Flower version's _push_messages is not the one fedclient wraps")
+
+    def reply_waiting(state: InMemoryNodeState) -> bool:  # get_messages would mark it retrieved
+        with state.lock_msg_store:
+            return any(entry.message.metadata.reply_to_message_id and not entry.is_retrieved
+                       for entry in state.msg_store.values())
+
+    def push_messages_or_answer_lost(state, object_store, send, push_object):
+        if not isinstance(state, InMemoryNodeState):
+            return original(state, object_store, send, push_object)
+        all_finished_since: float | None = None
+        while not reply_waiting(state):
+            unfinished = state.get_tasks(statuses=[Status.PENDING, Status.STARTING, Status.RUNNING])
+            if unfinished:
+                all_finished_since = None
+            elif all_finished_since is None:
+                all_finished_since = _time.monotonic()
+            elif _time.monotonic() - all_finished_since > grace:
+                run_ids = {task.run_id for task in state.get_tasks()}
+                log(logging.ERROR, "fedtune: a ClientApp finished without a reply; answering its message as crashed")
+                state._store_error_replies(run_ids, CLIENT_APP_CRASHED_ERROR)
+                all_finished_since = None
+            module.time.sleep(REPLY_WAIT_S)
+        return original(state, object_store, send, push_object)
+
+    module._push_messages = push_messages_or_answer_lost
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fedclient.supernode_launcher",
                                      description="flower-supernode that runs only signed fedtune apps")
@@ -160,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     from fedclient.app_trust import load_publisher
 
     install_app_check(load_publisher(pathlib.Path(args.trusted_publisher)))
+    install_lost_reply_watchdog()
     if args.poll_interval is not None:
         install_shorter_waits(args.poll_interval)
     if args.heartbeat_interval is not None:

@@ -99,6 +99,10 @@ def _logs(directory: pathlib.Path) -> str:
     return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-1500:]}" for log in sorted(directory.rglob("*.log")))
 
 
+def _text(output: str | bytes | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
 def readme_steps() -> dict[int, list[str]]:
     """The README's deployment walk-through: every ```bash block whose first line is ``# step N``,
     split into commands (a trailing backslash continues a line, a heredoc stays with its command,
@@ -154,8 +158,14 @@ class Walkthrough:
         return command
 
     def run(self, command: str, *, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "-c", f"{self.activate} && {self.text(command)}"], cwd=self.demo, env=self.env,
-                              input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
+        try:
+            return subprocess.run(["bash", "-c", f"{self.activate} && {self.text(command)}"], cwd=self.demo,
+                                  env=self.env, input=stdin, capture_output=True, text=True, timeout=timeout,
+                                  check=False)
+        except subprocess.TimeoutExpired as expired:  # say what it printed and what every log says
+            printed = "".join(_text(o) for o in (expired.stdout, expired.stderr))
+            raise AssertionError(f"`{command}` ran past {timeout:.0f} s:\n{printed[-3000:]}\n{_logs(self.demo)}") \
+                from None
 
     def ok(self, command: str, **kwargs) -> str:
         result = self.run(command, **kwargs)

@@ -504,6 +504,44 @@ def test_an_unsigned_or_foreign_signed_app_is_refused_by_the_supernode(flower_id
         start_client_internal._pull_and_store_message = original
 
 
+def test_a_clientapp_that_finished_without_a_reply_is_answered_and_the_supernode_goes_on(flower_identity) -> None:
+    """Flower 1.39's SuperNode waits for a reply forever once a ClientApp task finished without
+    pushing one (its push failed): the site would heartbeat and answer nothing. The launcher's
+    watchdog answers such a message with Flower's CLIENT_APP_CRASHED error and moves on."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from flwr.cli.build import build_fab_from_files
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supernode import start_client_internal
+
+    from fedclient import supernode_launcher
+    from fedclient.app_trust import fab_hash, sign_fab
+
+    publisher = Ed25519PrivateKey.generate()
+    fab, _ = build_fab_from_files({"app.py": b"", "pyproject.toml": PROBE_APP})
+    kwargs, message = _supernode_fixture(fab, sign_fab(publisher, fab_hash(fab)))
+    state = kwargs["state"]
+    original = start_client_internal._push_messages
+    sent: list = []
+    try:
+        supernode_launcher.install_lost_reply_watchdog(grace=0.3)
+        assert start_client_internal._pull_and_store_message(**kwargs) == message.metadata.run_id
+        (task,) = state.get_tasks()
+        assert state.claim_task(task.task_id) and state.activate_task(task.task_id)
+        assert state.get_messages(is_reply=False)  # the ClientApp took the message ...
+        assert state.finish_task(task.task_id, SubStatus.COMPLETED, "")  # ... and ended without its reply
+        started = time.monotonic()
+        start_client_internal._push_messages(state=state, object_store=kwargs["object_store"],
+                                             send=lambda reply, tree, runtime: sent.append(reply) or (set(), "s"),
+                                             push_object=lambda *args: None)
+        assert time.monotonic() - started < 10
+    finally:
+        start_client_internal._push_messages = original
+    (reply,) = sent
+    assert reply.metadata.reply_to_message_id == message.metadata.message_id
+    assert reply.error.code == ErrorCode.CLIENT_APP_CRASHED
+    assert not state.get_messages()  # nothing left waiting: the next pull goes ahead
+
+
 def test_the_supernode_hook_is_pinned_to_the_flower_it_was_written_for() -> None:
     """A Flower upgrade that changes where the SuperNode fetches and stores FABs must fail here first,
     so that someone checks the app verification still runs before any app code."""
@@ -521,6 +559,12 @@ def test_the_supernode_hook_is_pinned_to_the_flower_it_was_written_for() -> None
     loop = inspect.getsource(start_client_internal.start_client_internal)
     assert "run_id = _pull_and_store_message(" in loop and "get_fab=get_fab," in loop
     assert "state.store_fab(fab)" in source and source.index("get_fab(") < source.index("state.store_fab(fab)")
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState  # the lost-reply watchdog's parts
+
+    pushing = inspect.getsource(start_client_internal._push_messages)
+    assert "while not (reply_messages := state.get_messages(is_reply=True)):" in pushing
+    assert "entry.is_retrieved" in inspect.getsource(InMemoryNodeState._store_error_replies)
+    assert "_push_messages(" in loop
     from flwr.client.grpc_rere_client import connection  # where --heartbeat-interval takes effect
     from flwr.supercore import heartbeat
 
