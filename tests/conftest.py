@@ -7,6 +7,10 @@ import os
 from fedclient.runconfig import QUIET_ENVIRONMENT  # noqa: E402  (imports only os)
 
 os.environ.update(QUIET_ENVIRONMENT)  # forced, not defaults: tests must never reach the network
+# Ray starts its workers (Flower's ClientApp actors) at niceness 15: on two shared cores they then
+# wait behind every process of the other pytest worker (measured: the runtime-kill simulation took
+# 33 s alone and 379 s for one round beside two busy loops). Tests compete on equal terms instead.
+os.environ["RAY_worker_niceness"] = "0"
 
 if "FEDTUNE_CACHE_DIR" not in os.environ:  # the ClientApp cache (fedclient/tasks/cache.py): one per session
     import atexit

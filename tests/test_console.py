@@ -229,7 +229,7 @@ def test_browser_shows_runs_and_charts_and_stops_a_running_run(filled_store, tmp
         assert driver.save_screenshot(str(ARTIFACTS / "console-run.png"))
 
         driver.get(base + "/")
-        wait.until(ready.presence_of_element_located((By.ID, "f-strategy")))
+        wait.until(ready.element_to_be_clickable((By.ID, "start")))  # enabled once the form's choices loaded
         for field, value in (("f-rounds", "300"), ("f-clients", "2"), ("f-name", "browser-stop")):
             box = driver.find_element(By.ID, field)
             box.clear()

@@ -122,7 +122,7 @@ def _runtime_of_site_0(socket_path: str, node: dict) -> dict:
 
 @pytest.mark.simulation
 def test_on_flower_a_killed_runtime_fails_one_reply_and_the_site_trains_again(site, tmp_path) -> None:
-    """3 sites on Flower's engine, 4 rounds; site 0 answers through the site runtime, which is
+    """3 sites on Flower's engine, 3 rounds; site 0 answers through the site runtime, which is
     SIGKILLed while it trains round 1: that reply fails, every round completes with the others,
     and site 0 trains again once the supervisor has restarted its runtime."""
     from tests.test_simulation import _simulate
@@ -145,11 +145,11 @@ def test_on_flower_a_killed_runtime_fails_one_reply_and_the_site_trains_again(si
     killer.start()
     store, run_id = _simulate(tmp_path, lambda config: build_client_app(
         config, site_config=functools.partial(_runtime_of_site_0, str(supervisor.socket))),
-                              rounds=4, clients=3, **{"fraction-evaluate": 0.0, "local-steps": 30})
+                              rounds=3, clients=3, **{"fraction-evaluate": 0.0, "local-steps": 10})
     killer.join(timeout=5)
     assert store.get_run(run_id).status == "completed"
     rounds = store.rounds(run_id)
-    assert [r.round for r in rounds] == [1, 2, 3, 4] and all(r.num_accepted >= 2 for r in rounds)
+    assert [r.round for r in rounds] == [1, 2, 3] and all(r.num_accepted >= 2 for r in rounds)
     site_0 = {c.round: c.status for c in store.client_rounds(run_id) if c.phase == "train" and c.site == "partition-0"}
     failed = [r for r, status in site_0.items() if status != "ok"]
     assert failed and failed[0] == min(site_0), site_0  # the reply in flight when it was killed failed
