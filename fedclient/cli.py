@@ -392,7 +392,7 @@ def start(args: argparse.Namespace) -> int:
                   + (f"required (epsilon <= {privacy.max_epsilon_per_run:g} per run, {privacy.max_epsilon_lifetime:g} "
                      f"over the ledger's life)" if privacy.required else "not required")
                   + f"; evaluation {policy.evaluation_mode}; state in {node_config['state-dir']}")
-    if not args.no_runtime:  # where the SuperNode's ClientApp processes forward each message
+    if not args.no_runtime:  # where a ClientApp process would forward a message (the runtime claims them all)
         from fedclient.runtime import NODE_CONFIG_KEY, socket_path
 
         node_config[NODE_CONFIG_KEY] = str(socket_path(node_config["state-dir"]))
@@ -405,7 +405,8 @@ def start(args: argparse.Namespace) -> int:
                                     node_config=node_config, runtime_port=args.port,
                                     trusted_publisher=pathlib.Path(args.trusted_publisher),
                                     max_retries=args.max_retries, poll_interval=args.poll_interval,
-                                    heartbeat_interval=args.heartbeat_interval)
+                                    heartbeat_interval=args.heartbeat_interval,
+                                    isolation="subprocess" if args.no_runtime else "process")
     except ValueError as err:
         console.print(f"[red]error:[/] {escape(str(err))}")
         return 2
@@ -414,7 +415,8 @@ def start(args: argparse.Namespace) -> int:
     if not args.no_runtime:  # a long-lived process answers every message with the model kept loaded
         from fedclient.runtime import RuntimeUnavailable, Supervisor
 
-        runtime = Supervisor(node_config["state-dir"], node_config, home / "runtime.log")
+        runtime = Supervisor(node_config["state-dir"], node_config, home / "runtime.log",
+                             runtime_api=f"127.0.0.1:{args.port}")  # it claims the SuperNode's tasks
         console.print(f"starting the site runtime (log: {escape(str(runtime.log))})")
         try:
             runtime.start(ready_timeout=None)  # it warms up while the SuperNode connects

@@ -1,12 +1,21 @@
 """The site runtime: one long-lived process per partner site that keeps imports, the model, the
 tokenized data and per-site caches across Flower's messages and runs.
 
-Flower 1.39 starts a fresh ``flwr-clientapp`` process for every message, and none of its isolation
-modes keeps one alive (``../shared/research/flower139.md`` §3.5): each message pays ~1 s of Python
-and Flower start-up, ~1.5 s of ``import torch`` and then the model and data loads. ``fedclient
-start`` therefore starts this runtime beside the SuperNode (:class:`Supervisor`), and the signed
-app's ClientApp handlers, seeing ``runtime-socket`` in the site's node config, forward each message
-and its context here (:func:`forward`) instead of computing in their own process.
+Flower 1.39's SuperExec starts a fresh ``flwr-clientapp`` process for every message
+(``../shared/research/flower139.md`` §3.5): each message pays ~1 s of Python and Flower start-up,
+~1.5 s of ``import torch`` and then the model and data loads. ``fedclient start`` therefore starts
+this runtime beside the SuperNode (:class:`Supervisor`), which reaches it in one of two ways:
+
+- **Claiming tasks (a deployment).** The SuperNode runs with Flower's ``--isolation process``: it
+  starts no SuperExec and no ClientApp process. This runtime takes the SuperExec's place
+  (:func:`claim_tasks`): it claims each ClientApp task from the SuperNode's runtime API (loopback,
+  ``--port``), pulls the message and context with Flower's own task client, answers in this process
+  and pushes the reply and the context back, sending the task's heartbeats meanwhile. The app the
+  run names was verified by the SuperNode before the task existed (:mod:`fedclient.supernode_launcher`);
+  the runtime answers only runs of the fedtune app, with the fedtune installed at the site.
+- **Forwarding (Flower's simulation engine, or ``fedclient start --no-runtime``'s absence).** The
+  signed app's ClientApp handlers, seeing ``runtime-socket`` in the node config, forward each
+  message and its context here over the socket (:func:`forward`).
 
 - **Transport.** A Unix socket, ``runtime.sock`` in the site's state directory (or, where that
   path is too long for a Unix socket, a hashed name in ``$TMPDIR/fedtune-UID/``), made in a
@@ -18,9 +27,10 @@ and its context here (:func:`forward`) instead of computing in their own process
   config ``fedclient start`` gave it, never the one a forwarded context carries, so the site's
   policy, state directory and data directory are the site's own whatever the forwarding process
   sends.
-- **Recovery.** If the runtime dies, :func:`forward` answers that message with a clean failure (the
-  round goes on without the site) and the supervisor starts a new runtime; the site trains again in
-  the next round.
+- **Recovery.** If the runtime dies, the supervisor starts a new one and the site trains again in
+  the next round. The message it was answering fails cleanly: a forwarded one at once
+  (:func:`forward`); a claimed one when its task's heartbeats stop (Flower answers it as a crashed
+  ClientApp, within 2 × 30 s), and tasks that arrive meanwhile wait for the new runtime.
 - **Reloads.** Models stay cached by task name, device and adapter (``fedclient.local._model``);
   a ``dir:`` task is keyed to its files' sizes and times. Not yet keyed to a model digest: a
   package upgrade (a new MiniLM or SmolLM2 wheel, a task plugin) takes effect when ``fedclient
@@ -229,6 +239,43 @@ class SiteRuntime:
                              "seconds": round(time.time() - started, 3), "failed": reply.has_error()}
         return reply, own.state
 
+    def answer_task(self, runtime_api: str, token: str) -> None:
+        """Answer the SuperNode task ``token`` names, as ``flwr-clientapp --token`` would: pull its
+        message and context, answer, push the reply and the context (its state) back, and report
+        the task finished; heartbeats keep the task alive meanwhile. Whatever fails, the reply is
+        an error naming only the exception's type (the traceback goes to the site's log)."""
+        from flwr.common.constant import SubStatus
+        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+        from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+
+        from privacy.refusal import site_log
+
+        client = _task_client(runtime_api, "flwr-clientapp", token)
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        message = context = None
+        outcome, details = SubStatus.FAILED, "the site runtime could not answer"
+        try:
+            heartbeat.start()
+            message, context, run = _pull_task_input(client)
+            if run.fab_id.rpartition("/")[2] != APP_NAME:
+                raise PermissionError(f"this site runtime answers only the {APP_NAME} app, not '{run.fab_id}'")
+            reply, context.state = self.answer(message, context, _task_identity(context))
+            outcome, details = SubStatus.COMPLETED, ""
+        except Exception as err:  # noqa: BLE001
+            site_log(f"the site runtime failed a task: {err!r}")
+            reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"the site failed ({type(err).__name__})"),
+                            reply_to=message) if message is not None else None
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+        except Exception as err:  # noqa: BLE001 (no reply: Flower answers for the task once it is finished)
+            site_log(f"the site runtime could not push its reply: {err!r}")
+        finally:
+            push_task_output(client, context, outcome, details)
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
+
     def status(self) -> dict[str, Any]:
         local = sys.modules.get("fedclient.local")
         cache = local._model.cache_info() if local is not None else None
@@ -302,9 +349,11 @@ def own_directory(directory: pathlib.Path) -> None:
     os.chmod(directory, 0o700, follow_symlinks=False)
 
 
-def serve(state_dir: str | pathlib.Path, node_config: Mapping[str, Any], parent: int | None = None) -> None:
+def serve(state_dir: str | pathlib.Path, node_config: Mapping[str, Any], parent: int | None = None,
+          runtime_api: str | None = None) -> None:
     """Run the site runtime on ``state_dir``'s socket until killed or until ``parent`` (the
-    supervising ``fedclient start``) is gone."""
+    supervising ``fedclient start``) is gone; with ``runtime_api`` (the SuperNode's runtime API,
+    ``127.0.0.1:PORT``) it also claims and answers the SuperNode's ClientApp tasks."""
     directory = pathlib.Path(state_dir)
     own_directory(directory)
     path = socket_path(directory)
@@ -332,9 +381,100 @@ def serve(state_dir: str | pathlib.Path, node_config: Mapping[str, Any], parent:
         os._exit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    print(f"site runtime {os.getpid()} ready on {path}", flush=True)
+    if runtime_api is not None:
+        threading.Thread(target=claim_tasks, args=(runtime, runtime_api), name="claim-tasks", daemon=True).start()
+    print(f"site runtime {os.getpid()} ready on {path}" + (f", claiming tasks at {runtime_api}" if runtime_api else ""),
+          flush=True)
     with server:
         server.serve_forever()
+
+
+CLAIM_POLL_S = 0.1  # how often an active runtime asks the SuperNode for a task (an HTTP call on loopback)
+IDLE_CLAIM_POLL_S = 0.5  # ... once no task came for IDLE_AFTER_S
+IDLE_AFTER_S = 30.0
+APP_NAME = "fedtune"  # the [project] name of the app whose runs this runtime answers
+
+
+def _local_address(runtime_api: str) -> str:
+    host, sep, port = runtime_api.rpartition(":")
+    if not sep or host not in ("127.0.0.1", "localhost", "[::1]") or not port.isdigit():
+        raise ValueError(f"the SuperNode's runtime API must be on loopback (127.0.0.1:PORT), got '{runtime_api}'")
+    return runtime_api
+
+
+def _task_client(runtime_api: str, component: str, token: str | None = None) -> Any:
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
+    if token is not None:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+    return RuntimeHttpClient.from_server_address(server_address=runtime_api, insecure=True, root_certificates=None,
+                                                 interceptors=interceptors,
+                                                 retry_invoker=make_simple_http_retry_invoker())
+
+
+TASK_PULL_BACKOFF_S = (0.02, 0.25)  # first and longest wait for a message part the SuperNode is still fetching
+
+
+def _pull_task_input(client: Any) -> tuple[Message, Context, Any]:
+    """A claimed task's message, context and run, as Flower's ``pull_task_input`` gets them, but
+    waiting :data:`TASK_PULL_BACKOFF_S` instead of Flower's 1 s, 2 s, ... for each part of the
+    message the SuperNode has not fetched yet (the task exists as soon as the message's head
+    arrives; its arrays follow): those waits were 3 s of each 7 MB message here."""
+    from flwr.common.serde import context_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf,
+        make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    task = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task.task_id, task.run.run_id, \
+        task.context.node_id
+    context, run = context_from_proto(task.context), run_from_proto(task.run)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("the SuperNode gave no message for this task")
+    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    first, longest = TASK_PULL_BACKOFF_S
+    message = pull_and_inflate_object_from_tree(
+        tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message, initial_backoff=first, backoff_cap=longest)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # the inflated head does not carry its own id
+    return message, context, run
+
+
+def claim_tasks(runtime: SiteRuntime, runtime_api: str, stop: threading.Event | None = None) -> None:
+    """Take the place of Flower's SuperExec for a SuperNode started with ``--isolation process``:
+    claim its pending ClientApp tasks one at a time (``AcquireTask``) and answer each in this
+    process (:meth:`SiteRuntime.answer_task`), until ``stop`` is set."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+
+    from privacy.refusal import site_log
+
+    client = _task_client(_local_address(runtime_api), "SuperExec")
+    stop = stop or threading.Event()
+    last_task = time.monotonic()
+    while not stop.is_set():
+        try:
+            acquired = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP],
+                                                             agentapp_fab_hashes=[]))
+        except Exception as err:  # noqa: BLE001 (the SuperNode is starting or restarting: ask again)
+            site_log(f"the site runtime cannot reach the SuperNode's runtime API at {runtime_api}: {err!r}")
+            stop.wait(1.0)
+            continue
+        if acquired.HasField("task") and acquired.token:
+            runtime.answer_task(runtime_api, acquired.token)
+            last_task = time.monotonic()
+        else:
+            stop.wait(CLAIM_POLL_S if time.monotonic() - last_task < IDLE_AFTER_S else IDLE_CLAIM_POLL_S)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -356,8 +496,9 @@ class Supervisor:
     when it exits, until :meth:`stop`; its output goes to ``log``."""
 
     def __init__(self, state_dir: str | pathlib.Path, node_config: Mapping[str, Any], log: pathlib.Path,
-                 restart_delay: float = 1.0) -> None:
+                 restart_delay: float = 1.0, runtime_api: str | None = None) -> None:
         self.state_dir = pathlib.Path(state_dir)
+        self.runtime_api = _local_address(runtime_api) if runtime_api is not None else None
         self.node_config = {k: v for k, v in node_config.items() if k != NODE_CONFIG_KEY}
         self.log = log
         self.restart_delay = restart_delay
@@ -400,7 +541,8 @@ class Supervisor:
             # -P: nothing from the directory `fedclient start` was run in is importable; its own session,
             # so a terminal's Ctrl-C reaches `fedclient start`, which stops it (it also exits with us)
             return subprocess.Popen([sys.executable, "-P", "-m", "fedclient.runtime", "--state-dir", str(self.state_dir),
-                                     "--node-config", json.dumps(self.node_config), "--parent-pid", str(os.getpid())],
+                                     "--node-config", json.dumps(self.node_config), "--parent-pid", str(os.getpid()),
+                                     *(["--runtime-api", self.runtime_api] if self.runtime_api else [])],
                                     stdout=log, stderr=subprocess.STDOUT, cwd=self.state_dir, start_new_session=True)
 
     def _keep_running(self) -> None:
@@ -440,8 +582,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state-dir", required=True, help="the site's state directory (the socket goes there)")
     parser.add_argument("--node-config", default="{}", help="the site's node config, as JSON")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    parser.add_argument("--runtime-api", default=None,
+                        help="claim and answer the tasks of the SuperNode whose runtime API is here (127.0.0.1:PORT; "
+                             "the SuperNode runs with --isolation process)")
     args = parser.parse_args(argv)
-    serve(args.state_dir, json.loads(args.node_config), args.parent_pid)
+    serve(args.state_dir, json.loads(args.node_config), args.parent_pid, args.runtime_api)
     return 0
 
 

@@ -60,12 +60,15 @@ def check_tls(superlink: str, ca: pathlib.Path, timeout: float = 5.0) -> str:
 def supernode_command(
     *, superlink: str, ca: pathlib.Path, key: pathlib.Path, node_config: Mapping[str, Any], runtime_port: int,
     trusted_publisher: pathlib.Path, max_retries: int | None = None, poll_interval: float | None = None,
-    heartbeat_interval: float | None = None,
+    heartbeat_interval: float | None = None, isolation: str = "subprocess",
 ) -> list[str]:
     """The command line of this site's SuperNode (validates the CA, the key and the publisher key
     first): ``flower-supernode`` run through :mod:`fedclient.supernode_launcher`, which refuses every
     app not signed by ``trusted_publisher`` and, with ``poll_interval``, shortens Flower's fixed waits
-    (``heartbeat_interval``: its heartbeat period)."""
+    (``heartbeat_interval``: its heartbeat period). ``isolation`` is Flower's: ``subprocess`` (a
+    ClientApp process per message) or ``process`` (the site runtime claims the tasks itself)."""
+    if isolation not in ("subprocess", "process"):
+        raise ValueError(f"isolation must be 'subprocess' or 'process', got '{isolation}'")
     if not ca.is_file():
         raise ValueError(f"no CA certificate at {ca}; the coordinator's operator gives you its ca.crt")
     check_private_key(key)
@@ -82,7 +85,7 @@ def supernode_command(
         *(["--poll-interval", str(poll_interval)] if poll_interval is not None else []),
         *(["--heartbeat-interval", str(heartbeat_interval)] if heartbeat_interval is not None else []), "--",
         "--grpc-rere", "--superlink", superlink, "--root-certificates", str(ca.resolve()),
-        "--auth-supernode-private-key", str(key.resolve()), "--port", str(runtime_port),
+        "--auth-supernode-private-key", str(key.resolve()), "--port", str(runtime_port), "--isolation", isolation,
         "--node-config", node_config_text(node_config),
     ]
     if max_retries is not None:

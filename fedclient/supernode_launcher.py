@@ -14,8 +14,10 @@ error (as Flower does for its own Hub verification) and no code of it runs. Flow
 **Shorter waits.** Flower's SuperNode sleeps a hard-coded 3 s whenever ``PullMessages`` finds nothing
 and polls every 0.5 s for the ClientApp's reply; neither is configurable. ``--poll-interval S``
 replaces those two waits with ``S`` (at most the originals), at the price of an idle site calling
-``PullMessages`` 1/S times per second (keep S ≥ 0.2 beyond a few dozen sites). Measured in
-``bench/deployment_latency.py``.
+``PullMessages`` 1/S times per second (keep S ≥ 0.2 beyond a few dozen sites). It also shortens the
+backoff of the SuperNode's object pulls (Flower: 1 s, then 2 s, ... for each message part the
+SuperLink does not hold yet; the coordinator pushes a message's head before its arrays) to S/4
+first and S at most. Measured in ``bench/deployment_latency.py``.
 
 **Heartbeats.** A SuperNode tells the SuperLink it is alive every ~30 s (Flower's fixed
 ``HEARTBEAT_DEFAULT_INTERVAL``), and the SuperLink declares it gone after two missed intervals
@@ -82,14 +84,23 @@ def _supernode_module() -> Any:
 
 
 def install_shorter_waits(interval: float) -> None:
-    """Shorten the SuperNode's fixed waits in this process."""
+    """Shorten the SuperNode's fixed waits in this process, and its backoff (1 s, 2 s, ... in
+    Flower) for a message part the SuperLink does not have yet (the coordinator pushes a message's
+    head before its arrays) to ``interval / 4`` first, ``interval`` at most."""
+    import functools
+
     if not 0.01 <= interval <= IDLE_WAIT_S:
         raise ValueError(f"poll interval must be in 0.01..{IDLE_WAIT_S} s, got {interval}")
     module = _supernode_module()
     if getattr(module, "time", None) is not _time:
         raise RuntimeError("this Flower version's SuperNode loop is not the one fedclient patches; start without "
                            "--poll-interval")
+    pull_objects = module.pull_objects
+    if not {"initial_backoff", "backoff_cap"} <= set(inspect.signature(pull_objects).parameters):
+        raise RuntimeError("this Flower version's pull_objects is not the one fedclient adjusts; start without "
+                           "--poll-interval")
     module.time = _ShorterWaits(interval)  # type: ignore[assignment]
+    module.pull_objects = functools.partial(pull_objects, initial_backoff=interval / 4, backoff_cap=interval)
 
 
 HEARTBEAT_RANGE_S = (10.0, 1800.0)  # flwr.common.constant HEARTBEAT_MIN_INTERVAL..MAX_INTERVAL
