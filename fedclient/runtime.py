@@ -271,10 +271,12 @@ class SiteRuntime:
         except Exception as err:  # noqa: BLE001 (no reply: Flower answers for the task once it is finished)
             site_log(f"the site runtime could not push its reply: {err!r}")
         finally:
-            push_task_output(client, context, outcome, details)
-            if heartbeat.is_running:
-                heartbeat.stop()
-            client.close()
+            try:
+                push_task_output(client, context, outcome, details)
+            finally:
+                if heartbeat.is_running:
+                    heartbeat.stop()
+                client.close()
 
     def status(self) -> dict[str, Any]:
         local = sys.modules.get("fedclient.local")
@@ -382,6 +384,7 @@ def serve(state_dir: str | pathlib.Path, node_config: Mapping[str, Any], parent:
 
     signal.signal(signal.SIGTERM, stop)
     if runtime_api is not None:
+        _local_address(runtime_api)
         threading.Thread(target=claim_tasks, args=(runtime, runtime_api), name="claim-tasks", daemon=True).start()
     print(f"site runtime {os.getpid()} ready on {path}" + (f", claiming tasks at {runtime_api}" if runtime_api else ""),
           flush=True)
@@ -416,6 +419,7 @@ def _task_client(runtime_api: str, component: str, token: str | None = None) -> 
 
 
 TASK_PULL_BACKOFF_S = (0.02, 0.25)  # first and longest wait for a message part the SuperNode is still fetching
+TASK_PULL_MAX_S = 1800.0  # then the task fails (a message of a run that stopped never arrives)
 
 
 def _pull_task_input(client: Any) -> tuple[Message, Context, Any]:
@@ -437,17 +441,29 @@ def _pull_task_input(client: Any) -> tuple[Message, Context, Any]:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task.task_id, task.run.run_id, \
         task.context.node_id
     context, run = context_from_proto(task.context), run_from_proto(task.run)
-    pulled = client.PullMessages(PullAppMessagesRequest())
-    if not pulled.messages_list:
-        raise RuntimeError("the SuperNode gave no message for this task")
+    deadline = time.monotonic() + 10.0  # the SuperNode makes the task just before it stores the message
+    while not (pulled := client.PullMessages(PullAppMessagesRequest())).messages_list:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the SuperNode gave no message for this task")
+        time.sleep(0.05)
     node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
     first, longest = TASK_PULL_BACKOFF_S
     message = pull_and_inflate_object_from_tree(
         tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
         make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, initial_backoff=first, backoff_cap=longest)
+        return_type=Message, initial_backoff=first, backoff_cap=longest, max_tries_per_object=None,
+        max_time=TASK_PULL_MAX_S)
     message.metadata.__dict__["_message_id"] = tree.object_id  # the inflated head does not carry its own id
     return message, context, run
+
+
+def _answer_task_logged(runtime: SiteRuntime, runtime_api: str, token: str) -> None:
+    try:
+        runtime.answer_task(runtime_api, token)
+    except BaseException as err:  # noqa: BLE001 (a task's failure is the site's to read, and ends only that task)
+        from privacy.refusal import site_log
+
+        site_log(f"the site runtime could not finish a task: {err!r}")
 
 
 def claim_tasks(runtime: SiteRuntime, runtime_api: str, stop: threading.Event | None = None) -> None:
@@ -471,7 +487,11 @@ def claim_tasks(runtime: SiteRuntime, runtime_api: str, stop: threading.Event | 
             stop.wait(1.0)
             continue
         if acquired.HasField("task") and acquired.token:
-            runtime.answer_task(runtime_api, acquired.token)
+            # each task in its own thread, as Flower gives each its own process: a task that never
+            # gets its message (one the SuperNode stored for a run that then stopped) must not
+            # hold up the next; the answers themselves still run one at a time (SiteRuntime.lock)
+            threading.Thread(target=_answer_task_logged, args=(runtime, runtime_api, acquired.token),
+                             name=f"task-{acquired.task.task_id}", daemon=True).start()
             last_task = time.monotonic()
         else:
             stop.wait(CLAIM_POLL_S if time.monotonic() - last_task < IDLE_AFTER_S else IDLE_CLAIM_POLL_S)

@@ -100,7 +100,8 @@ def install_shorter_waits(interval: float) -> None:
         raise RuntimeError("this Flower version's pull_objects is not the one fedclient adjusts; start without "
                            "--poll-interval")
     module.time = _ShorterWaits(interval)  # type: ignore[assignment]
-    module.pull_objects = functools.partial(pull_objects, initial_backoff=interval / 4, backoff_cap=interval)
+    module.pull_objects = functools.partial(pull_objects, initial_backoff=interval / 4, backoff_cap=interval,
+                                            max_tries_per_object=None)  # Flower's 2 h bound still holds
 
 
 HEARTBEAT_RANGE_S = (10.0, 1800.0)  # flwr.common.constant HEARTBEAT_MIN_INTERVAL..MAX_INTERVAL
@@ -129,6 +130,8 @@ def install_app_check(publisher: Any) -> None:
     from flwr.common.constant import ErrorCode
     from flwr.supercore import log
 
+    from flwr.supercore.constant import TaskType
+
     from fedclient.app_trust import SIGNATURE_KEY, UntrustedApp, verify_fab
 
     module = _supernode_module()
@@ -154,6 +157,8 @@ def install_app_check(publisher: Any) -> None:
         def get_fab_verified(fab_hash: str, run_id: int) -> Any:
             fab = get_fab(fab_hash, run_id)
             run = runs.get(run_id) or get_run_noting(run_id)
+            if getattr(run, "primary_task_type", "") == TaskType.AGENT_APP:  # no one here would claim its task
+                raise UntrustedApp("a fedtune site runs ClientApps only, not agent apps")
             verify_fab(fab.content, fab_hash, str(run.override_config.get(SIGNATURE_KEY, "")), publisher)
             return fab
 

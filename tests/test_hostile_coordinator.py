@@ -496,6 +496,15 @@ def test_an_unsigned_or_foreign_signed_app_is_refused_by_the_supernode(flower_id
             (reply,) = state.get_messages(is_reply=True)
             assert reply.error.code == ErrorCode.INVALID_FAB and why in reply.error.reason
             assert state.get_run(run_id) is None  # the FAB was not stored: no ClientApp can install it
+        from flwr.supercore.constant import TaskType
+
+        kwargs, message = _supernode_fixture(fab, sign_fab(publisher, fab_hash(fab)))
+        run = kwargs["get_run"](message.metadata.run_id)
+        run.primary_task_type = TaskType.AGENT_APP  # set by the SuperLink, not signed: no one here claims it
+        assert start_client_internal._pull_and_store_message(**kwargs) == message.metadata.run_id
+        (reply,) = kwargs["state"].get_messages(is_reply=True)
+        assert reply.error.code == ErrorCode.INVALID_FAB and "ClientApps only" in reply.error.reason
+        assert not kwargs["state"].get_tasks()  # no task that would wait forever for a claimer
         kwargs, message = _supernode_fixture(fab, sign_fab(publisher, fab_hash(fab)))
         assert start_client_internal._pull_and_store_message(**kwargs) == message.metadata.run_id
         assert kwargs["state"].get_run(message.metadata.run_id) is not None  # signed: stored as usual
@@ -522,18 +531,23 @@ def test_a_clientapp_that_finished_without_a_reply_is_answered_and_the_supernode
     state = kwargs["state"]
     original = start_client_internal._push_messages
     sent: list = []
+    import threading
+
     try:
         supernode_launcher.install_lost_reply_watchdog(grace=0.3)
         assert start_client_internal._pull_and_store_message(**kwargs) == message.metadata.run_id
         (task,) = state.get_tasks()
         assert state.claim_task(task.task_id) and state.activate_task(task.task_id)
         assert state.get_messages(is_reply=False)  # the ClientApp took the message ...
-        assert state.finish_task(task.task_id, SubStatus.COMPLETED, "")  # ... and ended without its reply
-        started = time.monotonic()
-        start_client_internal._push_messages(state=state, object_store=kwargs["object_store"],
-                                             send=lambda reply, tree, runtime: sent.append(reply) or (set(), "s"),
-                                             push_object=lambda *args: None)
-        assert time.monotonic() - started < 10
+        pushing = threading.Thread(target=start_client_internal._push_messages, daemon=True, kwargs=dict(
+            state=state, object_store=kwargs["object_store"], push_object=lambda *args: None,
+            send=lambda reply, tree, runtime: sent.append(reply) or (set(), "s")))
+        pushing.start()
+        pushing.join(timeout=2.0)
+        assert pushing.is_alive() and not sent  # while its task runs, the SuperNode waits, as Flower does
+        assert state.finish_task(task.task_id, SubStatus.COMPLETED, "")  # ... and it ended without its reply
+        pushing.join(timeout=10)
+        assert not pushing.is_alive(), "the SuperNode still waits for a reply that will never come"
     finally:
         start_client_internal._push_messages = original
     (reply,) = sent
