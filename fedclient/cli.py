@@ -535,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--query-budget", type=int, default=None, help="encrypted queries the querier may ask in total "
                      "(default 64, or the policy's search.query-budget: every answer reveals all scores, see the "
                      "README's leakage note)")
-    run.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's runtime API")
+    run.add_argument("--port", type=int, default=9094, help="local port (127.0.0.1) of the SuperNode's runtime API, where the site "
+                     "runtime claims the SuperNode's tasks")
     run.add_argument("--home", default=".fedclient", help="FLWR_HOME of this SuperNode")
     run.add_argument("--max-retries", type=int, default=None, help="give up after N failed connection attempts")
     run.add_argument("--poll-interval", type=float, default=None,
