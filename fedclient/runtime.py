@@ -256,10 +256,10 @@ class SiteRuntime:
         outcome, details = SubStatus.FAILED, "the site runtime could not answer"
         try:
             heartbeat.start()
-            message, context, run = _pull_task_input(client)
+            message, context, run, identity = _pull_task_input(client)
             if run.fab_id.rpartition("/")[2] != APP_NAME:
                 raise PermissionError(f"this site runtime answers only the {APP_NAME} app, not '{run.fab_id}'")
-            reply, context.state = self.answer(message, context, _task_identity(context))
+            reply, context.state = self.answer(message, context, identity)
             outcome, details = SubStatus.COMPLETED, ""
         except Exception as err:  # noqa: BLE001
             site_log(f"the site runtime failed a task: {err!r}")
@@ -422,8 +422,10 @@ TASK_PULL_BACKOFF_S = (0.02, 0.25)  # first and longest wait for a message part 
 TASK_PULL_MAX_S = 1800.0  # then the task fails (a message of a run that stopped never arrives)
 
 
-def _pull_task_input(client: Any) -> tuple[Message, Context, Any]:
-    """A claimed task's message, context and run, as Flower's ``pull_task_input`` gets them, but
+def _pull_task_input(client: Any) -> tuple[Message, Context, Any, bytes]:
+    """A claimed task's message, context, run and task identity (for :meth:`SiteRuntime.answer`,
+    which sets Flower's global ``TaskIdentity`` under its lock: several tasks may be pulled at
+    once), as Flower's ``pull_task_input`` gets them, but
     waiting :data:`TASK_PULL_BACKOFF_S` instead of Flower's 1 s, 2 s, ... for each part of the
     message the SuperNode has not fetched yet (the task exists as soon as the message's head
     arrives; its arrays follow): those waits were 3 s of each 7 MB message here."""
@@ -435,11 +437,9 @@ def _pull_task_input(client: Any) -> tuple[Message, Context, Any]:
         make_pull_object_fn_protobuf,
     )
     from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-    from flwr.supercore.task_identity import TaskIdentity
 
     task = client.PullTaskInput(PullTaskInputRequest())
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = task.task_id, task.run.run_id, \
-        task.context.node_id
+    identity = json.dumps({"task": task.task_id, "run": task.run.run_id, "node": task.context.node_id}).encode()
     context, run = context_from_proto(task.context), run_from_proto(task.run)
     deadline = time.monotonic() + 10.0  # the SuperNode makes the task just before it stores the message
     while not (pulled := client.PullMessages(PullAppMessagesRequest())).messages_list:
@@ -454,7 +454,7 @@ def _pull_task_input(client: Any) -> tuple[Message, Context, Any]:
         return_type=Message, initial_backoff=first, backoff_cap=longest, max_tries_per_object=None,
         max_time=TASK_PULL_MAX_S)
     message.metadata.__dict__["_message_id"] = tree.object_id  # the inflated head does not carry its own id
-    return message, context, run
+    return message, context, run, identity
 
 
 def _answer_task_logged(runtime: SiteRuntime, runtime_api: str, token: str) -> None:
