@@ -21,6 +21,10 @@ The ``runtime`` arm also reports how many times each site's runtime loaded a mod
 the last deployment arm with simulation:
 ``deployment/simulation round ratio: X (deployment Y s, simulation Z s)``.
 
+All the sites run on this one machine, so each site's torch gets ``cores / sites`` threads
+(:func:`site_threads`), as each simulated ClientApp gets one CPU from Ray; a real site has its
+machine to itself and uses all of its cores.
+
 Per arm it prints the mean round time over rounds 2..N (round 1 also pays the FAB install), the
 ClientApp start-up measured inside each ClientApp (process start to first training step:
 interpreter, imports, data, model), the training time itself, and the remainder of the round beyond
@@ -76,6 +80,13 @@ def _rounds_summary(arm: str, store, run_id: str) -> dict:
             "accuracy": rounds[-1].central_accuracy}
 
 
+def site_threads(sites: int) -> int:
+    """Torch threads per site: the machine's cores shared out, as the simulation arm's Ray actors
+    get one CPU each (Ray sets their ``OMP_NUM_THREADS``). Sites on one machine that each started
+    a thread per core would oversubscribe it: 2 sites on 2 cores trained 3-5x slower."""
+    return max(1, (os.cpu_count() or 1) // sites)
+
+
 def simulation_arm(args: argparse.Namespace, tmp: str) -> dict:
     store, run_id, _wall = simulate_arm("simulation", _config(args), args.sites, tmp)
     return _rounds_summary("simulation", store, run_id)
@@ -86,7 +97,7 @@ def deployment_arm(arm: str, args: argparse.Namespace, tmp: str) -> dict:
     from fedserver.store import RunStore
 
     root = pathlib.Path(tmp) / arm
-    env = dict(SETTINGS[arm])
+    env = {**SETTINGS[arm], "OMP_NUM_THREADS": str(site_threads(args.sites))}
     if arm != "stock":  # warm the site cache as the site's first message of any run would
         env.setdefault("FEDTUNE_CACHE_DIR", str(pathlib.Path(tmp) / "site-cache"))
         warm = ("from fedclient.tasks import PartitionSpec, get_task; "
@@ -130,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
     print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}; "
-          f"{args.task}, FedAvg, {args.sites} sites, {args.rounds} rounds, {args.local_steps} local steps")
+          f"{args.task}, FedAvg, {args.sites} sites ({site_threads(args.sites)} torch threads each), {args.rounds} rounds, "
+          f"{args.local_steps} local steps")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for arm in arms:

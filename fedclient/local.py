@@ -38,6 +38,7 @@ from fedclient.wire import (
     from_recorddict,
     refusal_record,
     to_recorddict,
+    unpack_array_record,
 )
 from privacy.accounting import PrivacyBudgetExceeded
 from privacy.ldp import LdpSettings, LocalPrivacy, private_evaluation
@@ -120,7 +121,7 @@ def site_layer_budget(config: Mapping[str, Any], node_config: Mapping[str, Any])
 def _load_client_state(context: Context) -> dict[str, Any]:
     state: dict[str, Any] = {}
     if CLIENT_STATE_ARRAYS in context.state:
-        state.update({k: a.numpy() for k, a in context.state[CLIENT_STATE_ARRAYS].items()})
+        state.update(unpack_array_record(context.state[CLIENT_STATE_ARRAYS]))
     if CLIENT_STATE_CONFIG in context.state:
         state.update(dict(context.state[CLIENT_STATE_CONFIG]))
     return state
@@ -240,7 +241,8 @@ def evaluate_reply(msg: Message, context: Context, node: Mapping[str, Any], conf
     device = best_device(str(node.get("device", "auto")))
     model = _fresh_model(str(config["task"]), device, config)
     if ARRAYS in msg.content:
-        model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict(), strict=False)
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in unpack_array_record(msg.content[ARRAYS]).items()},
+                              strict=False)
     metrics = get_task(str(config["task"])).evaluate(model, data.evaluate)
     if mode == "exact":
         metrics["num-examples"] = policy.reported_examples(metrics["num-examples"]) if metrics["num-examples"] else 0

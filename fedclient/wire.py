@@ -6,6 +6,7 @@ it (``fedserver`` -> ``fedclient.tasks``/``fedclient.wire`` are the allowed arro
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -58,8 +59,92 @@ def refusal_reason(content: RecordDict) -> str | None:
     return None
 
 
+PACKED_INDEX, PACKED_DATA = "fedtune.packed.index", "fedtune.packed.data"
+PACKED_ALIGNMENT = 8  # bytes: every array starts at a multiple of this in the packed buffer
+PACKABLE_DTYPES = frozenset(np.dtype(t).str for t in ("<f2", "<f4", "<f8", "<i1", "<i2", "<i4", "<i8", "|u1", "<u2",
+                                                      "<u4", "<u8", "|b1"))
+MAX_PACKED_ARRAYS = 1 << 16
+MAX_PACKED_INDEX_BYTES = 16 << 20
+
+
+def _packed_offsets(dtypes: list[np.dtype], shapes: list[tuple[int, ...]]) -> tuple[list[int], int]:
+    offsets, end = [], 0
+    for dtype, shape in zip(dtypes, shapes, strict=True):
+        start = -(-end // PACKED_ALIGNMENT) * PACKED_ALIGNMENT
+        offsets.append(start)
+        end = start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    return offsets, end
+
+
 def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
+    """``arrays`` as one Flower ``ArrayRecord`` of two Arrays: an index (JSON of each array's name,
+    dtype and shape, in order) and every array's bytes, each starting at a multiple of
+    :data:`PACKED_ALIGNMENT`. Flower moves each Array of a message as its own object through the
+    ServerApp's, the SuperLink's and the SuperNode's object stores (a request, a hash check and a
+    database write per object and hop); a model's 40 tensors were 40 objects, and those trips,
+    not the bytes, were most of a deployment round (bench/deployment_latency.py). Packed, a
+    message is a handful of objects whatever the number of tensors. :func:`unpack_array_record`
+    reads it back and checks it."""
+    if not arrays:
+        return ArrayRecord()
+    values = [np.asarray(value, order="C") for value in arrays.values()]
+    for key, value in zip(arrays, values, strict=True):
+        if value.dtype.str not in PACKABLE_DTYPES:
+            raise TypeError(f"array '{key}' has dtype {value.dtype}, which the wire format does not carry")
+    offsets, size = _packed_offsets([v.dtype for v in values], [v.shape for v in values])
+    buffer = np.zeros(size, dtype=np.uint8)
+    for offset, value in zip(offsets, values, strict=True):
+        buffer[offset:offset + value.nbytes] = value.reshape(-1).view(np.uint8)
+    index = json.dumps([[key, value.dtype.str, list(value.shape)] for key, value in zip(arrays, values, strict=True)])
+    return ArrayRecord({PACKED_INDEX: Array(np.frombuffer(index.encode(), dtype=np.uint8)),
+                        PACKED_DATA: Array(buffer)})
+
+
+def unpack_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """The arrays of an ``ArrayRecord``: one :func:`array_record` packed, or one holding an Array
+    per name (what Flower's own ``ArrayRecord(dict)`` makes). A packed record's index is checked
+    before any array is read: known dtypes only, whole non-negative shapes, unique names, and
+    bytes that add up exactly; raises PayloadError naming what is wrong."""
+    from aggregators.base import PayloadError
+
+    if PACKED_INDEX not in record and PACKED_DATA not in record:
+        try:
+            return {key: array.numpy() for key, array in record.items()}
+        except (TypeError, ValueError) as err:
+            raise PayloadError(f"undecodable array: {err}") from err
+    if set(record.keys()) != {PACKED_INDEX, PACKED_DATA}:
+        raise PayloadError(f"a packed array record holds exactly '{PACKED_INDEX}' and '{PACKED_DATA}', "
+                           f"not {sorted(record.keys())}")
+    try:
+        index_bytes, data = record[PACKED_INDEX].numpy(), record[PACKED_DATA].numpy()
+    except (TypeError, ValueError) as err:
+        raise PayloadError(f"undecodable packed arrays: {err}") from err
+    if index_bytes.dtype != np.uint8 or data.dtype != np.uint8 or index_bytes.ndim != 1 or data.ndim != 1:
+        raise PayloadError("packed arrays must be two 1-D uint8 arrays")
+    if index_bytes.size > MAX_PACKED_INDEX_BYTES:
+        raise PayloadError(f"the packed index is {index_bytes.size} bytes, over {MAX_PACKED_INDEX_BYTES}")
+    try:
+        index = json.loads(index_bytes.tobytes())
+    except ValueError as err:
+        raise PayloadError(f"the packed index is not JSON: {err}") from err
+    if not isinstance(index, list) or len(index) > MAX_PACKED_ARRAYS:
+        raise PayloadError(f"the packed index must list at most {MAX_PACKED_ARRAYS} arrays")
+    names, dtypes, shapes = [], [], []
+    for entry in index:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and entry[0]
+                and entry[1] in PACKABLE_DTYPES and isinstance(entry[2], list)
+                and all(type(n) is int and 0 <= n < 1 << 40 for n in entry[2])):
+            raise PayloadError(f"bad packed index entry {str(entry)[:120]} (want [name, dtype, shape])")
+        names.append(entry[0])
+        dtypes.append(np.dtype(entry[1]))
+        shapes.append(tuple(entry[2]))
+    if len(set(names)) != len(names):
+        raise PayloadError("the packed index names an array twice")
+    offsets, size = _packed_offsets(dtypes, shapes)
+    if size != data.size:
+        raise PayloadError(f"the packed index describes {size} bytes but {data.size} came")
+    return {name: data[offset:offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize].view(dtype)
+            .reshape(shape).copy() for name, dtype, shape, offset in zip(names, dtypes, shapes, offsets, strict=True)}
 
 
 def to_recorddict(parts: RecordParts, arrays: ArrayRecord | None = None) -> RecordDict:
@@ -86,10 +171,7 @@ def from_recorddict(content: RecordDict) -> RecordParts:
         record = content[ARRAYS]
         if not isinstance(record, ArrayRecord):
             raise PayloadError(f"'{ARRAYS}' is a {type(record).__name__}, expected an ArrayRecord")
-        try:
-            parts.arrays = {key: array.numpy() for key, array in record.items()}
-        except (TypeError, ValueError) as err:
-            raise PayloadError(f"undecodable array: {err}") from err
+        parts.arrays = unpack_array_record(record)
     if CONFIG in content:
         parts.config = dict(content[CONFIG])
     if METRICS in content:

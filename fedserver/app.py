@@ -3,6 +3,8 @@ runs :class:`~fedserver.strategy.AlgorithmStrategy` for the configured number of
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import threading
 import traceback
@@ -142,6 +144,29 @@ def _resume(store: RunStore, run_ref: str, config: Mapping[str, Any], algorithm:
     return run.id, done, ArrayRecord(state)
 
 
+REPLY_PULL_BACKOFF_S = (0.02, 0.25)  # first and longest wait for a reply part the SuperLink does not have yet
+
+
+def shorten_reply_pull_backoff() -> None:
+    """Make this ServerApp process's grid (Flower's ``HttpGrid``, a deployment's) wait
+    :data:`REPLY_PULL_BACKOFF_S` instead of 1 s, 2 s, ... (``PULL_INITIAL_BACKOFF``) for each part of a
+    reply the SuperLink does not hold yet: a SuperNode pushes a reply's head before its arrays, so
+    the first reply of a round was read a second late (bench/deployment_latency.py's timeline).
+    Flower has no setting for it; this rebinds the ``pull_objects`` its grid module calls, and
+    ``tests/test_hostile_coordinator.py`` pins the Flower code it relies on."""
+    from flwr.superlink.grid import http_grid
+
+    pull_objects = http_grid.pull_objects
+    if isinstance(pull_objects, functools.partial):
+        return
+    if not {"initial_backoff", "backoff_cap", "max_tries_per_object"} <= set(inspect.signature(pull_objects).parameters):
+        raise RuntimeError("this Flower version's grid pulls replies differently; fedserver's ServerApp is written "
+                           "for flwr 1.39")
+    first, longest = REPLY_PULL_BACKOFF_S
+    http_grid.pull_objects = functools.partial(pull_objects, initial_backoff=first, backoff_cap=longest,
+                                               max_tries_per_object=None)  # Flower's 2 h bound still holds
+
+
 def build_server_app(
     overrides: Mapping[str, Any] | None = None,
     *,
@@ -155,6 +180,7 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        shorten_reply_pull_backoff()
         config = check_run_config(coordinator_config(resolve_run_config(context.run_config, overrides)),
                                   num_clients=num_clients)
         if str(config["mode"]) == "search":

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, Context, Message
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedclient.app import build_client_app
+from fedclient.wire import array_record, unpack_array_record
 
 
 def corrupting_client_app(config: dict) -> ClientApp:
@@ -23,16 +24,15 @@ def corrupting_client_app(config: dict) -> ClientApp:
         reply = honest(msg, context)
         rnd = int(msg.content["config"]["server-round"])
         partition = int(context.node_config["partition-id"])
-        arrays = reply.content["arrays"]
-        key = sorted(arrays.keys())[-1]
+        arrays = unpack_array_record(reply.content["arrays"])
+        key = sorted(arrays)[-1]
         if (rnd, partition) == (1, 0):
-            arrays[key] = Array(np.zeros(3, dtype=np.float32))
+            arrays[key] = np.zeros(3, dtype=np.float32)
         elif (rnd, partition) == (2, 1):
-            value = arrays[key].numpy().copy()
-            value.flat[0] = np.nan
-            arrays[key] = Array(value)
+            arrays[key].flat[0] = np.nan
         elif (rnd, partition) == (2, 2):
-            arrays["classifier.extra.weight"] = Array(np.ones(4, dtype=np.float32))
+            arrays["classifier.extra.weight"] = np.ones(4, dtype=np.float32)
+        reply.content["arrays"] = array_record(arrays)
         return reply
 
     @app.evaluate()
@@ -59,10 +59,9 @@ def diverging_client_app(config: dict) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         rnd = int(msg.content["config"]["server-round"])
         if rnd == 3 and int(context.node_config["partition-id"]) == 1:
-            record = context.state[CLIENT_STATE_ARRAYS]
-            vector = record[HELD_VECTOR].numpy().copy()
-            vector[0] += 1e-3
-            record[HELD_VECTOR] = Array(vector)
+            held = unpack_array_record(context.state[CLIENT_STATE_ARRAYS])
+            held[HELD_VECTOR][0] += 1e-3
+            context.state[CLIENT_STATE_ARRAYS] = array_record(held)
         return honest(msg, context)
 
     @app.query("identify")

@@ -584,6 +584,9 @@ def test_the_supernode_hook_is_pinned_to_the_flower_it_was_written_for() -> None
 
     assert inspect.getsource(connection).count("heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL") == 2
     assert "HEARTBEAT_DEFAULT_INTERVAL - HEARTBEAT_CALL_TIMEOUT" in inspect.getsource(heartbeat.HeartbeatSender._run)
+    from flwr.superlink.grid import http_grid  # where the ServerApp's shorter reply backoff takes effect
+
+    assert "all_object_contents = pull_objects(" in inspect.getsource(http_grid.HttpGrid.pull_messages)
 
 
 PROBE_APP = b"""[build-system]

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from aggregators import Instruction, Payload, PayloadError
 from aggregators.fedavg import FedAvg, FedAvgConfig
-from fedclient.wire import from_recorddict, message_wire_bytes, to_recorddict
+from fedclient.wire import (
+    PACKED_DATA,
+    PACKED_INDEX,
+    array_record,
+    from_recorddict,
+    message_wire_bytes,
+    to_recorddict,
+    unpack_array_record,
+)
 from fedserver.store import RunStore
 from fedserver.strategy import AlgorithmStrategy, StrategySettings, stable_client_id
 from tests.grids import IdentifyingGrid
@@ -32,6 +42,50 @@ def test_malformed_records_are_payload_errors():
         Payload.from_record(from_recorddict(RecordDict({"metrics": MetricRecord({"loss": 1.0})})))
     with pytest.raises(PayloadError, match="expected an ArrayRecord"):
         from_recorddict(RecordDict({"arrays": ConfigRecord({"a": 1})}))
+
+
+def test_arrays_travel_packed_in_two_flower_objects_and_come_back_exactly(flower_identity):
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    arrays = {f"layer.{i}.weight": np.arange(i * 7, dtype=np.float32).reshape(i, 7) / 3 for i in range(40)}
+    arrays.update({"scalar": np.array(2.5, np.float64), "mask": np.array([True, False, True]),
+                   "codes": np.array([-3, 7], np.int8), "empty": np.zeros((0, 4), np.float16)})
+    record = array_record(arrays)
+    assert sorted(record) == [PACKED_DATA, PACKED_INDEX]
+    back = unpack_array_record(record)
+    assert list(back) == list(arrays)  # order kept
+    for key, value in arrays.items():
+        assert back[key].dtype == value.dtype and back[key].shape == value.shape
+        np.testing.assert_array_equal(back[key], value)
+    message = Message(to_recorddict(Payload(arrays, num_examples=3).to_record()), dst_node_id=1, message_type="train")
+    assert len(get_all_nested_objects(message)) <= 8  # 44 tensors; one Flower object each before packing
+    assert unpack_array_record(ArrayRecord({"w": torch.ones(2)}))["w"].tolist() == [1.0, 1.0]  # Flower's own layout
+
+
+def _packed(index, data: np.ndarray | None = None) -> ArrayRecord:
+    text = index if isinstance(index, bytes) else json.dumps(index).encode()
+    return ArrayRecord({PACKED_INDEX: Array(np.frombuffer(text, dtype=np.uint8)),
+                        PACKED_DATA: Array(np.zeros(8, np.uint8) if data is None else data)})
+
+
+@pytest.mark.parametrize(("record", "says"), [
+    (lambda: _packed(b"{not json"), "not JSON"),
+    (lambda: _packed({"w": 1}), "must list"),
+    (lambda: _packed([["w", "|O", [1]]]), "bad packed index entry"),  # an object dtype would unpickle
+    (lambda: _packed([["w", ">f4", [2]]]), "bad packed index entry"),
+    (lambda: _packed([["w", "<f4", [-2]]]), "bad packed index entry"),
+    (lambda: _packed([["w", "<f4", [2.0]]]), "bad packed index entry"),
+    (lambda: _packed([["", "<f4", [2]]]), "bad packed index entry"),
+    (lambda: _packed([["w", "<f4", [1]], ["w", "<f4", [1]]], np.zeros(12, np.uint8)), "names an array twice"),
+    (lambda: _packed([["w", "<f4", [3]]]), "describes 12 bytes but 8 came"),
+    (lambda: _packed([["w", "<f4", [1 << 39]]]), "describes"),  # a huge shape allocates nothing
+    (lambda: _packed([["w", "<f4", [2]]], np.zeros(2, np.float32)), "two 1-D uint8"),
+    (lambda: ArrayRecord({PACKED_DATA: array_record({"w": np.ones(2, np.float32)})[PACKED_DATA]}), "exactly"),
+    (lambda: ArrayRecord({**array_record({"w": np.ones(2, np.float32)}), "x": Array(np.ones(1))}), "exactly"),
+])
+def test_a_hostile_packed_record_is_refused_naming_the_fault(record, says):
+    with pytest.raises(PayloadError, match=says):
+        from_recorddict(RecordDict({"arrays": record()}))
 
 
 def test_wire_bytes_are_measured_on_the_serialized_message(flower_identity):
