@@ -35,6 +35,7 @@ Usage::
 
     python bench/deployment_latency.py                 # 2 sites, 4 rounds, all arms
     python bench/deployment_latency.py --arms simulation,cached --rounds 3
+    python bench/deployment_latency.py --arms simulation,runtime --task tiny-lm --adapter lora
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ SETTINGS = {
 
 def _config(args: argparse.Namespace) -> dict:
     return {"task": args.task, "strategy": "fedavg", "num-server-rounds": args.rounds, "local-steps": args.local_steps,
-            "min-train-nodes": args.sites, "checkpoint-every": 0}
+            "min-train-nodes": args.sites, "checkpoint-every": 0, **({"adapter": args.adapter} if args.adapter else {})}
 
 
 def _rounds_summary(arm: str, store, run_id: str) -> dict:
@@ -135,13 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--local-steps", type=int, default=2)
     parser.add_argument("--task", default="tiny", help="tiny (default) or tiny-lm, the 2-block causal LM")
+    parser.add_argument("--adapter", default="", help="train an adapter (lora) instead of the task's layers; "
+                        "what a causal LM run sends (tiny-lm's full layers include its 28M-parameter embeddings)")
     args = parser.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         parser.error(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
     print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}; "
-          f"{args.task}, FedAvg, {args.sites} sites ({site_threads(args.sites)} torch threads each), {args.rounds} rounds, "
+          f"{args.task}{' + ' + args.adapter if args.adapter else ''}, FedAvg, {args.sites} sites ({site_threads(args.sites)} torch threads each), {args.rounds} rounds, "
           f"{args.local_steps} local steps")
     results = []
     with tempfile.TemporaryDirectory() as tmp:

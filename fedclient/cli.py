@@ -182,7 +182,11 @@ def runtime_status_command(home: str, state_dir: str) -> int:
     for name, value in (("process", str(status["pid"])), ("up", f"{status['uptime-seconds']:.0f} s"),
                         ("memory", f"{status['memory-mb']} MB"), ("messages answered", str(status["messages"])),
                         ("answering now", status.get("busy") or "nothing"),
-                        ("models loaded", f"{status['models-loaded']} ({status['model-loads']} loads so far)"),
+                        ("models loaded", f"{status['models-loaded']} ({status['model-loads']} loads so far"
+                         + (f", {status['model-reloads']} after a model changed" if status.get("model-reloads") else "")
+                         + ")"),
+                        ("model digests", ", ".join(f"{task} {digest}" for task, digest in
+                                                    sorted((status.get("model-digests") or {}).items())) or "none yet"),
                         ("last message", f"{last['type']} of run {last['run-id']} at {last['at']}, {last['seconds']} s"
                          + (", failed" if last.get("failed") else "") if last else "none yet")):
         table.add_row(name, escape(value))

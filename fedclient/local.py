@@ -30,6 +30,7 @@ from fedclient.tasks import (
 )
 from fedclient.tasks.adapters import AdapterSpec
 from fedclient.tasks.model_dir import is_directory_task
+from fedclient.tasks.text import forget_loaded_models
 from fedclient.wire import (
     ARRAYS,
     CONFIG,
@@ -49,11 +50,41 @@ CLIENT_STATE_CONFIG = "fedtune.client-state.config"
 
 
 @functools.lru_cache(maxsize=2)
-def _model(task_name: str, device: str, adapter: AdapterSpec | None) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """The task model on ``device`` (built once per process) and its pristine state to reset to."""
+def _model(task_name: str, device: str, adapter: AdapterSpec | None,
+           digest: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The task model on ``device`` (built once per process and model digest) and its pristine
+    state to reset to."""
+    MODEL_LOADS["loads"] += 1
     model = get_task(task_name).build_model(adapter).to(device)
     pristine = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return model, pristine
+
+
+MODEL_LOADS: dict[str, int] = {"loads": 0, "reloads": 0}  # what this process built (a site runtime's `status`)
+_MODEL_DIGESTS: dict[str, str] = {}  # task name -> the model digest of what this process loaded for it
+
+
+def _loaded_model(task_name: str, device: str, adapter: AdapterSpec | None
+                  ) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """:func:`_model`, reused only while the task's model digest (:meth:`TextTask.model_digest`:
+    the task's definition and its model files' names, sizes and times) is the one it was loaded
+    with; otherwise everything loaded from model files is dropped and loaded again."""
+    digest = get_task(task_name).model_digest()
+    loaded = _MODEL_DIGESTS.get(task_name)
+    if loaded is not None and loaded != digest:
+        site_log(f"the model of task '{task_name}' changed since this process loaded it (digest {loaded} -> "
+                 f"{digest}); loading it again")
+        _model.cache_clear()
+        forget_loaded_models()
+        MODEL_LOADS["reloads"] += 1
+    _MODEL_DIGESTS[task_name] = digest
+    return _model(task_name, device, adapter, digest)
+
+
+def model_loads() -> dict[str, Any]:
+    """How many task models this process built, how many it holds, how many times a changed model
+    digest made it load again, and the digest per task (``fedclient status``)."""
+    return {**MODEL_LOADS, "loaded": _model.cache_info().currsize, "digests": dict(_MODEL_DIGESTS)}
 
 
 def _seconds_since_process_start() -> float | None:
@@ -69,7 +100,7 @@ def _seconds_since_process_start() -> float | None:
 
 
 def _fresh_model(task_name: str, device: torch.device, config: Mapping[str, Any]) -> torch.nn.Module:
-    model, pristine = _model(task_name, str(device), AdapterSpec.from_run_config(config))
+    model, pristine = _loaded_model(task_name, str(device), AdapterSpec.from_run_config(config))
     model.load_state_dict(pristine)  # no trace of what a previous message trained
     return model
 

