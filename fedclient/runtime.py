@@ -250,7 +250,10 @@ class SiteRuntime:
         """Answer the SuperNode task ``token`` names, as ``flwr-clientapp --token`` would: pull its
         message and context, answer, push the reply and the context (its state) back, and report
         the task finished; heartbeats keep the task alive meanwhile. Whatever fails, the reply is
-        an error naming only the exception's type (the traceback goes to the site's log)."""
+        an error naming only the exception's type (the traceback goes to the site's log). From the
+        moment its message's head is known until it is finished the task is written down in
+        ``claimed-tasks/`` (:class:`_Claim`), so that ``fedclient start`` can answer it if this
+        process dies meanwhile."""
         from flwr.common.constant import SubStatus
         from flwr.supercore.heartbeat import HeartbeatSender
         from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
@@ -258,28 +261,30 @@ class SiteRuntime:
         from privacy.refusal import site_log
 
         client = _task_client(runtime_api, "flwr-clientapp", token)
-        heartbeat = HeartbeatSender(_task_heartbeat(client))
-        message = context = claim = None
+        heartbeat = HeartbeatSender(_task_heartbeat(runtime_api, token))
+        message = context = reply = None
+        claim = _Claim(self.claims, token) if self.claims is not None else None
         outcome, details = SubStatus.FAILED, "the site runtime could not answer"
         try:
-            heartbeat.start()
-            message, context, run, identity = _pull_task_input(client)
-            if self.claims is not None:
-                claim = _record_claim(self.claims, token, message, context)
-            if run.fab_id.rpartition("/")[2] != APP_NAME:
-                raise PermissionError(f"this site runtime answers only the {APP_NAME} app, not '{run.fab_id}'")
-            reply, context.state = self.answer(message, context, identity)
-            outcome, details = SubStatus.COMPLETED, ""
-        except Exception as err:  # noqa: BLE001
-            site_log(f"the site runtime failed a task: {err!r}")
-            reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"the site failed ({type(err).__name__})"),
-                            reply_to=message) if message is not None else None
-        try:
+            try:
+                heartbeat.start()
+                message, context, run, identity = _pull_task_input(
+                    client, on_head=claim.record if claim is not None else None)
+                if run.fab_id.rpartition("/")[2] != APP_NAME:
+                    raise PermissionError(f"this site runtime answers only the {APP_NAME} app, not '{run.fab_id}'")
+                reply, context.state = self.answer(message, context, identity)
+                outcome, details = SubStatus.COMPLETED, ""
+            except Exception as err:  # noqa: BLE001
+                site_log(f"the site runtime failed a task: {err!r}")
+                reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"the site failed ({type(err).__name__})"),
+                                reply_to=message) if message is not None else None
             if reply is not None and context is not None:
+                if claim is not None:
+                    claim.mark_replying()  # from here on, a second (error) reply must not follow
                 push_message(client, reply, context)
         except Exception as err:  # noqa: BLE001 (no reply: Flower answers for the task once it is finished)
             site_log(f"the site runtime could not push its reply: {err!r}")
-        finally:
+        finally:  # whatever happened above, the task ends here and stops heart-beating
             try:
                 push_task_output(client, context, outcome, details)
             finally:
@@ -287,7 +292,7 @@ class SiteRuntime:
                     heartbeat.stop()
                 client.close()
                 if claim is not None:
-                    claim.unlink(missing_ok=True)
+                    claim.remove()
 
     def status(self) -> dict[str, Any]:
         local = sys.modules.get("fedclient.local")
@@ -352,15 +357,24 @@ def lock_path(socket: str | pathlib.Path) -> pathlib.Path:
     return pathlib.Path(socket).with_suffix(".lock")
 
 
-def own_directory(directory: pathlib.Path) -> None:
-    """Make ``directory`` (0700) or accept an existing one only if it is a real directory of this
-    user: the socket and lock go there, and another user's directory could be swapped under us."""
+def private_directory(directory: pathlib.Path) -> None:
+    """Make ``directory`` (0700) or accept an existing one only if it is a real directory (not a
+    link) of this user, and make it 0700; PermissionError otherwise: another user's directory
+    could be swapped under us."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     info = os.lstat(directory)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-        raise SystemExit(f"the state directory {directory} is not a directory owned by this user; refusing to "
-                         "put the site runtime's socket there")
+        raise PermissionError(f"{directory} is not a directory owned by this user")
     os.chmod(directory, 0o700, follow_symlinks=False)
+
+
+def own_directory(directory: pathlib.Path) -> None:
+    """:func:`private_directory` for the runtime's start: the socket and lock go there."""
+    try:
+        private_directory(directory)
+    except PermissionError:
+        raise SystemExit(f"the state directory {directory} is not a directory owned by this user; refusing to "
+                         "put the site runtime's socket there") from None
 
 
 def serve(state_dir: str | pathlib.Path, node_config: Mapping[str, Any], parent: int | None = None,
@@ -381,8 +395,10 @@ def serve(state_dir: str | pathlib.Path, node_config: Mapping[str, Any], parent:
     path.unlink(missing_ok=True)  # a dead runtime's (we hold the lock: no live one has it)
     runtime = SiteRuntime(node_config)
     runtime.claims = claims_directory(directory)
-    for stale in runtime.claims.glob("*.json"):  # a previous runtime's, already answered by the supervisor
-        stale.unlink(missing_ok=True)  # (or of a SuperNode that stopped since: its tokens are void)
+    if runtime.claims.is_dir():  # a previous runtime's, answered by the supervisor (or of a SuperNode that
+        for stale in runtime.claims.iterdir():  # stopped since: their tokens are void)
+            if stale.is_file() or stale.is_symlink():
+                stale.unlink(missing_ok=True)
     threading.Thread(target=_exit_with_parent, args=(parent or os.getppid(),), daemon=True).start()
     runtime.warm_up()
     previous = os.umask(0o177)  # the socket is created 0600
@@ -453,21 +469,35 @@ def _task_client(runtime_api: str, component: str, token: str | None = None,
                                                  interceptors=interceptors, retry_invoker=_retry_invoker(retry_for))
 
 
-def _task_heartbeat(client: Any) -> Callable[[], bool]:
-    """A claimed task's heartbeat, as Flower's ``make_task_heartbeat_fn_http`` sends it, except
-    that a heartbeat the SuperNode refuses (it dropped the task) is logged, not answered with
-    SIGINT to this process: the runtime's other tasks and its loaded model go on."""
+HEARTBEAT_RETRY_S = 10.0  # one heartbeat call's retries; Flower's HeartbeatSender tries again later
+
+
+def _task_heartbeat(runtime_api: str, token: str) -> Callable[[], bool]:
+    """A claimed task's heartbeat, as Flower's ``make_task_heartbeat_fn_http`` sends it, on a
+    client of its own with short retries (stopping the heartbeat never waits long), except that a
+    heartbeat the SuperNode refuses (it dropped the task: ``success`` false, or a 401) is logged
+    once, not answered with SIGINT to this process: the runtime's other tasks and its loaded model
+    go on, and this task's reply is refused by the SuperNode."""
     import httpx
     from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
 
     from privacy.refusal import site_log
 
+    client = _task_client(runtime_api, "flwr-clientapp", token, retry_for=HEARTBEAT_RETRY_S)
+    dropped = threading.Event()
+
     def beat() -> bool:
         try:
-            if not client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success:
-                site_log("the SuperNode no longer knows a task this runtime answers; its reply will be refused")
-        except httpx.HTTPError:
-            return False  # retried by Flower's HeartbeatSender with backoff
+            accepted = client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code in (503, 504):
+                return False  # retried by Flower's HeartbeatSender with backoff
+            accepted = False
+        except httpx.TransportError:
+            return False
+        if not accepted and not dropped.is_set():
+            dropped.set()
+            site_log("the SuperNode no longer knows a task this runtime answers; its reply will be refused")
         return True
 
     return beat
@@ -480,20 +510,49 @@ def claims_directory(state_dir: str | pathlib.Path) -> pathlib.Path:
     return pathlib.Path(state_dir) / CLAIMS_DIRECTORY
 
 
-def _record_claim(directory: pathlib.Path, token: str, message: Message, context: Context) -> pathlib.Path:
-    """Write down what :func:`fail_orphaned_tasks` needs to answer this task if the runtime dies
-    while answering it: the task's token (the SuperNode's credential for it), its run and node,
-    and the error reply. 0600 in a 0700 directory of the site's state directory."""
-    reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, RUNTIME_DIED_REASON), reply_to=message)
-    record = {"token": token, "run-id": context.run_id, "node-id": context.node_id,
-              "message-type": message.metadata.message_type,
-              "reply": _to_bytes(serde.message_to_proto, reply).hex()}
-    own_directory(directory)
-    path = directory / f"{message.metadata.message_id[:32]}.json"
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        json.dump(record, handle)
-    return path
+class _Claim:
+    """What :func:`fail_orphaned_tasks` needs to answer a claimed task if the runtime dies while
+    answering it: the task's token (the SuperNode's credential for it), its run and node, and a
+    ready error reply, in ``claimed-tasks/`` of the state directory (a directory of the site's
+    user, 0700; the file 0600, written whole or not at all). Once the runtime starts pushing its
+    own reply the record says so (``replying``): then only the task's end is reported."""
+
+    def __init__(self, directory: pathlib.Path, token: str) -> None:
+        self.directory, self.token = directory, token
+        self.path: pathlib.Path | None = None
+        self.fields: dict[str, Any] = {}
+
+    def record(self, message: Message, context: Context) -> None:
+        reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, RUNTIME_DIED_REASON), reply_to=message)
+        self.fields = {"token": self.token, "run-id": context.run_id, "node-id": context.node_id,
+                       "message-type": message.metadata.message_type, "replying": False,
+                       "reply": _to_bytes(serde.message_to_proto, reply).hex()}
+        message_id = message.metadata.message_id
+        if not (len(message_id) == 64 and all(c in "0123456789abcdef" for c in message_id)):
+            raise ValueError("the SuperNode gave a message id that is not a SHA-256 hex digest")
+        self.path = self.directory / f"{message_id[:32]}.json"
+        self._write()
+
+    def mark_replying(self) -> None:
+        if self.path is not None:
+            self.fields["replying"] = True
+            self._write()
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+    def _write(self) -> None:
+        private_directory(self.directory)
+        temporary = self.directory / f".{self.path.name}.{os.getpid()}.{threading.get_ident()}"
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                json.dump(self.fields, handle)
+            os.replace(temporary, self.path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
 
 
 RUNTIME_DIED_REASON = ("the site's runtime stopped while answering (it is restarted; the site takes part again "
@@ -513,7 +572,7 @@ def fail_orphaned_tasks(state_dir: str | pathlib.Path, runtime_api: str) -> int:
     from privacy.refusal import site_log
 
     answered = 0
-    for path in sorted(claims_directory(state_dir).glob("*.json")):
+    for path in sorted(claims_directory(state_dir).glob("[0-9a-f]*.json")):
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
             reply = _from_bytes(serde.message_from_proto, ProtoMessage, bytes.fromhex(record["reply"]))
@@ -522,11 +581,12 @@ def fail_orphaned_tasks(state_dir: str | pathlib.Path, runtime_api: str) -> int:
             client = _task_client(_local_address(runtime_api), "flwr-clientapp", str(record["token"]),
                                   retry_for=ORPHAN_RETRY_S)
             try:
-                push_message(client, reply, context)
+                if not record.get("replying"):  # the runtime had not begun to push its own reply
+                    push_message(client, reply, context)
+                    answered += 1
                 push_task_output(client, None, SubStatus.FAILED, RUNTIME_DIED_REASON)
             finally:
                 client.close()
-            answered += 1
         except Exception as err:  # noqa: BLE001 (a task the SuperNode dropped meanwhile needs no answer)
             site_log(f"could not answer a task the stopped site runtime left ({path.name}): {err!r}")
         finally:
@@ -538,7 +598,8 @@ TASK_PULL_BACKOFF_S = (0.02, 0.25)  # first and longest wait for a message part 
 TASK_PULL_MAX_S = 1800.0  # then the task fails (a message of a run that stopped never arrives)
 
 
-def _pull_task_input(client: Any) -> tuple[Message, Context, Any, bytes]:
+def _pull_task_input(client: Any, on_head: Callable[[Message, Context], None] | None = None
+                     ) -> tuple[Message, Context, Any, bytes]:
     """A claimed task's message, context, run and task identity (for :meth:`SiteRuntime.answer`,
     which sets Flower's global ``TaskIdentity`` under its lock: several tasks may be pulled at
     once), as Flower's ``pull_task_input`` gets them, but
@@ -563,6 +624,10 @@ def _pull_task_input(client: Any) -> tuple[Message, Context, Any, bytes]:
             raise RuntimeError("the SuperNode gave no message for this task")
         time.sleep(0.05)
     node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    if on_head is not None:  # the message's head: enough to answer it, before its arrays arrive
+        head = serde.message_from_proto(pulled.messages_list[0])
+        head.metadata.__dict__["_message_id"] = tree.object_id
+        on_head(head, context)
     first, longest = TASK_PULL_BACKOFF_S
     message = pull_and_inflate_object_from_tree(
         tree, make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),

@@ -58,9 +58,11 @@ def site_searcher(policy: SitePolicy, state_dir: str | None) -> SiteSearcher:
     if not search.querier_key:
         raise PolicyRefusal("search.querier-key", "this site trusts no querier")
     store = VectorStore(search.index)
+    state = pathlib.Path(state_dir) / "search" if state_dir else store.source / INDEX_DIR
     try:
-        key = (str(store.source), _files_stamp(store.path), pathlib.Path(search.querier_key).read_bytes(),
-               state_dir, repr(search.limits))
+        key = (str(store.source), _files_stamp(store.path, ("vectors.npy", "documents.json", "meta.json")),
+               _files_stamp(state / "keys"), pathlib.Path(search.querier_key).read_bytes(), state_dir,
+               repr(search.limits))
     except OSError:
         key = None  # what is missing is said below
     if key is not None and key in _SEARCHERS:
@@ -74,12 +76,15 @@ def site_searcher(policy: SitePolicy, state_dir: str | None) -> SiteSearcher:
     return searcher
 
 
-def _files_stamp(directory: pathlib.Path) -> tuple:
-    """Size, modification time and inode of the store's files (an index rebuilt in place differs)."""
+def _files_stamp(directory: pathlib.Path, names: tuple[str, ...] | None = None) -> tuple:
+    """Size, times and inode of ``names`` in ``directory`` (default: every file there, none if it
+    does not exist): a store rebuilt in place, or a key bundle an operator deleted, differs."""
+    if names is None:
+        names = tuple(sorted(p.name for p in directory.iterdir())) if directory.is_dir() else ()
     stamp = []
-    for name in ("vectors.npy", "documents.json", "meta.json"):
+    for name in names:
         info = (directory / name).stat()
-        stamp.append((name, info.st_size, info.st_mtime_ns, info.st_ino))
+        stamp.append((name, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino))
     return tuple(stamp)
 
 

@@ -6,10 +6,13 @@ it (``fedserver`` -> ``fedclient.tasks``/``fedclient.wire`` are the allowed arro
 
 from __future__ import annotations
 
+import io
 import json
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.lib import format as npy_format
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
@@ -65,14 +68,17 @@ PACKABLE_DTYPES = frozenset(np.dtype(t).str for t in ("<f2", "<f4", "<f8", "<i1"
                                                       "<u4", "<u8", "|b1"))
 MAX_PACKED_ARRAYS = 1 << 16
 MAX_PACKED_INDEX_BYTES = 16 << 20
+MAX_DIMENSIONS = 32
+MAX_NPY_HEADER = 10_000  # bytes of an .npy header (numpy's own default limit)
 
 
 def _packed_offsets(dtypes: list[np.dtype], shapes: list[tuple[int, ...]]) -> tuple[list[int], int]:
+    """Where each array starts and the buffer's total size, in Python integers (no overflow)."""
     offsets, end = [], 0
     for dtype, shape in zip(dtypes, shapes, strict=True):
         start = -(-end // PACKED_ALIGNMENT) * PACKED_ALIGNMENT
         offsets.append(start)
-        end = start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        end = start + math.prod(shape) * dtype.itemsize
     return offsets, end
 
 
@@ -100,51 +106,82 @@ def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
                         PACKED_DATA: Array(buffer)})
 
 
+def _checked_shape(shape: object, what: str) -> tuple[int, ...]:
+    from aggregators.base import PayloadError
+
+    if not (isinstance(shape, list | tuple) and len(shape) <= MAX_DIMENSIONS
+            and all(type(n) is int and n >= 0 for n in shape)):
+        raise PayloadError(f"{what}: bad shape {str(shape)[:80]} (at most {MAX_DIMENSIONS} whole sizes >= 0)")
+    return tuple(shape)
+
+
+def _decoded(array: Array, what: str) -> np.ndarray:
+    """The values of a Flower ``Array``, read without ``np.load`` (which would open a zip file, or
+    allocate whatever shape the header claims before reading any data): the ``.npy`` header is
+    parsed and checked first (a dtype of :data:`PACKABLE_DTYPES`, at most :data:`MAX_DIMENSIONS`
+    whole sizes, exactly as many bytes as they need). Raises PayloadError naming ``what``."""
+    from aggregators.base import PayloadError
+
+    if not isinstance(array, Array) or array.stype != "numpy.ndarray":
+        raise PayloadError(f"{what}: not a numpy array")
+    data = bytes(array.data)
+    stream = io.BytesIO(data)
+    try:
+        version = npy_format.read_magic(stream)
+        read_header = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}[version]
+        shape, fortran_order, dtype = read_header(stream, max_header_size=MAX_NPY_HEADER)
+    except Exception as err:  # noqa: BLE001 (whatever the bytes are, they are no array this format carries)
+        raise PayloadError(f"{what}: not an .npy array ({type(err).__name__})") from None
+    if not isinstance(dtype, np.dtype) or dtype.str not in PACKABLE_DTYPES:
+        raise PayloadError(f"{what}: dtype {str(dtype)[:40]} is not one the wire format carries")
+    shape = _checked_shape(shape, what)
+    body = len(data) - stream.tell()
+    if math.prod(shape) * dtype.itemsize != body:
+        raise PayloadError(f"{what}: its header describes {math.prod(shape) * dtype.itemsize} bytes but {body} came")
+    values = np.frombuffer(data, dtype=dtype, offset=stream.tell())
+    return values.reshape(shape, order="F" if fortran_order else "C").copy()
+
+
 def unpack_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     """The arrays of an ``ArrayRecord``: one :func:`array_record` packed, or one holding an Array
-    per name (what Flower's own ``ArrayRecord(dict)`` makes). A packed record's index is checked
-    before any array is read: known dtypes only, whole non-negative shapes, unique names, and
-    bytes that add up exactly; raises PayloadError naming what is wrong."""
+    per name (Flower's own ``ArrayRecord(dict)`` layout). Nothing is allocated before it is
+    checked: each Array's header (:func:`_decoded`), then a packed record's index (known dtypes
+    only, whole shapes of at most :data:`MAX_DIMENSIONS` sizes, unique names, bytes that add up
+    exactly). Raises PayloadError naming what is wrong."""
     from aggregators.base import PayloadError
 
     if PACKED_INDEX not in record and PACKED_DATA not in record:
-        try:
-            return {key: array.numpy() for key, array in record.items()}
-        except (TypeError, ValueError) as err:
-            raise PayloadError(f"undecodable array: {err}") from err
+        return {key: _decoded(array, f"array '{str(key)[:80]}'") for key, array in record.items()}
     if set(record.keys()) != {PACKED_INDEX, PACKED_DATA}:
         raise PayloadError(f"a packed array record holds exactly '{PACKED_INDEX}' and '{PACKED_DATA}', "
-                           f"not {sorted(record.keys())}")
-    try:
-        index_bytes, data = record[PACKED_INDEX].numpy(), record[PACKED_DATA].numpy()
-    except (TypeError, ValueError) as err:
-        raise PayloadError(f"undecodable packed arrays: {err}") from err
+                           f"not {sorted(str(k)[:80] for k in record.keys())[:5]}")
+    index_bytes = _decoded(record[PACKED_INDEX], "the packed index")
+    data = _decoded(record[PACKED_DATA], "the packed arrays")
     if index_bytes.dtype != np.uint8 or data.dtype != np.uint8 or index_bytes.ndim != 1 or data.ndim != 1:
         raise PayloadError("packed arrays must be two 1-D uint8 arrays")
     if index_bytes.size > MAX_PACKED_INDEX_BYTES:
         raise PayloadError(f"the packed index is {index_bytes.size} bytes, over {MAX_PACKED_INDEX_BYTES}")
     try:
         index = json.loads(index_bytes.tobytes())
-    except ValueError as err:
-        raise PayloadError(f"the packed index is not JSON: {err}") from err
+    except (ValueError, RecursionError) as err:
+        raise PayloadError(f"the packed index is not JSON ({type(err).__name__})") from None
     if not isinstance(index, list) or len(index) > MAX_PACKED_ARRAYS:
         raise PayloadError(f"the packed index must list at most {MAX_PACKED_ARRAYS} arrays")
     names, dtypes, shapes = [], [], []
     for entry in index:
         if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and entry[0]
-                and entry[1] in PACKABLE_DTYPES and isinstance(entry[2], list)
-                and all(type(n) is int and 0 <= n < 1 << 40 for n in entry[2])):
+                and isinstance(entry[1], str) and entry[1] in PACKABLE_DTYPES):
             raise PayloadError(f"bad packed index entry {str(entry)[:120]} (want [name, dtype, shape])")
         names.append(entry[0])
         dtypes.append(np.dtype(entry[1]))
-        shapes.append(tuple(entry[2]))
+        shapes.append(_checked_shape(entry[2], f"packed array '{entry[0][:80]}'"))
     if len(set(names)) != len(names):
         raise PayloadError("the packed index names an array twice")
     offsets, size = _packed_offsets(dtypes, shapes)
     if size != data.size:
         raise PayloadError(f"the packed index describes {size} bytes but {data.size} came")
-    return {name: data[offset:offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize].view(dtype)
-            .reshape(shape).copy() for name, dtype, shape, offset in zip(names, dtypes, shapes, offsets, strict=True)}
+    return {name: data[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape).copy()
+            for name, dtype, shape, offset in zip(names, dtypes, shapes, offsets, strict=True)}
 
 
 def to_recorddict(parts: RecordParts, arrays: ArrayRecord | None = None) -> RecordDict:

@@ -147,24 +147,28 @@ def _resume(store: RunStore, run_ref: str, config: Mapping[str, Any], algorithm:
 REPLY_PULL_BACKOFF_S = (0.02, 0.25)  # first and longest wait for a reply part the SuperLink does not have yet
 
 
-def shorten_reply_pull_backoff() -> None:
+def shorten_reply_pull_backoff(max_seconds: float) -> None:
     """Make this ServerApp process's grid (Flower's ``HttpGrid``, a deployment's) wait
     :data:`REPLY_PULL_BACKOFF_S` instead of 1 s, 2 s, ... (``PULL_INITIAL_BACKOFF``) for each part of a
     reply the SuperLink does not hold yet: a SuperNode pushes a reply's head before its arrays, so
     the first reply of a round was read a second late (bench/deployment_latency.py's timeline).
-    Flower has no setting for it; this rebinds the ``pull_objects`` its grid module calls, and
-    ``tests/test_hostile_coordinator.py`` pins the Flower code it relies on."""
+    A reply whose parts do not all arrive within ``max_seconds`` (the round timeout; Flower's
+    own bound is 2 h) becomes an error reply for its site: the grid pulls inside one blocking call,
+    where the strategy's round timeout cannot reach. Flower has no setting for either; this
+    rebinds the ``pull_objects`` its grid module calls, and ``tests/test_hostile_coordinator.py``
+    pins the Flower code it relies on."""
     from flwr.superlink.grid import http_grid
 
     pull_objects = http_grid.pull_objects
     if isinstance(pull_objects, functools.partial):
-        return
-    if not {"initial_backoff", "backoff_cap", "max_tries_per_object"} <= set(inspect.signature(pull_objects).parameters):
+        pull_objects = pull_objects.func
+    if not {"initial_backoff", "backoff_cap", "max_tries_per_object", "max_time"} <= set(
+            inspect.signature(pull_objects).parameters):
         raise RuntimeError("this Flower version's grid pulls replies differently; fedserver's ServerApp is written "
                            "for flwr 1.39")
     first, longest = REPLY_PULL_BACKOFF_S
     http_grid.pull_objects = functools.partial(pull_objects, initial_backoff=first, backoff_cap=longest,
-                                               max_tries_per_object=None)  # Flower's 2 h bound still holds
+                                               max_tries_per_object=None, max_time=max_seconds)
 
 
 def build_server_app(
@@ -180,9 +184,9 @@ def build_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        shorten_reply_pull_backoff()
         config = check_run_config(coordinator_config(resolve_run_config(context.run_config, overrides)),
                                   num_clients=num_clients)
+        shorten_reply_pull_backoff(float(config["round-timeout"]))
         if str(config["mode"]) == "search":
             from fedserver.search import run_search
 

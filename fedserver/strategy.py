@@ -326,6 +326,10 @@ class AlgorithmStrategy(Strategy):
             record.status, record.error = "rejected", f"{_who(site)}: {err}"
             log(WARNING, "round %s: rejected the reply of %s: %s", message.metadata.group_id, _who(site), err)
             return site, None
+        except Exception as err:  # noqa: BLE001 (a reply no check foresaw costs its site the round, not the run)
+            record.status, record.error = "rejected", f"{_who(site)}: undecodable reply ({type(err).__name__})"
+            log(WARNING, "round %s: rejected the reply of %s: %r", message.metadata.group_id, _who(site), err)
+            return site, None
         record.num_examples = payload.num_examples
         record.metrics = {k: float(v) for k, v in payload.metrics.items()}
         return site, payload
@@ -404,9 +408,10 @@ class AlgorithmStrategy(Strategy):
             return []
         sites = self._sample(grid, server_round, self.settings.fraction_evaluate, "evaluate")
         messages = []
+        packed = array_record({key: array.numpy() for key, array in arrays.items()})  # the wire's layout
         for site in sites:
             content = RecordDict(
-                {ARRAYS: arrays, CONFIG: ConfigRecord({**config, "server-round": server_round})}
+                {ARRAYS: packed, CONFIG: ConfigRecord({**config, "server-round": server_round})}
             )
             message = Message(content, dst_node_id=site.node_id, message_type="evaluate", group_id=str(server_round))
             self._ledger.client("evaluate", site).bytes_down = message_wire_bytes(message)

@@ -205,14 +205,15 @@ def refusing_runtime_api():
 
 def test_a_task_the_supernode_dropped_fails_alone_without_signalling_the_process(tmp_path, refusing_runtime_api,
                                                                                  flower_identity) -> None:
-    """Flower's retry policy answers a 401 with SIGINT to its own process; the runtime's must fail
-    that one call (a runtime answers many tasks), and ``fedclient start`` failing a dead runtime's
-    tasks must not stop the site either. A claim record is private to the site's user."""
+    """Flower's retry policy and task heartbeat answer a 401 with SIGINT to their own process; the
+    runtime's must fail that one call (a runtime answers many tasks), its heartbeat must stop
+    asking, and ``fedclient start`` failing a dead runtime's tasks must not stop the site either.
+    A claim record is private to the site's user and is not followed through a link."""
     import httpx
     from flwr.app import Message
     from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
 
-    from fedclient.runtime import _record_claim, _task_client, claims_directory, fail_orphaned_tasks
+    from fedclient.runtime import _Claim, _task_client, _task_heartbeat, claims_directory, fail_orphaned_tasks
 
     address, calls = refusing_runtime_api
     interrupted: list[int] = []
@@ -223,14 +224,25 @@ def test_a_task_the_supernode_dropped_fails_alone_without_signalling_the_process
         with pytest.raises(httpx.HTTPStatusError, match="401"):
             client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
         assert time.monotonic() - started < 2 and len(calls) == 1  # not retried
+        assert _task_heartbeat(address, "a-stale-token")() is True  # refused: logged once, not retried, no signal
+        assert len(calls) == 2
         state = tmp_path / "state"
         message = Message(RecordDict(), dst_node_id=1, message_type="train")
         message.metadata.__dict__["_message_id"] = "ab" * 32
-        claim = _record_claim(claims_directory(state), "a-stale-token", message,
-                              Context(run_id=5, node_id=1, node_config={}, state=RecordDict(), run_config={}))
-        assert stat.S_IMODE(claim.stat().st_mode) == 0o600 and stat.S_IMODE(claim.parent.stat().st_mode) == 0o700
-        assert fail_orphaned_tasks(state, address) == 0  # the SuperNode no longer knows it: nothing to answer
-        assert not claim.exists() and len(calls) == 2
+        claim = _Claim(claims_directory(state), "a-stale-token")
+        claim.record(message, Context(run_id=5, node_id=1, node_config={}, state=RecordDict(), run_config={}))
+        assert stat.S_IMODE(claim.path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(claim.path.parent.stat().st_mode) == 0o700
+        assert [p.name for p in claims_directory(state).iterdir()] == [claim.path.name]  # no temporary left
+        assert fail_orphaned_tasks(state, address) == 0  # the SuperNode no longer knows it: nothing answered
+        assert not claim.path.exists() and len(calls) == 3
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (tmp_path / "linked").symlink_to(elsewhere)
+        with pytest.raises(PermissionError):  # a claims directory swapped for a link is not written through
+            _Claim(tmp_path / "linked", "a-stale-token").record(
+                message, Context(run_id=5, node_id=1, node_config={}, state=RecordDict(), run_config={}))
+        assert not list(elsewhere.iterdir())
     finally:
         signal.signal(signal.SIGINT, previous)
     assert interrupted == []

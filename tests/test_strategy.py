@@ -62,6 +62,21 @@ def test_arrays_travel_packed_in_two_flower_objects_and_come_back_exactly(flower
     assert unpack_array_record(ArrayRecord({"w": torch.ones(2)}))["w"].tolist() == [1.0, 1.0]  # Flower's own layout
 
 
+def _npy_header(descr: str, shape: tuple[int, ...]) -> bytes:
+    """The .npy header a hostile sender writes (numpy's own format, any shape it likes)."""
+    import io
+
+    from numpy.lib import format as npy_format
+
+    stream = io.BytesIO()
+    npy_format.write_array_header_1_0(stream, {"descr": descr, "fortran_order": False, "shape": shape})
+    return stream.getvalue()
+
+
+def _raw_array(data: bytes, stype: str = "numpy.ndarray") -> Array:
+    return Array(dtype="float32", shape=(1,), stype=stype, data=data)
+
+
 def _packed(index, data: np.ndarray | None = None) -> ArrayRecord:
     text = index if isinstance(index, bytes) else json.dumps(index).encode()
     return ArrayRecord({PACKED_INDEX: Array(np.frombuffer(text, dtype=np.uint8)),
@@ -73,8 +88,8 @@ def _packed(index, data: np.ndarray | None = None) -> ArrayRecord:
     (lambda: _packed({"w": 1}), "must list"),
     (lambda: _packed([["w", "|O", [1]]]), "bad packed index entry"),  # an object dtype would unpickle
     (lambda: _packed([["w", ">f4", [2]]]), "bad packed index entry"),
-    (lambda: _packed([["w", "<f4", [-2]]]), "bad packed index entry"),
-    (lambda: _packed([["w", "<f4", [2.0]]]), "bad packed index entry"),
+    (lambda: _packed([["w", "<f4", [-2]]]), "bad shape"),
+    (lambda: _packed([["w", "<f4", [2.0]]]), "bad shape"),
     (lambda: _packed([["", "<f4", [2]]]), "bad packed index entry"),
     (lambda: _packed([["w", "<f4", [1]], ["w", "<f4", [1]]], np.zeros(12, np.uint8)), "names an array twice"),
     (lambda: _packed([["w", "<f4", [3]]]), "describes 12 bytes but 8 came"),
@@ -82,6 +97,14 @@ def _packed(index, data: np.ndarray | None = None) -> ArrayRecord:
     (lambda: _packed([["w", "<f4", [2]]], np.zeros(2, np.float32)), "two 1-D uint8"),
     (lambda: ArrayRecord({PACKED_DATA: array_record({"w": np.ones(2, np.float32)})[PACKED_DATA]}), "exactly"),
     (lambda: ArrayRecord({**array_record({"w": np.ones(2, np.float32)}), "x": Array(np.ones(1))}), "exactly"),
+    (lambda: _packed([["w", "<f4", [1 << 32, 1 << 32]]], np.zeros(0, np.uint8)), "describes"),  # no int64 wrap to 0
+    (lambda: _packed([["w", "<f4", [(1 << 40) - 1] * 2]]), "describes"),
+    (lambda: _packed([["w", "<f4", [1] * 33]], np.zeros(4, np.uint8)), "bad shape"),  # more dims than numpy takes
+    (lambda: _packed(b"[" * 200_000), "not JSON"),  # nested past the recursion limit
+    (lambda: ArrayRecord({"w": _raw_array(b"PK\x03\x04" + b"\0" * 60)}), "not an .npy array"),  # np.load: a zip
+    (lambda: ArrayRecord({"w": _raw_array(_npy_header("<f4", (1 << 50,)))}), "describes"),  # allocates nothing
+    (lambda: ArrayRecord({"w": _raw_array(_npy_header("|O", (1,)) + b"x" * 8)}), "not an .npy array|dtype"),
+    (lambda: ArrayRecord({"w": _raw_array(_npy_header("<f4", (2,)) + b"\0" * 8, stype="torch.Tensor")}), "not a numpy"),
 ])
 def test_a_hostile_packed_record_is_refused_naming_the_fault(record, says):
     with pytest.raises(PayloadError, match=says):
@@ -112,8 +135,9 @@ def test_bad_replies_are_rejected_naming_the_client_and_the_round_completes(tmp_
     strategy = AlgorithmStrategy(FedAvg(FedAvgConfig()), StrategySettings(), store=store, run_id=run_id)
     initial = ArrayRecord({"w": torch.zeros(3), "b": torch.zeros(1)})
     strategy.state = strategy.algorithm.init_state(initial.to_torch_state_dict())
-    messages = list(strategy.configure_train(1, initial, ConfigRecord(), IdentifyingGrid([101, 102, 103, 104, 105])))
-    assert [m.metadata.dst_node_id for m in messages] == [101, 102, 103, 104, 105]  # sorted by site name
+    messages = list(strategy.configure_train(1, initial, ConfigRecord(),
+                                             IdentifyingGrid([101, 102, 103, 104, 105, 106])))
+    assert [m.metadata.dst_node_id for m in messages] == [101, 102, 103, 104, 105, 106]  # sorted by site name
     replies = _replies_for(
         messages,
         [
@@ -122,6 +146,8 @@ def test_bad_replies_are_rejected_naming_the_client_and_the_round_completes(tmp_
             _content({"w": [np.nan, 0.0, 0.0]}),  # NaN
             _content({"w": [0.0, 0.0, 0.0], "extra.weight": [1.0]}),  # unknown key
             _content({"w": [4.0, 4.0, 4.0]}, n=30),  # good
+            RecordDict({"arrays": ArrayRecord({"w": _raw_array(_npy_header("<f4", (1 << 50,)))}),
+                        "metrics": MetricRecord({"num-examples": 10})}),  # a header that would allocate 4 PiB
         ],
     )
     arrays, _ = strategy.aggregate_train(1, iter(replies))
@@ -132,6 +158,7 @@ def test_bad_replies_are_rejected_naming_the_client_and_the_round_completes(tmp_
     assert "site 'partition-2' (node 103)" in clients[103].error and "NaN" in clients[103].error
     assert "(node 104)" in clients[104].error and "unknown key 'extra.weight'" in clients[104].error
     assert clients[104].site == "partition-3"
+    assert clients[106].status == "rejected" and "(node 106)" in clients[106].error
     assert all(c.bytes_down > 0 and c.bytes_up > 0 for c in clients.values())
     assert np.isfinite(strategy.state["w"].numpy()).all()
 

@@ -142,13 +142,15 @@ class EncoderDirectoryTask(TextTask):
 
 
 def files_signature(*directories: pathlib.Path) -> str:
-    """Name, size and modification time of every file in ``directories``: a task's cached tokens are
-    made again when the user edits the data or replaces the model in place."""
+    """Name, size, modification and change times and inode of every file in ``directories``: a
+    task's cached tokens, and a model a site runtime keeps loaded, are made again when the user
+    edits the data or replaces the model in place (even by a copy that keeps modification times:
+    the change time and inode still differ)."""
     entries = []
     for directory in directories:
         for path in sorted(p for p in directory.rglob("*") if p.is_file()):
             stat = path.stat()
-            entries.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}")
+            entries.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}")
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 

@@ -311,7 +311,10 @@ def describe_callable(function: Callable) -> str:
 def _load_task_data(task: TextTask) -> TaskData:
     """The task's tokenized train/test split: from the on-disk cache when a previous process made it."""
     if task.cache_on_disk:
-        saved = cached(cache_key("task-data", **task.cache_fields()), lambda: _tokenize_task_data(task))
+        from fedclient.tasks.model_dir import files_signature  # the tokenizer's files are the model's
+
+        key = cache_key("task-data", **task.cache_fields(), model_files=files_signature(*task.model_sources()))
+        saved = cached(key, lambda: _tokenize_task_data(task))
     else:  # a run's own max-length: tokenized in memory, so runs cannot fill the site's disk with variants
         saved = _tokenize_task_data(task)
     train, test = (task.dataset(saved[part]) for part in ("train", "test"))
