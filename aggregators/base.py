@@ -30,6 +30,7 @@ ClientId = int
 ConfigScalar = Union[int, float, str, bool, bytes]
 ConfigValue = Union[ConfigScalar, list[int], list[float], list[str], list[bool], list[bytes]]
 MetricValue = Union[int, float]
+MAX_NUM_EXAMPLES = 2**53  # a reply's example count: larger ones overflow weighted sums (and no site holds that many)
 
 Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 """One mini-batch: model inputs (keyword arguments of ``model.forward``) and integer labels."""
@@ -104,8 +105,13 @@ class Payload:
         if NUM_EXAMPLES not in metrics:
             raise PayloadError(f"reply has no '{NUM_EXAMPLES}' metric")
         num_examples = metrics.pop(NUM_EXAMPLES)
-        if isinstance(num_examples, float) and not num_examples.is_integer():
-            raise PayloadError(f"'{NUM_EXAMPLES}' must be a whole number, got {num_examples}")
+        if type(num_examples) not in (int, float) or (isinstance(num_examples, float) and not num_examples.is_integer()):
+            raise PayloadError(f"'{NUM_EXAMPLES}' must be a whole number, got {str(num_examples)[:40]}")
+        if not 0 <= num_examples <= MAX_NUM_EXAMPLES:
+            raise PayloadError(f"'{NUM_EXAMPLES}' must be in 0..{MAX_NUM_EXAMPLES}, got {num_examples:g}")
+        for name, value in metrics.items():
+            if type(value) not in (int, float):
+                raise PayloadError(f"metric '{str(name)[:80]}' must be a number, not {type(value).__name__}")
         return cls(arrays=dict(parts.arrays), num_examples=int(num_examples), metrics=metrics)
 
 

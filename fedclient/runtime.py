@@ -261,7 +261,8 @@ class SiteRuntime:
         from privacy.refusal import site_log
 
         client = _task_client(runtime_api, "flwr-clientapp", token)
-        heartbeat = HeartbeatSender(_task_heartbeat(runtime_api, token))
+        beat, beat_client = _task_heartbeat(runtime_api, token)
+        heartbeat = HeartbeatSender(beat)
         message = context = reply = None
         claim = _Claim(self.claims, token) if self.claims is not None else None
         outcome, details = SubStatus.FAILED, "the site runtime could not answer"
@@ -280,16 +281,20 @@ class SiteRuntime:
                                 reply_to=message) if message is not None else None
             if reply is not None and context is not None:
                 if claim is not None:
-                    claim.mark_replying()  # from here on, a second (error) reply must not follow
+                    try:
+                        claim.mark_replying()  # from here on, a second (error) reply must not follow
+                    except OSError as err:  # the reply still goes: the SuperNode keeps the first it gets
+                        site_log(f"could not mark a claimed task as replying: {err!r}")
                 push_message(client, reply, context)
         except Exception as err:  # noqa: BLE001 (no reply: Flower answers for the task once it is finished)
             site_log(f"the site runtime could not push its reply: {err!r}")
-        finally:  # whatever happened above, the task ends here and stops heart-beating
+        finally:  # whatever happened above, the task stops heart-beating and ends here
             try:
-                push_task_output(client, context, outcome, details)
-            finally:
                 if heartbeat.is_running:
                     heartbeat.stop()
+                beat_client.close()
+                push_task_output(client, context, outcome, details)
+            finally:
                 client.close()
                 if claim is not None:
                     claim.remove()
@@ -472,12 +477,13 @@ def _task_client(runtime_api: str, component: str, token: str | None = None,
 HEARTBEAT_RETRY_S = 10.0  # one heartbeat call's retries; Flower's HeartbeatSender tries again later
 
 
-def _task_heartbeat(runtime_api: str, token: str) -> Callable[[], bool]:
+def _task_heartbeat(runtime_api: str, token: str) -> tuple[Callable[[], bool], Any]:
     """A claimed task's heartbeat, as Flower's ``make_task_heartbeat_fn_http`` sends it, on a
     client of its own with short retries (stopping the heartbeat never waits long), except that a
     heartbeat the SuperNode refuses (it dropped the task: ``success`` false, or a 401) is logged
     once, not answered with SIGINT to this process: the runtime's other tasks and its loaded model
-    go on, and this task's reply is refused by the SuperNode."""
+    go on, and this task's reply is refused by the SuperNode. Returns the beat and its client
+    (closed by the caller once the heartbeat stopped)."""
     import httpx
     from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
 
@@ -490,7 +496,7 @@ def _task_heartbeat(runtime_api: str, token: str) -> Callable[[], bool]:
         try:
             accepted = client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success
         except httpx.HTTPStatusError as err:
-            if err.response.status_code in (503, 504):
+            if err.response.status_code not in (401, 404):
                 return False  # retried by Flower's HeartbeatSender with backoff
             accepted = False
         except httpx.TransportError:
@@ -500,7 +506,7 @@ def _task_heartbeat(runtime_api: str, token: str) -> Callable[[], bool]:
             site_log("the SuperNode no longer knows a task this runtime answers; its reply will be refused")
         return True
 
-    return beat
+    return beat, client
 
 
 CLAIMS_DIRECTORY = "claimed-tasks"  # in the state directory: the tasks the live runtime is answering

@@ -51,18 +51,17 @@ def site_searcher(policy: SitePolicy, state_dir: str | None) -> SiteSearcher:
     A process that answers many messages (the site runtime) keeps it, with the key bundles it
     loaded and the rows it encoded for them, while the store's files, the trusted querier key's
     bytes, the state directory and the policy's limits are what they were; any change builds it
-    again from the files. The ledger it charges is read and written on disk at every charge."""
+    again from the files. The ledger it charges is read and written on disk at every charge, and a
+    key bundle deleted from the state directory is dropped at its next use (revoking an epoch)."""
     search = policy.search
     if not search.index:
         raise PolicyRefusal("search.index", "this site offers no encrypted search")
     if not search.querier_key:
         raise PolicyRefusal("search.querier-key", "this site trusts no querier")
     store = VectorStore(search.index)
-    state = pathlib.Path(state_dir) / "search" if state_dir else store.source / INDEX_DIR
     try:
         key = (str(store.source), _files_stamp(store.path, ("vectors.npy", "documents.json", "meta.json")),
-               _files_stamp(state / "keys"), pathlib.Path(search.querier_key).read_bytes(), state_dir,
-               repr(search.limits))
+               pathlib.Path(search.querier_key).read_bytes(), state_dir, repr(search.limits))
     except OSError:
         key = None  # what is missing is said below
     if key is not None and key in _SEARCHERS:
@@ -76,11 +75,9 @@ def site_searcher(policy: SitePolicy, state_dir: str | None) -> SiteSearcher:
     return searcher
 
 
-def _files_stamp(directory: pathlib.Path, names: tuple[str, ...] | None = None) -> tuple:
-    """Size, times and inode of ``names`` in ``directory`` (default: every file there, none if it
-    does not exist): a store rebuilt in place, or a key bundle an operator deleted, differs."""
-    if names is None:
-        names = tuple(sorted(p.name for p in directory.iterdir())) if directory.is_dir() else ()
+def _files_stamp(directory: pathlib.Path, names: tuple[str, ...]) -> tuple:
+    """Size, times and inode of ``names`` in ``directory``: a store rebuilt in place differs. (A key
+    bundle the site's operator deletes is noticed by the searcher itself, at its next use.)"""
     stamp = []
     for name in names:
         info = (directory / name).stat()

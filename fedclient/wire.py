@@ -70,6 +70,7 @@ MAX_PACKED_ARRAYS = 1 << 16
 MAX_PACKED_INDEX_BYTES = 16 << 20
 MAX_DIMENSIONS = 32
 MAX_NPY_HEADER = 10_000  # bytes of an .npy header (numpy's own default limit)
+MAX_SIZE = 1 << 40  # elements in one array: numpy refuses shapes beyond, even empty ones
 
 
 def _packed_offsets(dtypes: list[np.dtype], shapes: list[tuple[int, ...]]) -> tuple[list[int], int]:
@@ -110,8 +111,10 @@ def _checked_shape(shape: object, what: str) -> tuple[int, ...]:
     from aggregators.base import PayloadError
 
     if not (isinstance(shape, list | tuple) and len(shape) <= MAX_DIMENSIONS
-            and all(type(n) is int and n >= 0 for n in shape)):
-        raise PayloadError(f"{what}: bad shape {str(shape)[:80]} (at most {MAX_DIMENSIONS} whole sizes >= 0)")
+            and all(type(n) is int and 0 <= n < MAX_SIZE for n in shape)
+            and math.prod(n for n in shape if n) < MAX_SIZE):
+        raise PayloadError(f"{what}: bad shape {str(shape)[:80]} (at most {MAX_DIMENSIONS} whole sizes >= 0, "
+                           f"fewer than {MAX_SIZE} elements even leaving out empty dimensions)")
     return tuple(shape)
 
 
@@ -125,7 +128,7 @@ def _decoded(array: Array, what: str) -> np.ndarray:
     if not isinstance(array, Array) or array.stype != "numpy.ndarray":
         raise PayloadError(f"{what}: not a numpy array")
     data = bytes(array.data)
-    stream = io.BytesIO(data)
+    stream = io.BytesIO(data[:12 + MAX_NPY_HEADER])  # the header only: a v2 header may claim 4 GB
     try:
         version = npy_format.read_magic(stream)
         read_header = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}[version]
@@ -151,6 +154,8 @@ def unpack_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     from aggregators.base import PayloadError
 
     if PACKED_INDEX not in record and PACKED_DATA not in record:
+        if len(record) > MAX_PACKED_ARRAYS:
+            raise PayloadError(f"a record of {len(record)} arrays is over {MAX_PACKED_ARRAYS}")
         return {key: _decoded(array, f"array '{str(key)[:80]}'") for key, array in record.items()}
     if set(record.keys()) != {PACKED_INDEX, PACKED_DATA}:
         raise PayloadError(f"a packed array record holds exactly '{PACKED_INDEX}' and '{PACKED_DATA}', "

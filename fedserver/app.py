@@ -3,8 +3,6 @@ runs :class:`~fedserver.strategy.AlgorithmStrategy` for the configured number of
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 import threading
 import traceback
@@ -20,6 +18,7 @@ from aggregators import Algorithm, make_algorithm
 from fedclient.runconfig import csv_list, quiet_environment, resolve_run_config
 from fedclient.tasks import run_task
 from fedclient.tasks.adapters import AdapterSpec
+from fedserver.grid_waits import shorten_reply_pull_backoff
 from fedserver.run_config import check_run_config, privacy_settings, resume_problems, strategy_settings
 from fedserver.store import FLOWER_RUN_ID, RunStore
 from fedserver.strategy import AlgorithmStrategy, RoundObserver, RunStopped
@@ -142,33 +141,6 @@ def _resume(store: RunStore, run_ref: str, config: Mapping[str, Any], algorithm:
     if set(state) != keys:
         raise ValueError(f"run '{run.id}' checkpoint holds other tensors than this run trains; same train-layers?")
     return run.id, done, ArrayRecord(state)
-
-
-REPLY_PULL_BACKOFF_S = (0.02, 0.25)  # first and longest wait for a reply part the SuperLink does not have yet
-
-
-def shorten_reply_pull_backoff(max_seconds: float) -> None:
-    """Make this ServerApp process's grid (Flower's ``HttpGrid``, a deployment's) wait
-    :data:`REPLY_PULL_BACKOFF_S` instead of 1 s, 2 s, ... (``PULL_INITIAL_BACKOFF``) for each part of a
-    reply the SuperLink does not hold yet: a SuperNode pushes a reply's head before its arrays, so
-    the first reply of a round was read a second late (bench/deployment_latency.py's timeline).
-    A reply whose parts do not all arrive within ``max_seconds`` (the round timeout; Flower's
-    own bound is 2 h) becomes an error reply for its site: the grid pulls inside one blocking call,
-    where the strategy's round timeout cannot reach. Flower has no setting for either; this
-    rebinds the ``pull_objects`` its grid module calls, and ``tests/test_hostile_coordinator.py``
-    pins the Flower code it relies on."""
-    from flwr.superlink.grid import http_grid
-
-    pull_objects = http_grid.pull_objects
-    if isinstance(pull_objects, functools.partial):
-        pull_objects = pull_objects.func
-    if not {"initial_backoff", "backoff_cap", "max_tries_per_object", "max_time"} <= set(
-            inspect.signature(pull_objects).parameters):
-        raise RuntimeError("this Flower version's grid pulls replies differently; fedserver's ServerApp is written "
-                           "for flwr 1.39")
-    first, longest = REPLY_PULL_BACKOFF_S
-    http_grid.pull_objects = functools.partial(pull_objects, initial_backoff=first, backoff_cap=longest,
-                                               max_tries_per_object=None, max_time=max_seconds)
 
 
 def build_server_app(

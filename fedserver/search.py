@@ -39,6 +39,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from fedclient.wire import message_wire_bytes, refusal_code, refusal_reason
+from fedserver.grid_waits import replies_due_by
 from fedserver.store import RunStore, StoreError
 from privacy.he_backends import CkksParameters, choose_backend
 from privacy.state_file import write_atomic
@@ -150,7 +151,9 @@ class _Exchange:
         deadline = time.monotonic() + self.timeout
         pending = set(ids)
         while pending and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages(pending):
+            with replies_due_by(deadline):
+                arrived = list(self.grid.pull_messages(pending))
+            for reply in arrived:
                 pending.discard(reply.metadata.reply_to_message_id)
                 self.bytes_up += message_wire_bytes(reply)
                 replies[recipient[reply.metadata.reply_to_message_id]] = reply

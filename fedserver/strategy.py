@@ -43,6 +43,7 @@ from fedclient.wire import (
     refusal_reason,
     to_recorddict,
 )
+from fedserver.grid_waits import replies_due_by
 from fedserver.store import ClientRecord, RoundRecord, RunStore, now
 
 CentralEvaluate = Callable[[int, GlobalState], dict[str, float]]
@@ -322,16 +323,17 @@ class AlgorithmStrategy(Strategy):
             return site, None
         try:
             payload = Payload.from_record(from_recorddict(message.content))
+            record.num_examples = payload.num_examples
+            record.metrics = {k: float(v) for k, v in payload.metrics.items()}
         except PayloadError as err:
             record.status, record.error = "rejected", f"{_who(site)}: {err}"
             log(WARNING, "round %s: rejected the reply of %s: %s", message.metadata.group_id, _who(site), err)
             return site, None
         except Exception as err:  # noqa: BLE001 (a reply no check foresaw costs its site the round, not the run)
             record.status, record.error = "rejected", f"{_who(site)}: undecodable reply ({type(err).__name__})"
-            log(WARNING, "round %s: rejected the reply of %s: %r", message.metadata.group_id, _who(site), err)
+            log(WARNING, "round %s: rejected the reply of %s: %s", message.metadata.group_id, _who(site),
+                repr(err)[:200])
             return site, None
-        record.num_examples = payload.num_examples
-        record.metrics = {k: float(v) for k, v in payload.metrics.items()}
         return site, payload
 
     def _probe(
@@ -459,7 +461,8 @@ class AlgorithmStrategy(Strategy):
         del messages
         deadline = time.monotonic() + self.settings.round_timeout
         while pending and time.monotonic() < deadline:
-            arrived = list(grid.pull_messages(pending))
+            with replies_due_by(deadline):
+                arrived = list(grid.pull_messages(pending))
             for reply in arrived:
                 pending.discard(reply.metadata.reply_to_message_id)
             while arrived:

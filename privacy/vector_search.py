@@ -524,6 +524,10 @@ class SiteSearcher:
         bundle = self._bundles.get(key_id)
         path = self.key_dir / f"{key_id}.bundle" if self.key_dir is not None and len(key_id) == 64 \
             and all(c in "0123456789abcdef" for c in key_id) else None
+        if bundle is not None and self.key_dir is not None and (path is None or not path.exists()):
+            self._bundles.pop(key_id, None)  # the site's operator deleted it (revoked the epoch): a searcher
+            self._contexts.pop(key_id, None)  # kept across messages must not go on using it
+            bundle = None
         if bundle is None and path is not None and path.exists():
             bundle = KeyBundle.from_bytes(path.read_bytes())
             bundle.verify(self.trusted_queriers, current=False)  # expiry: below, where it also prunes

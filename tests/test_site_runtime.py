@@ -224,7 +224,9 @@ def test_a_task_the_supernode_dropped_fails_alone_without_signalling_the_process
         with pytest.raises(httpx.HTTPStatusError, match="401"):
             client.SendTaskHeartbeat(SendTaskHeartbeatRequest())
         assert time.monotonic() - started < 2 and len(calls) == 1  # not retried
-        assert _task_heartbeat(address, "a-stale-token")() is True  # refused: logged once, not retried, no signal
+        beat, beat_client = _task_heartbeat(address, "a-stale-token")
+        assert beat() is True  # refused: logged once, not retried, no signal
+        beat_client.close()
         assert len(calls) == 2
         state = tmp_path / "state"
         message = Message(RecordDict(), dst_node_id=1, message_type="train")

@@ -97,12 +97,15 @@ def _packed(index, data: np.ndarray | None = None) -> ArrayRecord:
     (lambda: _packed([["w", "<f4", [2]]], np.zeros(2, np.float32)), "two 1-D uint8"),
     (lambda: ArrayRecord({PACKED_DATA: array_record({"w": np.ones(2, np.float32)})[PACKED_DATA]}), "exactly"),
     (lambda: ArrayRecord({**array_record({"w": np.ones(2, np.float32)}), "x": Array(np.ones(1))}), "exactly"),
-    (lambda: _packed([["w", "<f4", [1 << 32, 1 << 32]]], np.zeros(0, np.uint8)), "describes"),  # no int64 wrap to 0
-    (lambda: _packed([["w", "<f4", [(1 << 40) - 1] * 2]]), "describes"),
+    (lambda: _packed([["w", "<f4", [1 << 32, 1 << 32]]], np.zeros(0, np.uint8)), "bad shape"),  # no int64 wrap to 0
+    (lambda: _packed([["w", "<f4", [(1 << 40) - 1] * 2]]), "bad shape"),
+    (lambda: _packed([["w", "<f4", [0, 10**30]]], np.zeros(0, np.uint8)), "bad shape"),  # empty, but numpy refuses it
+    (lambda: _packed([["w", "<f4", [1 << 19, 1 << 19]]]), "describes"),  # 1 TiB claimed, 8 bytes came
     (lambda: _packed([["w", "<f4", [1] * 33]], np.zeros(4, np.uint8)), "bad shape"),  # more dims than numpy takes
     (lambda: _packed(b"[" * 200_000), "not JSON"),  # nested past the recursion limit
     (lambda: ArrayRecord({"w": _raw_array(b"PK\x03\x04" + b"\0" * 60)}), "not an .npy array"),  # np.load: a zip
-    (lambda: ArrayRecord({"w": _raw_array(_npy_header("<f4", (1 << 50,)))}), "describes"),  # allocates nothing
+    (lambda: ArrayRecord({"w": _raw_array(_npy_header("<f4", (1 << 50,)))}), "bad shape"),  # allocates nothing
+    (lambda: ArrayRecord({"w": _raw_array(_npy_header("<f4", (1 << 30,)))}), "describes"),
     (lambda: ArrayRecord({"w": _raw_array(_npy_header("|O", (1,)) + b"x" * 8)}), "not an .npy array|dtype"),
     (lambda: ArrayRecord({"w": _raw_array(_npy_header("<f4", (2,)) + b"\0" * 8, stype="torch.Tensor")}), "not a numpy"),
 ])
@@ -136,8 +139,8 @@ def test_bad_replies_are_rejected_naming_the_client_and_the_round_completes(tmp_
     initial = ArrayRecord({"w": torch.zeros(3), "b": torch.zeros(1)})
     strategy.state = strategy.algorithm.init_state(initial.to_torch_state_dict())
     messages = list(strategy.configure_train(1, initial, ConfigRecord(),
-                                             IdentifyingGrid([101, 102, 103, 104, 105, 106])))
-    assert [m.metadata.dst_node_id for m in messages] == [101, 102, 103, 104, 105, 106]  # sorted by site name
+                                             IdentifyingGrid([101, 102, 103, 104, 105, 106, 107, 108])))
+    assert [m.metadata.dst_node_id for m in messages] == [101, 102, 103, 104, 105, 106, 107, 108]  # by site name
     replies = _replies_for(
         messages,
         [
@@ -148,6 +151,8 @@ def test_bad_replies_are_rejected_naming_the_client_and_the_round_completes(tmp_
             _content({"w": [4.0, 4.0, 4.0]}, n=30),  # good
             RecordDict({"arrays": ArrayRecord({"w": _raw_array(_npy_header("<f4", (1 << 50,)))}),
                         "metrics": MetricRecord({"num-examples": 10})}),  # a header that would allocate 4 PiB
+            RecordDict({"metrics": MetricRecord({"num-examples": 10, "train-loss": [1.0, 2.0]})}),  # a list metric
+            RecordDict({"metrics": MetricRecord({"num-examples": 1.7e308})}),  # would overflow the weighted sums
         ],
     )
     arrays, _ = strategy.aggregate_train(1, iter(replies))
@@ -159,6 +164,8 @@ def test_bad_replies_are_rejected_naming_the_client_and_the_round_completes(tmp_
     assert "(node 104)" in clients[104].error and "unknown key 'extra.weight'" in clients[104].error
     assert clients[104].site == "partition-3"
     assert clients[106].status == "rejected" and "(node 106)" in clients[106].error
+    assert clients[107].status == "rejected" and "metric 'train-loss' must be a number" in clients[107].error
+    assert clients[108].status == "rejected" and "'num-examples' must be in" in clients[108].error
     assert all(c.bytes_down > 0 and c.bytes_up > 0 for c in clients.values())
     assert np.isfinite(strategy.state["w"].numpy()).all()
 
@@ -279,3 +286,32 @@ def test_a_stop_requested_through_the_store_ends_waiting_within_a_second(tmp_pat
     store.finish_run(run_id, "stopped", "test")
     with pytest.raises(Exception, match="not running"):
         store.request_stop(run_id)
+
+
+def test_the_servers_wait_for_a_replys_parts_is_short_and_ends_with_the_exchange():
+    """Flower's grid waits 1 s, 2 s, ... for a reply part the SuperLink lacks, for up to 2 h, inside
+    one blocking call; the ServerApp's waits 20-250 ms and never past the exchange's deadline."""
+    import time
+
+    from flwr.superlink.grid import http_grid
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
+
+    from fedserver.grid_waits import replies_due_by, shorten_reply_pull_backoff
+
+    original = http_grid.pull_objects
+    asked: list[float] = []
+
+    def withheld(_object_id: str) -> bytes:  # a site that pushed a reply's head and withholds its arrays
+        asked.append(time.monotonic())
+        raise ObjectUnavailableError(_object_id)
+
+    try:
+        shorten_reply_pull_backoff(3600.0)
+        shorten_reply_pull_backoff(3600.0)  # idempotent: wraps Flower's function once
+        assert http_grid.pull_objects.flower_pull_objects is original
+        started = time.monotonic()
+        with replies_due_by(started + 0.6), pytest.raises(ObjectPullError):
+            http_grid.pull_objects(["ab" * 32], pull_object_fn=withheld)
+        assert 0.5 < time.monotonic() - started < 1.5 and len(asked) >= 3  # Flower: 1 call, then 1 s asleep
+    finally:
+        http_grid.pull_objects = original

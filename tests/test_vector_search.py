@@ -26,6 +26,7 @@ from privacy.vector_search import (
     SearchLedger,
     SearchLimits,
     SiteSearcher,
+    UnknownKeyEpoch,
     exact_top_k,
 )
 
@@ -286,6 +287,22 @@ def test_key_bundles_past_the_policy_lifetime_are_refused_and_expired_ones_delet
     with pytest.raises(SearchError, match="expired"):
         searcher().answer(query)
     assert not list((tmp_path / "keys").glob("*")), "the expired bundle stays on disk"
+
+
+def test_a_key_bundle_the_site_deletes_is_not_used_by_a_searcher_that_kept_it(bbc_sites, tmp_path) -> None:
+    """The site runtime keeps its searcher across messages; an operator who deletes an accepted key
+    bundle (revoking that epoch) is obeyed at the next query, not when the runtime restarts."""
+    sites, _ = bbc_sites
+    identity = QuerierIdentity.generate()
+    kept = SiteSearcher(sites["site-2"][:20], [str(i) for i in range(20)], [identity.public_bytes],
+                        SearchLedger(None), key_dir=tmp_path / "keys")
+    epoch = KeyEpoch.create(identity, "tenseal")
+    key_id = kept.accept_keys(epoch.bundle.to_bytes())
+    query = Querier(identity, epoch).encrypt(np.ones(384), k=1, row_bound=100)
+    assert len(kept.answer(query)) >= 1
+    (tmp_path / "keys" / f"{key_id}.bundle").unlink()
+    with pytest.raises(UnknownKeyEpoch):
+        kept.answer(Querier(identity, epoch).encrypt(np.ones(384), k=1, row_bound=100))
 
 
 def test_the_querier_refuses_a_sites_unusable_results(tmp_path) -> None:
