@@ -577,6 +577,7 @@ def fail_orphaned_tasks(state_dir: str | pathlib.Path, runtime_api: str) -> int:
 
     from privacy.refusal import site_log
 
+    runtime_api = _local_address(runtime_api)
     answered = 0
     for path in sorted(claims_directory(state_dir).glob("[0-9a-f]*.json")):
         try:
@@ -584,8 +585,7 @@ def fail_orphaned_tasks(state_dir: str | pathlib.Path, runtime_api: str) -> int:
             reply = _from_bytes(serde.message_from_proto, ProtoMessage, bytes.fromhex(record["reply"]))
             context = Context(run_id=int(record["run-id"]), node_id=int(record["node-id"]), node_config={},
                               state=RecordDict(), run_config={})
-            client = _task_client(_local_address(runtime_api), "flwr-clientapp", str(record["token"]),
-                                  retry_for=ORPHAN_RETRY_S)
+            client = _task_client(runtime_api, "flwr-clientapp", str(record["token"]), retry_for=ORPHAN_RETRY_S)
             try:
                 if not record.get("replying"):  # the runtime had not begun to push its own reply
                     push_message(client, reply, context)

@@ -129,7 +129,6 @@ def install_app_check(publisher: Any) -> None:
     from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode
     from flwr.supercore import log
-
     from flwr.supercore.constant import TaskType
 
     from fedclient.app_trust import SIGNATURE_KEY, UntrustedApp, verify_fab

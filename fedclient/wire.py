@@ -118,11 +118,13 @@ def _checked_shape(shape: object, what: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _decoded(array: Array, what: str) -> np.ndarray:
+def _decoded(array: Array, what: str, copy: bool = True) -> np.ndarray:
     """The values of a Flower ``Array``, read without ``np.load`` (which would open a zip file, or
     allocate whatever shape the header claims before reading any data): the ``.npy`` header is
     parsed and checked first (a dtype of :data:`PACKABLE_DTYPES`, at most :data:`MAX_DIMENSIONS`
-    whole sizes, exactly as many bytes as they need). Raises PayloadError naming ``what``."""
+    whole sizes, exactly as many bytes as they need). Raises PayloadError naming ``what``. With
+    ``copy=False``, a read-only view of the Array's bytes (for a buffer only sliced and copied
+    from)."""
     from aggregators.base import PayloadError
 
     if not isinstance(array, Array) or array.stype != "numpy.ndarray":
@@ -141,8 +143,8 @@ def _decoded(array: Array, what: str) -> np.ndarray:
     body = len(data) - stream.tell()
     if math.prod(shape) * dtype.itemsize != body:
         raise PayloadError(f"{what}: its header describes {math.prod(shape) * dtype.itemsize} bytes but {body} came")
-    values = np.frombuffer(data, dtype=dtype, offset=stream.tell())
-    return values.reshape(shape, order="F" if fortran_order else "C").copy()
+    values = np.frombuffer(data, dtype=dtype, offset=stream.tell()).reshape(shape, order="F" if fortran_order else "C")
+    return values.copy() if copy else values
 
 
 def unpack_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -160,8 +162,8 @@ def unpack_array_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     if set(record.keys()) != {PACKED_INDEX, PACKED_DATA}:
         raise PayloadError(f"a packed array record holds exactly '{PACKED_INDEX}' and '{PACKED_DATA}', "
                            f"not {sorted(str(k)[:80] for k in record.keys())[:5]}")
-    index_bytes = _decoded(record[PACKED_INDEX], "the packed index")
-    data = _decoded(record[PACKED_DATA], "the packed arrays")
+    index_bytes = _decoded(record[PACKED_INDEX], "the packed index", copy=False)
+    data = _decoded(record[PACKED_DATA], "the packed arrays", copy=False)  # each array is copied out below
     if index_bytes.dtype != np.uint8 or data.dtype != np.uint8 or index_bytes.ndim != 1 or data.ndim != 1:
         raise PayloadError("packed arrays must be two 1-D uint8 arrays")
     if index_bytes.size > MAX_PACKED_INDEX_BYTES:

@@ -213,7 +213,8 @@ class TextTask:
 
     def model_digest(self) -> str:
         """What a loaded model of this task stands for: the task's definition (:meth:`cache_fields`)
-        and the name, size and modification time of every file in :meth:`model_sources`. A site
+        and the name, size, modification and change times and inode of every file in
+        :meth:`model_sources` (:func:`~fedclient.tasks.model_dir.files_signature`). A site
         runtime reuses a model it loaded only while this is unchanged (``fedclient.local``): a
         reinstalled model package or a replaced model directory is loaded again, never reused."""
         import hashlib
