@@ -76,6 +76,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "resume": "",
     "mode": "train",
     "search-request": "",
+    "search-idle-timeout": 1800.0,
     "fab-signature": "",
 }
 

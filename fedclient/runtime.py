@@ -51,18 +51,15 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import json
 import os
 import pathlib
 import signal
 import socket
 import socketserver
-import stat
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -75,10 +72,11 @@ from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
+from fedclient.owner_socket import SocketClosed, private_directory, receive_frame, same_user, send_frames
+from fedclient.owner_socket import socket_path as owner_socket_path
+
 SOCKET_NAME = "runtime.sock"
-MAX_SOCKET_PATH = 100  # bytes; Linux takes at most 107 for a Unix socket's path
 NODE_CONFIG_KEY = "runtime-socket"  # in the SuperNode's node config: where the ClientApp forwards
-FRAME = struct.Struct(">Q")
 MAX_FRAME = 4 << 30  # 4 GiB: a model update of a large LM fits, a corrupt length does not allocate
 CONNECT_TIMEOUT_S = 5.0
 RESTART_WAIT_S = 30.0  # how long a message waits for a runtime that is restarting (its socket file is there)
@@ -90,27 +88,12 @@ class RuntimeUnavailable(ConnectionError):
     """The site runtime did not answer (not started, restarting, or died mid-message)."""
 
 
-# ---- framing ------------------------------------------------------------------------------------
-def _send(sock: socket.socket, *parts: bytes) -> None:
-    sock.sendall(b"".join(FRAME.pack(len(part)) + part for part in parts))
-
-
-def _receive_exactly(sock: socket.socket, size: int) -> bytes:
-    chunks, left = [], size
-    while left:
-        chunk = sock.recv(min(left, 1 << 20))
-        if not chunk:
-            raise RuntimeUnavailable("the site runtime closed the connection mid-message")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
-
-
+# ---- framing (fedclient.owner_socket) -------------------------------------------------------------
 def _receive(sock: socket.socket, limit: int = MAX_FRAME) -> bytes:
-    (size,) = FRAME.unpack(_receive_exactly(sock, FRAME.size))
-    if size > limit:
-        raise RuntimeUnavailable(f"a frame of {size} bytes is over the {limit}-byte limit")
-    return _receive_exactly(sock, size)
+    try:
+        return receive_frame(sock, limit)
+    except SocketClosed as err:
+        raise RuntimeUnavailable(f"the site runtime's connection: {err}") from err
 
 
 def _to_bytes(to_proto: Callable[[Any], Any], value: Any) -> bytes:
@@ -152,7 +135,7 @@ def forward(socket_path: str, message: Message, context: Context, timeout: float
     try:
         with _connect(socket_path) as sock:
             sock.settimeout(timeout)
-            _send(sock, b"message", _to_bytes(serde.message_to_proto, message),
+            send_frames(sock, b"message", _to_bytes(serde.message_to_proto, message),
                   _to_bytes(serde.context_to_proto, context), _task_identity(context))
             reply = _from_bytes(serde.message_from_proto, ProtoMessage, _receive(sock))
             state = _from_bytes(serde.recorddict_from_proto, ProtoRecordDict, _receive(sock))
@@ -202,7 +185,7 @@ def runtime_status(socket_path: str) -> dict[str, Any]:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(CONNECT_TIMEOUT_S)
             sock.connect(socket_path)
-            _send(sock, b"status")
+            send_frames(sock, b"status")
             return json.loads(_receive(sock))
     except OSError as err:
         raise RuntimeUnavailable(f"no site runtime answers at {socket_path} ({err})") from err
@@ -325,15 +308,17 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         sock: socket.socket = self.request
+        if not same_user(sock):
+            return  # the socket is 0600 in a 0700 directory; the kernel's word on the peer as well
         try:
             kind = _receive(sock, SMALL_FRAME)
             if kind == b"status":
-                _send(sock, json.dumps(self.server.runtime.status()).encode())
+                send_frames(sock, json.dumps(self.server.runtime.status()).encode())
             elif kind == b"message":
                 message = _from_bytes(serde.message_from_proto, ProtoMessage, _receive(sock))
                 context = _from_bytes(serde.context_from_proto, ProtoContext, _receive(sock))
                 reply, state = self.server.runtime.answer(message, context, _receive(sock, SMALL_FRAME))
-                _send(sock, _to_bytes(serde.message_to_proto, reply), _to_bytes(serde.recorddict_to_proto, state))
+                send_frames(sock, _to_bytes(serde.message_to_proto, reply), _to_bytes(serde.recorddict_to_proto, state))
         except (OSError, RuntimeUnavailable, struct.error):
             return  # the forwarding process went away; it answers its message itself
 
@@ -350,27 +335,12 @@ def socket_path(state_dir: str | pathlib.Path) -> pathlib.Path:
     """Where the runtime of ``state_dir`` listens: ``runtime.sock`` there, or, where that path is
     too long for a Unix socket (108 bytes), a socket named by its hash in this user's private
     directory under the system's temporary directory."""
-    path = pathlib.Path(state_dir).resolve() / SOCKET_NAME
-    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
-        return path
-    digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:24]
-    return pathlib.Path(tempfile.gettempdir()) / f"fedtune-{os.geteuid()}" / f"{digest}.sock"
+    return owner_socket_path(state_dir, SOCKET_NAME)
 
 
 def lock_path(socket: str | pathlib.Path) -> pathlib.Path:
     """The lock the live runtime of ``socket`` holds."""
     return pathlib.Path(socket).with_suffix(".lock")
-
-
-def private_directory(directory: pathlib.Path) -> None:
-    """Make ``directory`` (0700) or accept an existing one only if it is a real directory (not a
-    link) of this user, and make it 0700; PermissionError otherwise: another user's directory
-    could be swapped under us."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    info = os.lstat(directory)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
-        raise PermissionError(f"{directory} is not a directory owned by this user")
-    os.chmod(directory, 0o700, follow_symlinks=False)
 
 
 def own_directory(directory: pathlib.Path) -> None:

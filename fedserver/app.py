@@ -165,6 +165,11 @@ def build_server_app(
             run_search(grid, config, names=enrolled_names(RunStore(str(config["store"]))),
                        min_sites=max(1, num_clients))
             return
+        if str(config["mode"]) == "search-service":
+            from fedserver.search_service import serve_searches
+
+            serve_searches(grid, config, names=lambda: enrolled_names(RunStore(str(config["store"]))))
+            return
         run_federation(
             grid, config, num_clients=num_clients, observer=observer, on_run_created=on_run_created,
             stop_event=stop_event, flower_run_id=context.run_id,

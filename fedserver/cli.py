@@ -148,6 +148,10 @@ def search_command(args: argparse.Namespace) -> int:
     from fedserver import deployment as dep
     from privacy.vector_search import SearchError
 
+    if args.stop_service:
+        stopped = dep.stop_search_service(dep.Deployment.load(args.directory))
+        console.print("the search service is ending its run" if stopped else "no search service was running")
+        return 0
     try:
         if args.query_file:
             text = pathlib.Path(args.query_file).read_text(encoding="utf-8")
@@ -156,7 +160,7 @@ def search_command(args: argparse.Namespace) -> int:
                 err_console.print("query (end with Enter, then Ctrl-D):")
             text = sys.stdin.read()
         result = dep.search(dep.Deployment.load(args.directory), text, k=args.k, backend=args.backend,
-                            row_bound=args.row_bound)
+                            row_bound=args.row_bound, service=not args.no_service, service_idle=args.service_idle)
     except OSError as err:
         err_console.print(f"[red]error:[/] cannot read the query ({escape(str(err))})")
         return 2
@@ -279,13 +283,23 @@ def main(argv: list[str] | None = None) -> int:
                           "the deployment's current CKKS key epoch (made on the first search and reused until it "
                           "expires; the secret key stays here), and ask every site of the deployment; sites score "
                           "all their rows under encryption; the global top-k and the winning documents' ids are "
-                          "printed. Sites must trust DIR/querier.key.pub (fedclient start --querier-key).")
+                          "printed. Sites must trust DIR/querier.key.pub (fedclient start --querier-key). The first "
+                          "search starts the deployment's search service, a Flower run that keeps MiniLM and the keys "
+                          "loaded and answers later searches in seconds; it ends after --service-idle seconds without "
+                          "a query (or with --stop-service). Only this user's processes can reach it (a 0600 Unix "
+                          "socket in DIR/search-service/); the text is never stored, only its keyed hash.")
     find.add_argument("directory", help="the deployment directory")
     find.add_argument("--query-file", default="", help="read the query text from this file instead of stdin")
     find.add_argument("--k", type=int, default=10, help="how many documents to return")
     find.add_argument("--backend", default="auto", choices=("auto", "pyfhel", "tenseal"), help="CKKS library")
     find.add_argument("--row-bound", type=int, default=10_000, help="public bound on rows per site (results are "
                       "padded to it so their size does not reveal a site's row count)")
+    find.add_argument("--no-service", action="store_true", help="answer this query with a Flower run of its own "
+                      "(about 10 s more) instead of the search service")
+    find.add_argument("--service-idle", type=float, default=None, metavar="SECONDS",
+                      help="when this search starts the service: how long it stays up after its last query "
+                      "(default: the run config's search-idle-timeout, 1800)")
+    find.add_argument("--stop-service", action="store_true", help="end the search service's run and exit")
     web = sub.add_parser("console", help="serve the web console (runs, rounds, sites; start and stop runs)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                          description="Serve the operator console. Given a deployment DIR it shows that deployment's "

@@ -451,16 +451,26 @@ def run_command(deployment: Deployment, config: Mapping[str, Any], signature: st
 
 
 def search(deployment: Deployment, query: str, *, k: int = 10, backend: str = "auto",
-           row_bound: int = 10_000, timeout: float = 900) -> dict[str, Any]:
+           row_bound: int = 10_000, timeout: float = 900, service: bool = True,
+           service_idle: float | None = None) -> dict[str, Any]:
     """One encrypted top-k query across this deployment's sites; returns the hits and the sites'
     refusals as the run store recorded them. The console calls this.
 
-    The query is embedded, encrypted and signed here (:func:`fedserver.search.prepare_search`); the
-    ``flwr run`` that answers it names only the stored request's id."""
+    With ``service`` (the default) the query goes to the deployment's search service
+    (:mod:`fedserver.search_service`), started here if none runs (it then stays up for
+    ``service_idle`` seconds after its last query); the service embeds, encrypts and signs it. Without,
+    the query is embedded, encrypted and signed here (:func:`fedserver.search.prepare_search`) and
+    a one-off ``flwr run`` names only the stored request's id."""
+    started = time.perf_counter()
+    if service:  # the service records the query in the store and answers with what it recorded
+        answer = _search_with_service(deployment, query, k=k, backend=backend, row_bound=row_bound, timeout=timeout,
+                                      idle=service_idle)
+        return {"query_id": answer["query-id"], "hits": answer["hits"], "new_key_epoch": answer["new-key-epoch"],
+                "refusals": answer["refusals"], "bytes_up": answer["bytes-up"], "bytes_down": answer["bytes-down"],
+                "seconds": answer["seconds"], "wall_seconds": time.perf_counter() - started}
     from fedserver.search import prepare_search
     from fedserver.store import RunStore
 
-    started = time.perf_counter()
     store = RunStore(deployment.store_url)  # DIR/store.db: the querier's keys are in DIR too
     request_id, new_epoch = prepare_search(store, query, k=k, backend=backend, row_bound=row_bound)
     result = submit(deployment, {"mode": "search", "search-request": request_id}, stream=True, timeout=timeout)
@@ -476,3 +486,51 @@ def search(deployment: Deployment, query: str, *, k: int = 10, backend: str = "a
             "refusals": {row.site: row.status for row in rows if row.status != "ok"},
             "bytes_up": rows[0].bytes_up, "bytes_down": rows[0].bytes_down, "seconds": rows[0].seconds,
             "wall_seconds": time.perf_counter() - started}
+
+
+def start_search_service(deployment: Deployment, idle: float | None = None) -> str:
+    """Submit the deployment's search service run (``mode="search-service"``); its Flower run id."""
+    config: dict[str, Any] = {"mode": "search-service"}
+    if idle is not None:
+        config["search-idle-timeout"] = float(idle)
+    result = submit(deployment, config, stream=False, timeout=120)
+    launched = re.search(r"Successfully started run (\d+)", result.stdout + result.stderr)
+    if launched is None:
+        raise SearchError("the search service's run could not be started: "
+                          + (_tail(result.stdout + result.stderr) or f"flwr run exited with {result.returncode}"))
+    return launched.group(1)
+
+
+def stop_search_service(deployment: Deployment) -> bool:
+    """Ask the deployment's search service to end its run; whether one was running."""
+    from fedserver.search_service import ServiceUnavailable, ask
+
+    try:
+        ask(deployment.directory, {"op": "stop"}, timeout=30)
+    except ServiceUnavailable:
+        return False
+    return True
+
+
+def _search_with_service(deployment: Deployment, query: str, *, k: int, backend: str, row_bound: int,
+                         timeout: float, idle: float | None) -> dict[str, Any]:
+    from fedserver.search_service import ServiceUnavailable, ask, ensure_started
+
+    def ended(run_id: str) -> str | None:
+        status = flower_run_status(deployment, run_id, wait=False)
+        return status if status.startswith("finished") else None
+
+    request = {"op": "search", "text": query, "k": k, "backend": backend, "row-bound": row_bound}
+    for attempt in (1, 2):  # a service that ends (idle) just as we ask is started again once
+        try:
+            ensure_started(deployment.directory, lambda: start_search_service(deployment, idle), failed=ended)
+            answer = ask(deployment.directory, request, timeout=timeout)
+            break
+        except TimeoutError as err:
+            raise SearchError(str(err)) from err
+        except ServiceUnavailable as err:
+            if attempt == 2:
+                raise SearchError(f"{err} (the SuperLink's log: {deployment.log_file})") from err
+    if not answer.get("ok"):
+        raise SearchError(str(answer.get("error", "the search service refused the query")))
+    return answer

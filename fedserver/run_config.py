@@ -18,7 +18,7 @@ from typing import Any
 
 from fedclient.runconfig import DEFAULT_RUN_CONFIG, csv_list
 
-MODES = ("train", "search")
+MODES = ("train", "search", "search-service")
 DEPLOYMENT_OWNED = ("store", "fab-signature")
 """Keys a deployment sets itself (its own store; the publisher's signature): never the operator's."""
 
@@ -126,6 +126,8 @@ def check_run_config(config: Mapping[str, Any], *, deployment: bool = False,
 
     if merged["mode"] not in MODES:
         problems.append(unknown("mode", merged["mode"], MODES))
+    if not 1 <= merged["search-idle-timeout"] <= 7 * 86400:
+        problems.append(f"search-idle-timeout must be 1..604800 seconds, got {merged['search-idle-timeout']}")
     if merged["seed"] < 0:
         problems.append(f"seed must be a whole number >= 0, got {merged['seed']}")
     if merged["num-server-rounds"] < 1:

@@ -29,7 +29,7 @@ import os
 import pathlib
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
@@ -95,13 +95,8 @@ def text_digest(base: pathlib.Path, text: str) -> str:
     return hmac.new(salt_file.read_bytes(), text.encode(), hashlib.sha256).hexdigest()
 
 
-def prepare_search(store: RunStore, text: str, *, k: int = 10, backend: str = "auto",
-                   row_bound: int = DEFAULT_ROW_BOUND) -> tuple[str, bool]:
-    """Embed, encrypt and sign ``text`` as a search request in ``store``; its id and whether a new
-    key epoch was made (then every site receives its keys on this search). Runs in the querier's
-    own process: the text and its embedding go no further."""
-    from fedclient.tasks.embedding import Embedder
-
+def check_query(text: str, k: int, row_bound: int) -> str:
+    """The query text, stripped; SearchError naming what is wrong with the request."""
     text = text.strip()
     if not text:
         raise SearchError("the query is empty")
@@ -109,10 +104,35 @@ def prepare_search(store: RunStore, text: str, *, k: int = 10, backend: str = "a
         raise SearchError(f"k must be in 1..1000, got {k}")
     if not 1 <= row_bound <= 1_000_000:
         raise SearchError(f"the row bound must be in 1..1000000, got {row_bound}")
-    base = coordinator_directory(store.url)
+    return text
+
+
+def current_epoch(base: pathlib.Path, backend: str = "auto") -> tuple[KeyEpoch, bool]:
+    """The deployment's current key epoch for ``backend`` (a new one, saved, when none is valid:
+    then every site receives its keys on the next search) and whether it is new."""
     identity = QuerierIdentity.load_or_create(base / "querier.key")
-    epoch, new = KeyEpoch.current(identity, base / EPOCHS, choose_backend(backend, CkksParameters()))
-    query = Querier(identity, epoch).encrypt(Embedder()([text])[0], k=k, row_bound=row_bound)
+    return KeyEpoch.current(identity, base / EPOCHS, choose_backend(backend, CkksParameters()))
+
+
+def encrypt_query(base: pathlib.Path, epoch: KeyEpoch, text: str, embed: Callable[[list[str]], Any], *,
+                  k: int, row_bound: int) -> EncryptedQuery:
+    """``text`` (checked by :func:`check_query`) embedded with ``embed``, encrypted under ``epoch`` and
+    signed with the querier identity in ``base``."""
+    identity = QuerierIdentity.load_or_create(base / "querier.key")
+    return Querier(identity, epoch).encrypt(embed([text])[0], k=k, row_bound=row_bound)
+
+
+def prepare_search(store: RunStore, text: str, *, k: int = 10, backend: str = "auto",
+                   row_bound: int = DEFAULT_ROW_BOUND) -> tuple[str, bool]:
+    """Embed, encrypt and sign ``text`` as a search request in ``store`` for a one-off search run
+    (``mode="search"``); its id and whether a new key epoch was made. Runs in the querier's own
+    process: the text and its embedding go no further."""
+    from fedclient.tasks.embedding import Embedder
+
+    text = check_query(text, k, row_bound)
+    base = coordinator_directory(store.url)
+    epoch, new = current_epoch(base, backend)
+    query = encrypt_query(base, epoch, text, Embedder(), k=k, row_bound=row_bound)
     record = {key: base64.b64encode(value).decode() if isinstance(value, bytes) else value
               for key, value in query.to_record().items()}
     payload = {"epoch": epoch.bundle.epoch, "query": record, "text-digest": text_digest(base, text)}
@@ -184,14 +204,23 @@ def _acknowledged(path: pathlib.Path) -> dict[str, str]:
 
 def run_search(grid: Grid, config: Mapping[str, Any], names: Mapping[int, str] | None = None,
                min_sites: int = 1, timeout: float = 600.0) -> SearchOutcome:
-    """Answer the search request ``config["search-request"]`` across the connected sites (named by
-    ``names``, the enrolment registry, when given; else by their own ``query.identify`` answer);
-    records every site's part in the store."""
-    started = time.perf_counter()
+    """Answer the search request ``config["search-request"]`` (a one-off search run) across the
+    connected sites: :func:`answer_query`."""
     store = RunStore(str(config["store"]))
     base = coordinator_directory(store.url)
     epoch_id, query, digest = _take_request(store, str(config["search-request"]))
     epoch = KeyEpoch.load(base / EPOCHS, epoch_id)
+    return answer_query(grid, store, epoch, query, digest, names=names, min_sites=min_sites, timeout=timeout)
+
+
+def answer_query(grid: Grid, store: RunStore, epoch: KeyEpoch, query: EncryptedQuery, digest: str, *,
+                 names: Mapping[int, str] | None = None, min_sites: int = 1, timeout: float = 600.0) -> SearchOutcome:
+    """Answer ``query`` (made under ``epoch``; ``digest`` is its text's HMAC) across the connected
+    sites (named by ``names``, the enrolment registry, when given; else by their own
+    ``query.identify`` answer); records every site's part in ``store``."""
+    started = time.perf_counter()
+    base = coordinator_directory(store.url)
+    epoch_id = epoch.bundle.epoch
     epoch.bundle.check_current()
     identity = QuerierIdentity.load_or_create(base / "querier.key")
     if epoch.bundle.querier != identity.public_bytes or query.key_id != epoch.bundle.key_id:
