@@ -167,10 +167,12 @@ def end_to_end(args: argparse.Namespace, root: pathlib.Path) -> dict:
             found = {(h["site"], h["document_id"]) for h in result["hits"]}
             recall = len(found & {(h.site, f"{h.site}/doc-{h.row}") for h in exact}) / args.k
             out["queries"].append({"wall": wall, "server": result["seconds"], "new_epoch": result["new_key_epoch"],
+                                   "rounds": result.get("exchange_seconds", []),
                                    "down": result["bytes_down"], "up": result["bytes_up"], "recall": recall})
             print(f"  query {number + 1}: {wall:.1f} s ({'new key epoch' if result['new_key_epoch'] else 'epoch reused'}"
                   f"; {result['bytes_down'] / 1e6:.1f} MB down, {result['bytes_up'] / 1e6:.2f} MB up; "
-                  f"recall@{args.k} {recall:.2f})", flush=True)
+                  f"recall@{args.k} {recall:.2f}; message rounds "
+                  f"{', '.join(f'{s:.2f}' for s in result.get('exchange_seconds', [])) or 'not reported'} s)", flush=True)
     return out
 
 

@@ -467,7 +467,8 @@ def search(deployment: Deployment, query: str, *, k: int = 10, backend: str = "a
                                       idle=service_idle)
         return {"query_id": answer["query-id"], "hits": answer["hits"], "new_key_epoch": answer["new-key-epoch"],
                 "refusals": answer["refusals"], "bytes_up": answer["bytes-up"], "bytes_down": answer["bytes-down"],
-                "seconds": answer["seconds"], "wall_seconds": time.perf_counter() - started}
+                "seconds": answer["seconds"], "exchange_seconds": answer["exchange-seconds"],
+                "wall_seconds": time.perf_counter() - started}
     from fedserver.search import prepare_search
     from fedserver.store import RunStore
 
@@ -531,6 +532,8 @@ def _search_with_service(deployment: Deployment, query: str, *, k: int, backend:
         except ServiceUnavailable as err:
             if attempt == 2:
                 raise SearchError(f"{err} (the SuperLink's log: {deployment.log_file})") from err
+        except OSError as err:  # e.g. DIR/search-service is not this user's, or its socket answers as another user
+            raise SearchError(f"cannot reach the search service: {err}") from err
     if not answer.get("ok"):
         raise SearchError(str(answer.get("error", "the search service refused the query")))
     return answer

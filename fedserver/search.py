@@ -30,7 +30,7 @@ import pathlib
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
@@ -68,6 +68,7 @@ class SearchOutcome:
     seconds: float
     exchanges: int = 0
     keys_sent: int = 0
+    exchange_seconds: list[float] = field(default_factory=list)  # each message round, push to last reply
 
 
 def coordinator_directory(store_url: str) -> pathlib.Path:
@@ -157,11 +158,13 @@ class _Exchange:
     def __init__(self, grid: Grid, timeout: float) -> None:
         self.grid, self.timeout = grid, timeout
         self.bytes_up = self.bytes_down = self.rounds = 0
+        self.seconds: list[float] = []
 
     def __call__(self, contents: Mapping[int, dict[str, Any]], message_type: str = "query.search") -> dict[int, Message]:
         if not contents:
             return {}
         self.rounds += 1
+        started = time.monotonic()
         messages = [Message(RecordDict({SEARCH: ConfigRecord(dict(content))}), dst_node_id=node,
                             message_type=message_type) for node, content in contents.items()]
         self.bytes_down += sum(message_wire_bytes(m) for m in messages)
@@ -179,6 +182,7 @@ class _Exchange:
                 replies[recipient[reply.metadata.reply_to_message_id]] = reply
             if pending:
                 time.sleep(0.05)
+        self.seconds.append(time.monotonic() - started)
         return replies
 
 
@@ -315,7 +319,7 @@ def answer_query(grid: Grid, store: RunStore, epoch: KeyEpoch, query: EncryptedQ
     for rank, hit in enumerate(hits, start=1):
         log(INFO, "search hit %d: %.4f  %s  %s", rank, hit.score, hit.site, hit.document_id)
     outcome = SearchOutcome(query.query_id, hits, refusals, exchange.bytes_up, exchange.bytes_down, len(bundle),
-                            time.perf_counter() - started, exchange.rounds, keys_sent)
+                            time.perf_counter() - started, exchange.rounds, keys_sent, exchange.seconds)
     store.record_search(query_id=query.query_id, querier=identity.fingerprint, text_digest=digest, k=query.k,
                         sites={s: refusals.get(s, "ok") for s in site.values()}, hits=[h.__dict__ for h in hits],
                         bytes_up=outcome.bytes_up, bytes_down=outcome.bytes_down, seconds=outcome.seconds)

@@ -189,7 +189,8 @@ class SearchService:
         self.queries += 1
         return {"ok": True, "query-id": outcome.query_id, "new-key-epoch": new, "seconds": outcome.seconds,
                 "hits": [hit.__dict__ for hit in outcome.hits], "refusals": outcome.refusals,
-                "bytes-up": outcome.bytes_up, "bytes-down": outcome.bytes_down}
+                "bytes-up": outcome.bytes_up, "bytes-down": outcome.bytes_down,
+                "exchange-seconds": outcome.exchange_seconds}
 
     def answer_search(self, request: Mapping[str, Any]) -> dict[str, Any]:
         """The answer to a search request: its query id, or the error that stopped it."""

@@ -203,6 +203,14 @@ class Walkthrough:
         return process
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie no longer does)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _files_holding(root: pathlib.Path, needle: bytes) -> list[str]:
     """Every file under ``root`` whose bytes contain ``needle`` (databases, logs, caches, stores)."""
     found = []
@@ -361,11 +369,28 @@ def test_the_readme_walkthrough_survives_a_killed_site_and_a_killed_coordinator(
         query = shlex.split(search.split("|")[0])[1]
         found = shell.ok(search)
         assert "rates" in found and "site-a" in found, found
+        # that search started the deployment's search service; the next one is answered by it, in seconds
+        from fedserver.search_service import ServiceUnavailable, ask
+
+        service = ask(coord, {"op": "ping"}, timeout=10)
+        started = time.monotonic()
+        second_query = "central bank raises interest rates"
+        again = shell.ok(search.replace(query, second_query))
+        assert "rates" in again and time.monotonic() - started < 60, again
+        assert ask(coord, {"op": "ping"}, timeout=10) == {**service, "queries": 2}  # same process, no new run
+        shell.ok("fedserver search coord --stop-service")
+        deadline = time.monotonic() + 30
+        while _alive(service["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(service["pid"])
+        with pytest.raises(ServiceUnavailable):
+            ask(coord, {"op": "ping"}, timeout=10)
         from fedclient.tasks.cache import cache_dir
 
         store.engine.dispose()  # reading the database file below must not drop this process's SQLite locks
         for root in [tmp_path, *([cache_dir()] if cache_dir() else [])]:
-            assert _files_holding(root, query.encode()) == [], "the query text was written down"
+            for text in (query, second_query):
+                assert _files_holding(root, text.encode()) == [], "a query text was written down"
         store = RunStore(deployment.store_url)
         answered = {r.site: r.status for r in store.searches()}
         assert answered["site-a"] == answered["site-b"] == "ok" and "search.index" in answered["site-c"], answered
