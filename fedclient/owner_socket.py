@@ -23,6 +23,7 @@ import socket
 import stat
 import struct
 import tempfile
+import time
 
 FRAME = struct.Struct(">Q")
 MAX_SOCKET_PATH = 100  # bytes; Linux takes at most 107 for a Unix socket's path
@@ -38,9 +39,14 @@ def send_frames(sock: socket.socket, *parts: bytes) -> None:
     sock.sendall(b"".join(FRAME.pack(len(part)) + part for part in parts))
 
 
-def _receive_exactly(sock: socket.socket, size: int) -> bytes:
+def _receive_exactly(sock: socket.socket, size: int, deadline: float | None = None) -> bytes:
     chunks, left = [], size
     while left:
+        if deadline is not None:
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                raise TimeoutError("the other end did not send its frame in time")
+            sock.settimeout(wait)
         chunk = sock.recv(min(left, 1 << 20))
         if not chunk:
             raise SocketClosed("the other end closed the connection mid-frame")
@@ -49,12 +55,14 @@ def _receive_exactly(sock: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def receive_frame(sock: socket.socket, limit: int) -> bytes:
-    """One frame's bytes; SocketClosed if its length is over ``limit``."""
-    (size,) = FRAME.unpack(_receive_exactly(sock, FRAME.size))
+def receive_frame(sock: socket.socket, limit: int, deadline: float | None = None) -> bytes:
+    """One frame's bytes; SocketClosed if its length is over ``limit``, TimeoutError if it has not
+    all arrived by ``deadline`` (``time.monotonic()``; one bound for the whole frame, however the
+    sender trickles it)."""
+    (size,) = FRAME.unpack(_receive_exactly(sock, FRAME.size, deadline))
     if size > limit:
         raise SocketClosed(f"a frame of {size} bytes is over the {limit}-byte limit")
-    return _receive_exactly(sock, size)
+    return _receive_exactly(sock, size, deadline)
 
 
 def private_directory(directory: pathlib.Path) -> None:
@@ -96,13 +104,19 @@ def bind(path: pathlib.Path) -> socket.socket:
     return listener
 
 
-def same_user(sock: socket.socket) -> bool:
-    """Whether the process at the other end of ``sock`` runs as this user (the kernel's word)."""
+def _peer_uid(sock: socket.socket) -> int | None:
     if not hasattr(socket, "SO_PEERCRED"):  # not Linux: the 0600 socket in a 0700 directory is the guard
-        return True
+        return None
     _pid, uid, _gid = _PEER_CREDENTIALS.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size))
-    return uid == os.geteuid()
+    return uid
+
+
+def same_user(sock: socket.socket) -> bool:
+    """Whether the process at the other end of ``sock`` runs as this user (the kernel's word; root
+    is another user too)."""
+    uid = _peer_uid(sock)
+    return uid is None or uid == os.geteuid()
 
 
 def connect(path: str | pathlib.Path, timeout: float) -> socket.socket:

@@ -159,7 +159,12 @@ def _connect(socket_path: str) -> socket.socket:
         sock.settimeout(CONNECT_TIMEOUT_S)
         try:
             sock.connect(socket_path)
+            if not same_user(sock):
+                sock.close()
+                raise PermissionError(f"the process at {socket_path} is not this user's; refusing to send it a message")
             return sock
+        except PermissionError:
+            raise
         except OSError:
             sock.close()
             coming = os.path.exists(socket_path) or _runtime_holds_lock(lock_path(socket_path))
@@ -185,6 +190,8 @@ def runtime_status(socket_path: str) -> dict[str, Any]:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(CONNECT_TIMEOUT_S)
             sock.connect(socket_path)
+            if not same_user(sock):
+                raise PermissionError(f"the process at {socket_path} is not this user's")
             send_frames(sock, b"status")
             return json.loads(_receive(sock))
     except OSError as err:

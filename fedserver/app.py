@@ -168,7 +168,7 @@ def build_server_app(
         if str(config["mode"]) == "search-service":
             from fedserver.search_service import serve_searches
 
-            serve_searches(grid, config, names=lambda: enrolled_names(RunStore(str(config["store"]))))
+            serve_searches(grid, config, names=enrolled_names)
             return
         run_federation(
             grid, config, num_clients=num_clients, observer=observer, on_run_created=on_run_created,

@@ -493,6 +493,8 @@ def start_search_service(deployment: Deployment, idle: float | None = None) -> s
     """Submit the deployment's search service run (``mode="search-service"``); its Flower run id."""
     config: dict[str, Any] = {"mode": "search-service"}
     if idle is not None:
+        if not 1 <= idle <= 7 * 86400:
+            raise SearchError(f"the search service's idle time must be 1..604800 seconds, got {idle:g}")
         config["search-idle-timeout"] = float(idle)
     result = submit(deployment, config, stream=False, timeout=120)
     launched = re.search(r"Successfully started run (\d+)", result.stdout + result.stderr)
@@ -510,12 +512,14 @@ def stop_search_service(deployment: Deployment) -> bool:
         ask(deployment.directory, {"op": "stop"}, timeout=30)
     except ServiceUnavailable:
         return False
+    except OSError as err:
+        raise SearchError(f"cannot reach the search service: {err}") from err
     return True
 
 
 def _search_with_service(deployment: Deployment, query: str, *, k: int, backend: str, row_bound: int,
                          timeout: float, idle: float | None) -> dict[str, Any]:
-    from fedserver.search_service import ServiceUnavailable, ask, ensure_started
+    from fedserver.search_service import ServiceLost, ServiceUnavailable, ask, ensure_started
 
     def ended(run_id: str) -> str | None:
         status = flower_run_status(deployment, run_id, wait=False)
@@ -527,7 +531,7 @@ def _search_with_service(deployment: Deployment, query: str, *, k: int, backend:
             ensure_started(deployment.directory, lambda: start_search_service(deployment, idle), failed=ended)
             answer = ask(deployment.directory, request, timeout=timeout)
             break
-        except TimeoutError as err:
+        except (TimeoutError, ServiceLost) as err:  # the query may have reached the sites: not sent again
             raise SearchError(str(err)) from err
         except ServiceUnavailable as err:
             if attempt == 2:

@@ -186,7 +186,16 @@ class _Exchange:
         return replies
 
 
+MAX_SITE_TEXT = 500  # characters kept of what a site says: a refusal reason, a document id
+
+
 def _reason(reply: Message | None) -> str | None:
+    """Why ``reply`` cannot be used (at most :data:`MAX_SITE_TEXT` characters: sites write it), or None."""
+    reason = _unusable(reply)
+    return None if reason is None else reason[:MAX_SITE_TEXT]
+
+
+def _unusable(reply: Message | None) -> str | None:
     if reply is None:
         return "no reply within the timeout"
     if reply.has_error():
@@ -312,7 +321,7 @@ def answer_query(grid: Grid, store: RunStore, epoch: KeyEpoch, query: EncryptedQ
         if reason:
             refusals[name] = reason
             ids = [""] * len(requests[name].rows)
-        replies[name] = [str(i) for i in ids]
+        replies[name] = [str(i)[:MAX_SITE_TEXT] for i in ids]
     hits = Querier.resolve(hits, requests, replies)
     for name, reason in refusals.items():
         log(WARNING, "search: site '%s' did not answer: %s", name, reason)

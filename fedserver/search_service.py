@@ -57,6 +57,7 @@ MAX_REQUEST = 64 << 10  # bytes of JSON; a query's text is short
 MAX_ANSWER = 16 << 20
 MAX_WAITING = 32  # queries queued behind the one in progress
 REQUEST_WAIT_S = 5.0  # how long a connection may take to send its request
+RUN_CHECK_S = 3.0  # how often a first search asks Flower whether the service's run has ended
 START_WAIT_S = 300.0  # how long a first search waits for the service it started (a ServerApp start, MiniLM)
 DEFAULT_IDLE_S = 1800.0
 EPOCH_RENEWAL_MARGIN_S = 600.0  # KeyEpoch.current's margin: an epoch this close to expiry is renewed
@@ -64,6 +65,11 @@ EPOCH_RENEWAL_MARGIN_S = 600.0  # KeyEpoch.current's margin: an epoch this close
 
 class ServiceUnavailable(ConnectionError):
     """No search service answers for this deployment directory."""
+
+
+class ServiceLost(ConnectionError):
+    """The service took the request but its answer did not come back whole (it ended, or sent
+    more than :data:`MAX_ANSWER`): the query may have reached the sites, so it is not sent again."""
 
 
 def service_directory(base: pathlib.Path) -> pathlib.Path:
@@ -91,7 +97,8 @@ def ask(base: pathlib.Path, request: Mapping[str, Any], timeout: float) -> dict[
         except TimeoutError as err:
             raise TimeoutError(f"the search service at {path} did not answer within {timeout:.0f} s") from err
         except (SocketClosed, BrokenPipeError, ConnectionResetError) as err:
-            raise ServiceUnavailable(f"the search service at {path} went away mid-request ({err})") from err
+            raise ServiceLost(f"the search service at {path} did not answer the request whole ({err}); the "
+                              "service's log (`flwr log RUN`) says why") from err
     if not isinstance(answer, dict):
         raise ServiceUnavailable(f"the search service at {path} answered something that is not an object")
     return answer
@@ -107,22 +114,32 @@ def ensure_started(base: pathlib.Path, start: Callable[[], str], *, wait: float 
     private_directory(directory)
     with open(directory / "start.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            ask(base, {"op": "ping"}, timeout=10.0)
-            return False
-        except ServiceUnavailable:
-            pass
-        run_id = start()
         deadline = time.monotonic() + wait
+        while True:  # a service that is stopping holds its lock until its last query is answered
+            try:
+                ask(base, {"op": "ping"}, timeout=10.0)
+                return False
+            except ServiceUnavailable:
+                pass
+            with _held(directory / "service.lock") as free:
+                if free:
+                    break
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable(f"the search service for {base} is ending and did not finish within {wait:.0f} s")
+            time.sleep(0.25)
+        run_id = start()
+        checked = time.monotonic()
         while True:
             try:
                 ask(base, {"op": "ping"}, timeout=10.0)
                 return True
             except ServiceUnavailable:
                 pass
-            reason = failed(run_id)
-            if reason:
-                raise ServiceUnavailable(f"the search service's run {run_id} ended before it answered: {reason}")
+            if time.monotonic() - checked > RUN_CHECK_S:  # asking Flower is a process of its own: not often
+                checked = time.monotonic()
+                reason = failed(run_id)
+                if reason:
+                    raise ServiceUnavailable(f"the search service's run {run_id} ended before it answered: {reason}")
             if time.monotonic() > deadline:
                 raise ServiceUnavailable(f"the search service's run {run_id} did not answer within {wait:.0f} s; "
                                          f"`flwr log {run_id}` shows what it did")
@@ -203,7 +220,7 @@ class SearchService:
         except Exception as err:  # noqa: BLE001 (one bad query must not end the service)
             from flwr.common import log
 
-            log(WARNING, "search service: a query failed: %r", err)
+            log(WARNING, "search service: a query failed (%s; its text is not logged)", type(err).__name__)
             return {"ok": False, "error": f"the query failed: {str(err)[:500]}"}
 
     def serve(self, idle_seconds: float) -> None:
@@ -227,7 +244,7 @@ class SearchService:
             worker = threading.Thread(target=self._work, args=(pending, busy), name="search-queries", daemon=True)
             worker.start()
             try:
-                while True:
+                while worker.is_alive():
                     if not busy.is_set() and pending.empty() and time.monotonic() - self.last > idle_seconds:
                         log(INFO, "search service: %.0f s without a query; ending", idle_seconds)
                         break
@@ -236,11 +253,21 @@ class SearchService:
                         conn, _ = listener.accept()
                     except TimeoutError:
                         continue
-                    if self._take(conn, pending, busy):
-                        break
+                    try:
+                        if self._take(conn, pending, busy):
+                            break
+                    except Exception as err:  # noqa: BLE001 (one request must not end the service)
+                        log(WARNING, "search service: a request failed (%s)", type(err).__name__)
             finally:
                 listener.close()
                 path.unlink(missing_ok=True)
+                while True:  # queued queries are not started once the service ends
+                    try:
+                        item = pending.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        _answer_and_close(item[0], {"ok": False, "error": "the search service is ending; ask again"})
                 pending.put(None)
                 worker.join()
 
@@ -251,12 +278,11 @@ class SearchService:
         try:
             if not same_user(conn):
                 return False
-            conn.settimeout(REQUEST_WAIT_S)
             try:
-                request = json.loads(receive_frame(conn, MAX_REQUEST))
+                request = json.loads(receive_frame(conn, MAX_REQUEST, deadline=time.monotonic() + REQUEST_WAIT_S))
             except (OSError, SocketClosed):
                 return False
-            except ValueError:
+            except (ValueError, RecursionError):
                 request = None
             if not isinstance(request, dict):
                 request = None
@@ -277,9 +303,8 @@ class SearchService:
             else:
                 answer = {"ok": False, "error": f"unknown request {str(op)[:40]!r}; send op search, ping or stop"}
             if answer is not None:
-                with contextlib.suppress(OSError):
-                    conn.settimeout(REQUEST_WAIT_S)
-                    send_frames(conn, json.dumps(answer).encode())
+                _answer_and_close(conn, answer)
+                conn = None
         finally:
             if conn is not None:
                 conn.close()
@@ -287,22 +312,28 @@ class SearchService:
 
     def _work(self, pending: queue.Queue, busy: threading.Event) -> None:
         while (item := pending.get()) is not None:
-            conn, request = item
             busy.set()
             try:
-                answer = self.answer_search(request)
-                with contextlib.suppress(OSError):
-                    conn.settimeout(REQUEST_WAIT_S)
-                    send_frames(conn, json.dumps(answer).encode())
+                _answer_and_close(item[0], self.answer_search(item[1]))
             finally:
-                conn.close()
+                del item  # the query's text goes with its request
                 self.last = time.monotonic()
                 busy.clear()
 
 
-def serve_searches(grid: Any, config: Mapping[str, Any], names: Callable[[], Mapping[int, str] | None]) -> None:
-    """The ServerApp's ``mode="search-service"``."""
+def _answer_and_close(conn: socket.socket, answer: Mapping[str, Any]) -> None:
+    try:
+        conn.settimeout(REQUEST_WAIT_S)
+        send_frames(conn, json.dumps(answer).encode())
+    except OSError:
+        pass  # the asker went away; the query is recorded in the store all the same
+    finally:
+        conn.close()
+
+
+def serve_searches(grid: Any, config: Mapping[str, Any], names: Callable[[Any], Mapping[int, str] | None]) -> None:
+    """The ServerApp's ``mode="search-service"``; ``names(store)``: node id -> enrolled site name."""
     from fedserver.store import RunStore
 
-    SearchService(grid, RunStore(str(config["store"])), names=names,
-                  exchange_timeout=float(config["round-timeout"])).serve(float(config["search-idle-timeout"]))
+    store = RunStore(str(config["store"]))
+    SearchService(grid, store, names=lambda: names(store)).serve(float(config["search-idle-timeout"]))

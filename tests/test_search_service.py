@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import socket
 import threading
 import time
@@ -79,14 +80,53 @@ def test_the_service_refuses_bad_requests_by_name_and_keeps_answering(tmp_path, 
     assert "unknown request 'drop-tables'" in refused({"op": "drop-tables"})
     assert "not a JSON object" in _raw(base, send_frame(b"{not json"))["error"]
     assert "not a JSON object" in _raw(base, send_frame(b"[1, 2]"))["error"]
+    assert "not a JSON object" in _raw(base, send_frame(b"[" * 60_000))["error"]  # too deep for json: refused
     assert _raw(base, (1 << 30).to_bytes(8, "big")) is None  # a 1 GiB frame is refused unread
     with connect(path, timeout=10) as silent:  # a connection that never sends is dropped, not waited for
         started = time.monotonic()
         assert silent.recv(1) == b"" and time.monotonic() - started < 5
+    with connect(path, timeout=10) as trickle:  # nor one that sends a byte now and then: one deadline per request
+        started = time.monotonic()
+        frame, closed = send_frame(json.dumps({"op": "ping"}).encode()), False
+        for byte in frame[:-1]:
+            try:
+                trickle.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.1)
+        assert closed or trickle.recv(1) == b""
+        assert time.monotonic() - started < 3
     assert not any(base.rglob("*.secret"))  # nothing refused got as far as making a key epoch
     assert ask(base, {"op": "ping"}, timeout=5)["queries"] == 0
 
-    if os.geteuid() == 0:  # another local user cannot reach the socket (its directory is 0700)
+    assert ask(base, {"op": "stop"}, timeout=5) == {"ok": True, "stopping": True}
+    thread.join(10)
+    assert not thread.is_alive() and not path.exists()
+    with pytest.raises(ServiceUnavailable):
+        ask(base, {"op": "ping"}, timeout=5)
+
+
+@pytest.fixture
+def open_to_all():
+    """A directory every local user may enter (pytest's own base directory is 0700)."""
+    import tempfile
+
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="fedtune-svc-", dir="/tmp"))
+    directory.chmod(0o755)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_only_this_user_reaches_the_service_and_only_its_service_gets_the_text(open_to_all, embedder,
+                                                                               monkeypatch) -> None:
+    from fedclient import owner_socket
+
+    base = open_to_all / "coord"
+    thread = _serving(_service(base, embedder), idle=120)
+    path = service_socket(base)
+    assert oct(path.stat().st_mode & 0o777) == "0o600" and oct(path.parent.stat().st_mode & 0o777) == "0o700"
+    if os.geteuid() == 0:  # another local user cannot even reach the socket
         child = os.fork()
         if child == 0:
             os.setgid(65534)
@@ -99,12 +139,22 @@ def test_the_service_refuses_bad_requests_by_name_and_keeps_answering(tmp_path, 
             except BaseException:  # noqa: BLE001
                 os._exit(2)
         assert os.waitpid(child, 0)[1] == 0
-
-    assert ask(base, {"op": "stop"}, timeout=5) == {"ok": True, "stopping": True}
+    # the kernel's word on the other end: as if each end ran as another user, both refuse
+    monkeypatch.setattr(owner_socket, "_peer_uid", lambda sock: os.geteuid() + 1)
+    with pytest.raises(PermissionError, match="not this user's"):  # the asker does not send its text
+        ask(base, {"op": "search", "text": "interest rates"}, timeout=5)
+    with socket.socket(socket.AF_UNIX) as sock:  # the service answers nothing to another user
+        sock.settimeout(10)
+        sock.connect(str(path))
+        sock.sendall(send_frame(json.dumps({"op": "ping"}).encode()))
+        try:
+            assert sock.recv(1) == b""
+        except ConnectionResetError:
+            pass  # closed with the request unread: no answer either
+    monkeypatch.undo()
+    assert ask(base, {"op": "stop"}, timeout=5)["ok"]
     thread.join(10)
-    assert not thread.is_alive() and not path.exists()
-    with pytest.raises(ServiceUnavailable):
-        ask(base, {"op": "ping"}, timeout=5)
+    assert not thread.is_alive()
 
 
 def send_frame(data: bytes) -> bytes:
