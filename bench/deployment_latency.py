@@ -8,13 +8,14 @@ trains every round, central evaluation on the coordinator):
 - ``stock``: the Deployment Engine as Flower ships it (TLS + node auth on 127.0.0.1): SuperExec task
   poll 1 s, SuperNode idle wait 3 s, and no fedtune cache, so each message's new ClientApp process
   re-tokenizes the corpus and re-partitions it;
-- ``cached``: fedtune's defaults: the ClientApp's on-disk cache (fedclient/tasks/cache.py, warm)
-  and ``fedclient start``'s SuperExec task poll of 0.1 s;
+- ``cached``: the ClientApp's on-disk cache (fedclient/tasks/cache.py, warm) and ``fedclient
+  start``'s SuperExec task poll of 0.1 s, with Flower's own SuperNode waits (``--poll-interval flower``);
 - ``fast-poll``: ``cached`` plus ``fedclient start --poll-interval 0.2`` (the SuperNode's fixed
   3 s / 0.5 s waits shortened; fedclient/supernode_launcher.py);
-- ``runtime``: ``fast-poll`` with the site runtime (fedclient/runtime.py, ``fedclient start``'s
-  default): each message is forwarded to one long-lived process per site that keeps imports, model
-  and data loaded. The three arms before it pass ``--no-runtime``.
+- ``runtime``: ``fedclient start``'s defaults: the site runtime (fedclient/runtime.py), which
+  answers every message in one long-lived process per site that keeps imports, model and data
+  loaded, and adaptive SuperNode waits (0.2 s between pulls for a minute after a message, Flower's
+  3 s when idle; a reply polled for from 10 ms up). The three arms before it pass ``--no-runtime``.
 
 The ``runtime`` arm also reports how many times each site's runtime loaded a model (its own
 ``model-loads`` metric, read with ``fedclient status``'s call after the run). The last line compares
@@ -111,7 +112,8 @@ def deployment_arm(arm: str, args: argparse.Namespace, tmp: str) -> dict:
 
     def site_arguments(index: int) -> list[str]:
         return ["--policy", str(policy), "--partition-id", str(index), "--num-partitions", str(args.sites),
-                *(["--poll-interval", "0.2"] if arm in ("fast-poll", "runtime") else []),
+                *({"stock": ["--poll-interval", "flower"], "cached": ["--poll-interval", "flower"],
+                   "fast-poll": ["--poll-interval", "0.2"]}.get(arm, [])),
                 *(["--no-runtime"] if arm != "runtime" else [])]
 
     with LoopbackDeployment(root, args.sites, site_arguments, env) as deployment:

@@ -3,8 +3,8 @@ deployment, against the protocol's compute run in one process.
 
 **End to end** (the path users run; default 4 sites × 10,000 rows). A deployment on 127.0.0.1 as
 the README runs it: ``fedserver init/start/enrol``, one ``fedclient start`` per site (TLS, node
-authentication, the publisher key pinned, ``--search-index`` and ``--querier-key``; Flower's own
-polling unless ``--poll-interval`` is given), then ``fedserver search`` (:func:`fedserver.deployment.search`)
+authentication, the publisher key pinned, ``--search-index`` and ``--querier-key``; ``fedclient
+start``'s default waits unless ``--poll-interval`` is given: a number, or ``flower`` for Flower's own), then ``fedserver search`` (:func:`fedserver.deployment.search`)
 ``--queries`` times. Each query's wall time covers everything: embedding and encrypting the query
 in the querier process, ``flwr run``, the ServerApp's message rounds (key bundle to sites that lack
 the epoch, query, fetch) with a fresh ClientApp process per message at every site, decrypting,
@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", default="10000", help="rows per site (in process: comma-separated list)")
     parser.add_argument("--queries", type=int, default=3, help="queries per configuration (the first pays the keys)")
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--poll-interval", type=float, default=None, help="fedclient start --poll-interval for the sites")
+    parser.add_argument("--poll-interval", default=None, help="fedclient start --poll-interval for the sites "
+                        "(seconds, or flower; default: fedclient start's adaptive waits)")
     parser.add_argument("--backends", default="", help="in process: comma-separated backends (default: the one "
                         "`auto` picks, as the deployment uses)")
     parser.add_argument("--in-process-only", action="store_true", help="only the in-process table")
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = rows_list[-1]
     args.rows = rows
     print(f"\nend to end: `fedserver search` over a loopback deployment, {args.sites} sites × {rows:,} rows"
-          + (f", --poll-interval {args.poll_interval}" if args.poll_interval else ", Flower's polling"), flush=True)
+          + (f", --poll-interval {args.poll_interval}" if args.poll_interval else ", fedclient start's default waits"),
+          flush=True)
     with tempfile.TemporaryDirectory(prefix="fedtune-search-bench-") as tmp:
         result = end_to_end(args, pathlib.Path(tmp))
     first, steady = result["queries"][0], result["queries"][1:]

@@ -479,6 +479,19 @@ def start(args: argparse.Namespace) -> int:
     return returncode
 
 
+def _poll_interval(text: str) -> float | str:
+    """``--poll-interval``: seconds in 0.01..3, or ``flower``."""
+    if text.strip().lower() == "flower":
+        return "flower"
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"give seconds (0.01..3) or 'flower', not '{text}'") from None
+    if not 0.01 <= seconds <= 3.0:
+        raise argparse.ArgumentTypeError(f"must be in 0.01..3 s, got {seconds:g}")
+    return seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedclient", description="fedtune's partner-site client.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -543,9 +556,11 @@ def main(argv: list[str] | None = None) -> int:
                      "runtime claims the SuperNode's tasks")
     run.add_argument("--home", default=".fedclient", help="FLWR_HOME of this SuperNode")
     run.add_argument("--max-retries", type=int, default=None, help="give up after N failed connection attempts")
-    run.add_argument("--poll-interval", type=float, default=None,
-                     help="shorten the SuperNode's fixed 3 s idle wait and 0.5 s reply poll to this many seconds "
-                     "(faster rounds, more PullMessages calls; see fedclient/supernode_launcher.py); default: Flower's")
+    run.add_argument("--poll-interval", type=_poll_interval, default=None, metavar="SECONDS|flower",
+                     help="how long the SuperNode waits between pulls for messages: default adaptive (0.2 s for a "
+                     "minute after a message, so rounds and a search's fetch follow at once; Flower's 3 s when "
+                     "idle); SECONDS always (more PullMessages calls when idle; see "
+                     "fedclient/supernode_launcher.py); 'flower' for Flower's own 3 s idle wait and 0.5 s reply poll")
     run.add_argument("--heartbeat-interval", type=float, default=None,
                      help="seconds between this site's heartbeats, 10..1800: if the site dies, the coordinator "
                      "gives up on its replies after two missed heartbeats (default: Flower's 30 s, so 60 s)")

@@ -59,12 +59,13 @@ def check_tls(superlink: str, ca: pathlib.Path, timeout: float = 5.0) -> str:
 
 def supernode_command(
     *, superlink: str, ca: pathlib.Path, key: pathlib.Path, node_config: Mapping[str, Any], runtime_port: int,
-    trusted_publisher: pathlib.Path, max_retries: int | None = None, poll_interval: float | None = None,
+    trusted_publisher: pathlib.Path, max_retries: int | None = None, poll_interval: float | str | None = None,
     heartbeat_interval: float | None = None, isolation: str = "subprocess",
 ) -> list[str]:
     """The command line of this site's SuperNode (validates the CA, the key and the publisher key
     first): ``flower-supernode`` run through :mod:`fedclient.supernode_launcher`, which refuses every
-    app not signed by ``trusted_publisher`` and, with ``poll_interval``, shortens Flower's fixed waits
+    app not signed by ``trusted_publisher`` and shortens Flower's fixed waits (``poll_interval``: None
+    adaptive, seconds fixed, ``"flower"`` Flower's own; :mod:`fedclient.supernode_launcher`)
     (``heartbeat_interval``: its heartbeat period). ``isolation`` is Flower's: ``subprocess`` (a
     ClientApp process per message) or ``process`` (the site runtime claims the tasks itself)."""
     if isolation not in ("subprocess", "process"):
@@ -75,14 +76,20 @@ def supernode_command(
     from fedclient.app_trust import load_publisher
 
     load_publisher(trusted_publisher)
-    if poll_interval is not None and not 0.01 <= poll_interval <= 3.0:
-        raise ValueError(f"--poll-interval must be in 0.01..3 s, got {poll_interval}")
+    if poll_interval == "flower":
+        waits = ["--flower-waits"]
+    elif poll_interval is None:
+        waits = []
+    elif isinstance(poll_interval, (int, float)) and 0.01 <= poll_interval <= 3.0:
+        waits = ["--poll-interval", str(poll_interval)]
+    else:
+        raise ValueError(f"--poll-interval must be in 0.01..3 s or 'flower', got {poll_interval}")
     if heartbeat_interval is not None and not HEARTBEAT_RANGE_S[0] <= heartbeat_interval <= HEARTBEAT_RANGE_S[1]:
         raise ValueError(f"--heartbeat-interval must be in {HEARTBEAT_RANGE_S[0]:g}..{HEARTBEAT_RANGE_S[1]:g} s "
                          f"(what the SuperLink accepts), got {heartbeat_interval}")
     command = [
         sys.executable, "-m", "fedclient.supernode_launcher", "--trusted-publisher", str(trusted_publisher.resolve()),
-        *(["--poll-interval", str(poll_interval)] if poll_interval is not None else []),
+        *waits,
         *(["--heartbeat-interval", str(heartbeat_interval)] if heartbeat_interval is not None else []), "--",
         "--grpc-rere", "--superlink", superlink, "--root-certificates", str(ca.resolve()),
         "--auth-supernode-private-key", str(key.resolve()), "--port", str(runtime_port), "--isolation", isolation,

@@ -12,11 +12,16 @@ error (as Flower does for its own Hub verification) and no code of it runs. Flow
 ``flwr run`` lacks, and it then refuses every such FAB.
 
 **Shorter waits.** Flower's SuperNode sleeps a hard-coded 3 s whenever ``PullMessages`` finds nothing
-and polls every 0.5 s for the ClientApp's reply; neither is configurable. ``--poll-interval S``
-replaces those two waits with ``S`` (at most the originals), at the price of an idle site calling
-``PullMessages`` 1/S times per second (keep S ≥ 0.2 beyond a few dozen sites). It also shortens the
+and polls every 0.5 s for the ClientApp's reply; neither is configurable. By default (*adaptive*) a
+site waits :data:`ACTIVE_POLL_S` between pulls for :data:`ACTIVE_WINDOW_S` after its last message
+(the next round's message, a search's fetch after its query) and Flower's 3 s once idle, so an idle
+site costs the SuperLink what Flower's does; ``--poll-interval S`` waits ``S`` always, at the price
+of an idle site calling ``PullMessages`` 1/S times per second (keep S ≥ 0.2 beyond a few dozen
+sites); ``--flower-waits`` keeps Flower's. Except with ``--flower-waits``, the poll for the reply
+starts at :data:`FIRST_REPLY_WAIT_S` and doubles up to the pull wait (at most Flower's 0.5 s), so a
+quick answer leaves at once (it is a look into the SuperNode's own memory, not a request), and the
 backoff of the SuperNode's object pulls (Flower: 1 s, then 2 s, ... for each message part the
-SuperLink does not hold yet; the coordinator pushes a message's head before its arrays) to S/4
+SuperLink does not hold yet; the coordinator pushes a message's head before its arrays) is S/4
 first and S at most. Measured in ``bench/deployment_latency.py``.
 
 **Heartbeats.** A SuperNode tells the SuperLink it is alive every ~30 s (Flower's fixed
@@ -51,6 +56,9 @@ from typing import Any
 FLOWER_VERSION = "1.39.0"
 IDLE_WAIT_S = 3.0  # the SuperNode's wait after an empty PullMessages
 REPLY_WAIT_S = 0.5  # its poll for the ClientApp's reply
+ACTIVE_POLL_S = 0.2  # adaptive waits: between pulls while the site is active
+ACTIVE_WINDOW_S = 60.0  # ... for this long after its last message
+FIRST_REPLY_WAIT_S = 0.01  # the first poll for a reply; doubling from there
 LOST_REPLY_GRACE_S = 10.0  # after its last ClientApp task finished, a message with no reply is answered as crashed
 PUSH_PARAMETERS = ("state", "object_store", "send", "push_object")
 WRAPPED_PARAMETERS = ("state", "object_store", "node_config", "receive", "get_run", "get_fab", "pull_object",
@@ -58,15 +66,33 @@ WRAPPED_PARAMETERS = ("state", "object_store", "node_config", "receive", "get_ru
 
 
 class _ShorterWaits:
-    """Stands in for the ``time`` module inside Flower's SuperNode loop: the two fixed waits shrink
-    to ``interval``; every other call goes to the real ``time`` module."""
+    """Stands in for the ``time`` module inside Flower's SuperNode loop: the wait after an empty pull
+    becomes ``interval`` within ``active_window`` seconds of the last message, ``idle_interval``
+    after; the reply poll starts at :data:`FIRST_REPLY_WAIT_S` and doubles up to ``interval`` (at most
+    Flower's 0.5 s); every other call goes to the real ``time`` module."""
 
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
+    def __init__(self, interval: float, idle_interval: float | None = None,
+                 active_window: float = ACTIVE_WINDOW_S) -> None:
+        self.interval, self.active_window = interval, active_window
+        self.idle_interval = interval if idle_interval is None else idle_interval
+        self.last_message = -float("inf")
+        self.reply_wait = FIRST_REPLY_WAIT_S
+
+    def message_seen(self) -> None:
+        """A message was pulled: the site is active, and its reply is polled for quickly again."""
+        self.last_message, self.reply_wait = _time.monotonic(), FIRST_REPLY_WAIT_S
+
+    def wait_after_empty_pull(self) -> float:
+        active = _time.monotonic() - self.last_message < self.active_window
+        return min(IDLE_WAIT_S, self.interval if active else self.idle_interval)
 
     def sleep(self, seconds: float) -> None:
-        if seconds in (IDLE_WAIT_S, REPLY_WAIT_S):
-            seconds = min(seconds, self.interval)
+        if seconds == IDLE_WAIT_S:
+            seconds = self.wait_after_empty_pull()
+        elif seconds == REPLY_WAIT_S:
+            self.last_message = _time.monotonic()  # a message is being answered
+            seconds = min(REPLY_WAIT_S, self.interval, self.reply_wait)
+            self.reply_wait = min(2 * self.reply_wait, REPLY_WAIT_S)
         _time.sleep(seconds)
 
     def __getattr__(self, name: str) -> Any:
@@ -83,14 +109,16 @@ def _supernode_module() -> Any:
     return start_client_internal
 
 
-def install_shorter_waits(interval: float) -> None:
-    """Shorten the SuperNode's fixed waits in this process, and its backoff (1 s, 2 s, ... in
-    Flower) for a message part the SuperLink does not have yet (the coordinator pushes a message's
-    head before its arrays) to ``interval / 4`` first, ``interval`` at most."""
+def install_shorter_waits(interval: float, idle_interval: float | None = None) -> _ShorterWaits:
+    """Shorten the SuperNode's fixed waits in this process (:class:`_ShorterWaits`; ``idle_interval``
+    once idle, default ``interval``), and its backoff (1 s, 2 s, ... in Flower) for a message part
+    the SuperLink does not have yet (the coordinator pushes a message's head before its arrays) to
+    ``interval / 4`` first, ``interval`` at most."""
     import functools
 
-    if not 0.01 <= interval <= IDLE_WAIT_S:
-        raise ValueError(f"poll interval must be in 0.01..{IDLE_WAIT_S} s, got {interval}")
+    for wait in (interval, interval if idle_interval is None else idle_interval):
+        if not 0.01 <= wait <= IDLE_WAIT_S:
+            raise ValueError(f"poll interval must be in 0.01..{IDLE_WAIT_S} s, got {wait}")
     module = _supernode_module()
     if getattr(module, "time", None) is not _time:
         raise RuntimeError("this Flower version's SuperNode loop is not the one fedclient patches; start without "
@@ -99,9 +127,11 @@ def install_shorter_waits(interval: float) -> None:
     if not {"initial_backoff", "backoff_cap"} <= set(inspect.signature(pull_objects).parameters):
         raise RuntimeError("this Flower version's pull_objects is not the one fedclient adjusts; start without "
                            "--poll-interval")
-    module.time = _ShorterWaits(interval)  # type: ignore[assignment]
+    waits = _ShorterWaits(interval, idle_interval)
+    module.time = waits  # type: ignore[assignment]
     module.pull_objects = functools.partial(pull_objects, initial_backoff=interval / 4, backoff_cap=interval,
                                             max_tries_per_object=None)  # Flower's 2 h bound still holds
+    return waits
 
 
 HEARTBEAT_RANGE_S = (10.0, 1800.0)  # flwr.common.constant HEARTBEAT_MIN_INTERVAL..MAX_INTERVAL
@@ -162,8 +192,11 @@ def install_app_check(publisher: Any) -> None:
             return fab
 
         try:
-            return original(state, object_store, node_config, receive_noting, get_run_noting, get_fab_verified,
-                            pull_object, confirm_message_received, trusted_entities)
+            run_id = original(state, object_store, node_config, receive_noting, get_run_noting, get_fab_verified,
+                              pull_object, confirm_message_received, trusted_entities)
+            if run_id is not None and isinstance(module.time, _ShorterWaits):
+                module.time.message_seen()
+            return run_id
         except UntrustedApp as err:
             message = received["message"]
             log(logging.ERROR, "fedtune: refusing the app of run %s: %s", message.metadata.run_id, err)
@@ -217,7 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fedclient.supernode_launcher",
                                      description="flower-supernode that runs only signed fedtune apps")
     parser.add_argument("--trusted-publisher", required=True, help="the publisher's Ed25519 public key (PEM)")
-    parser.add_argument("--poll-interval", type=float, default=None, help="shorter fixed waits, in seconds")
+    waits = parser.add_mutually_exclusive_group()
+    waits.add_argument("--poll-interval", type=float, default=None, help="fixed shorter waits, in seconds "
+                       "(default: adaptive, see the module docstring)")
+    waits.add_argument("--flower-waits", action="store_true", help="keep Flower's own waits (3 s idle, 0.5 s reply)")
     parser.add_argument("--heartbeat-interval", type=float, default=None, help="seconds between heartbeats")
     parser.add_argument("arguments", nargs=argparse.REMAINDER, help="-- then flower-supernode's arguments")
     args = parser.parse_args(argv)
@@ -227,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     install_lost_reply_watchdog()
     if args.poll_interval is not None:
         install_shorter_waits(args.poll_interval)
+    elif not args.flower_waits:
+        install_shorter_waits(ACTIVE_POLL_S, idle_interval=IDLE_WAIT_S)
     if args.heartbeat_interval is not None:
         install_heartbeat_interval(args.heartbeat_interval)
     from flwr.supernode.cli.flower_supernode import flower_supernode

@@ -579,6 +579,7 @@ def test_the_supernode_hook_is_pinned_to_the_flower_it_was_written_for() -> None
     assert "while not (reply_messages := state.get_messages(is_reply=True)):" in pushing
     assert "entry.is_retrieved" in inspect.getsource(InMemoryNodeState._store_error_replies)
     assert "_push_messages(" in loop
+    assert "time.sleep(3)" in loop and pushing.count("time.sleep(0.5)") == 2  # the waits _ShorterWaits adapts
     from flwr.client.grpc_rere_client import connection  # where --heartbeat-interval takes effect
     from flwr.supercore import heartbeat
 
@@ -587,6 +588,35 @@ def test_the_supernode_hook_is_pinned_to_the_flower_it_was_written_for() -> None
     from flwr.superlink.grid import http_grid  # where the ServerApp's shorter reply backoff takes effect
 
     assert "all_object_contents = pull_objects(" in inspect.getsource(http_grid.HttpGrid.pull_messages)
+
+
+def test_the_supernodes_adaptive_waits_are_quick_while_active_and_flowers_when_idle(monkeypatch) -> None:
+    """fedclient start's default: 0.2 s between pulls for a minute after a message, Flower's 3 s once
+    idle; the reply polled for from 10 ms, doubling up to the pull wait; a fixed --poll-interval
+    waits the same whether idle or not."""
+    from fedclient import supernode_launcher as launcher
+
+    slept: list[float] = []
+    monkeypatch.setattr(launcher._time, "sleep", slept.append)
+    waits = launcher._ShorterWaits(launcher.ACTIVE_POLL_S, idle_interval=launcher.IDLE_WAIT_S, active_window=60)
+    waits.sleep(launcher.IDLE_WAIT_S)  # idle since it started: Flower's wait
+    waits.message_seen()
+    waits.sleep(launcher.IDLE_WAIT_S)
+    for _ in range(7):
+        waits.sleep(launcher.REPLY_WAIT_S)
+    waits.sleep(1.0)  # any other wait is left alone
+    assert slept == [3.0, 0.2, 0.01, 0.02, 0.04, 0.08, 0.16, 0.2, 0.2, 1.0]
+    waits.message_seen()  # the next message's reply is polled for quickly again
+    waits.sleep(launcher.REPLY_WAIT_S)
+    assert slept[-1] == 0.01
+    waits.last_message -= 61  # a minute without messages: idle again
+    waits.sleep(launcher.IDLE_WAIT_S)
+    assert slept[-1] == 3.0
+    fixed = launcher._ShorterWaits(0.5)
+    fixed.sleep(launcher.IDLE_WAIT_S)
+    assert slept[-1] == 0.5
+    with pytest.raises(ValueError, match="0.01..3.0"):
+        launcher.install_shorter_waits(0.2, idle_interval=5.0)
 
 
 PROBE_APP = b"""[build-system]
