@@ -10,8 +10,8 @@ trains every round, central evaluation on the coordinator):
   re-tokenizes the corpus and re-partitions it;
 - ``cached``: the ClientApp's on-disk cache (fedclient/tasks/cache.py, warm) and ``fedclient
   start``'s SuperExec task poll of 0.1 s, with Flower's own SuperNode waits (``--poll-interval flower``);
-- ``fast-poll``: ``cached`` plus ``fedclient start --poll-interval 0.2`` (the SuperNode's fixed
-  3 s / 0.5 s waits shortened; fedclient/supernode_launcher.py);
+- ``fast-poll``: ``cached`` plus ``fedclient start --poll-interval 0.2`` (the SuperNode's 3 s idle
+  wait fixed at 0.2 s, its 0.5 s reply poll from 10 ms up to 0.2 s; fedclient/supernode_launcher.py);
 - ``runtime``: ``fedclient start``'s defaults: the site runtime (fedclient/runtime.py), which
   answers every message in one long-lived process per site that keeps imports, model and data
   loaded, and adaptive SuperNode waits (0.2 s between pulls for a minute after a message, Flower's

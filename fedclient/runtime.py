@@ -164,6 +164,7 @@ def _connect(socket_path: str) -> socket.socket:
                 raise PermissionError(f"the process at {socket_path} is not this user's; refusing to send it a message")
             return sock
         except PermissionError:
+            sock.close()
             raise
         except OSError:
             sock.close()

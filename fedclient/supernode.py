@@ -80,7 +80,7 @@ def supernode_command(
         waits = ["--flower-waits"]
     elif poll_interval is None:
         waits = []
-    elif isinstance(poll_interval, (int, float)) and 0.01 <= poll_interval <= 3.0:
+    elif isinstance(poll_interval, (int, float)) and not isinstance(poll_interval, bool) and 0.01 <= poll_interval <= 3.0:
         waits = ["--poll-interval", str(poll_interval)]
     else:
         raise ValueError(f"--poll-interval must be in 0.01..3 s or 'flower', got {poll_interval}")

@@ -1,5 +1,5 @@
-"""``flower-supernode`` that runs only signed apps, optionally with shorter fixed waits:
-``python -m fedclient.supernode_launcher --trusted-publisher FILE [--poll-interval S] -- ARGS...``.
+"""``flower-supernode`` that runs only signed apps, with adaptive (default), fixed or Flower's waits:
+``python -m fedclient.supernode_launcher --trusted-publisher FILE [--poll-interval S | --flower-waits] -- ARGS...``.
 
 **App verification** (:mod:`fedclient.app_trust`). Flower 1.39's SuperNode receives a run's FAB in
 ``_pull_and_store_message`` (``flwr/supernode/start_client_internal.py``): it asks the SuperLink for
@@ -20,9 +20,10 @@ of an idle site calling ``PullMessages`` 1/S times per second (keep S ≥ 0.2 be
 sites); ``--flower-waits`` keeps Flower's. Except with ``--flower-waits``, the poll for the reply
 starts at :data:`FIRST_REPLY_WAIT_S` and doubles up to the pull wait (at most Flower's 0.5 s), so a
 quick answer leaves at once (it is a look into the SuperNode's own memory, not a request), and the
-backoff of the SuperNode's object pulls (Flower: 1 s, then 2 s, ... for each message part the
-SuperLink does not hold yet; the coordinator pushes a message's head before its arrays) is S/4
-first and S at most. Measured in ``bench/deployment_latency.py``.
+backoff of the SuperNode's object pulls (Flower: 1 s, then 2 s, ... up to 10 s for each message part
+the SuperLink does not hold yet; the coordinator pushes a message's head before its arrays) is S/4
+first and S at most (adaptive: 0.05 s first, :data:`ADAPTIVE_PULL_BACKOFF_CAP_S` at most): requests
+to the SuperLink only while a message is on its way. Measured in ``bench/deployment_latency.py``.
 
 **Heartbeats.** A SuperNode tells the SuperLink it is alive every ~30 s (Flower's fixed
 ``HEARTBEAT_DEFAULT_INTERVAL``), and the SuperLink declares it gone after two missed intervals
@@ -59,6 +60,7 @@ REPLY_WAIT_S = 0.5  # its poll for the ClientApp's reply
 ACTIVE_POLL_S = 0.2  # adaptive waits: between pulls while the site is active
 ACTIVE_WINDOW_S = 60.0  # ... for this long after its last message
 FIRST_REPLY_WAIT_S = 0.01  # the first poll for a reply; doubling from there
+ADAPTIVE_PULL_BACKOFF_CAP_S = 1.0  # adaptive waits: longest wait for a message part (0.05 s first; Flower: 1 s .. 10 s)
 LOST_REPLY_GRACE_S = 10.0  # after its last ClientApp task finished, a message with no reply is answered as crashed
 PUSH_PARAMETERS = ("state", "object_store", "send", "push_object")
 WRAPPED_PARAMETERS = ("state", "object_store", "node_config", "receive", "get_run", "get_fab", "pull_object",
@@ -109,11 +111,12 @@ def _supernode_module() -> Any:
     return start_client_internal
 
 
-def install_shorter_waits(interval: float, idle_interval: float | None = None) -> _ShorterWaits:
+def install_shorter_waits(interval: float, idle_interval: float | None = None,
+                          pull_backoff_cap: float | None = None) -> _ShorterWaits:
     """Shorten the SuperNode's fixed waits in this process (:class:`_ShorterWaits`; ``idle_interval``
-    once idle, default ``interval``), and its backoff (1 s, 2 s, ... in Flower) for a message part
-    the SuperLink does not have yet (the coordinator pushes a message's head before its arrays) to
-    ``interval / 4`` first, ``interval`` at most."""
+    once idle, default ``interval``), and its backoff (1 s, 2 s, ... up to 10 s in Flower) for a
+    message part the SuperLink does not have yet (the coordinator pushes a message's head before
+    its arrays) to ``interval / 4`` first, ``pull_backoff_cap`` (default ``interval``) at most."""
     import functools
 
     for wait in (interval, interval if idle_interval is None else idle_interval):
@@ -121,15 +124,16 @@ def install_shorter_waits(interval: float, idle_interval: float | None = None) -
             raise ValueError(f"poll interval must be in 0.01..{IDLE_WAIT_S} s, got {wait}")
     module = _supernode_module()
     if getattr(module, "time", None) is not _time:
-        raise RuntimeError("this Flower version's SuperNode loop is not the one fedclient patches; start without "
-                           "--poll-interval")
+        raise RuntimeError("this Flower version's SuperNode loop is not the one fedclient patches; start with "
+                           "--poll-interval flower")
     pull_objects = module.pull_objects
     if not {"initial_backoff", "backoff_cap"} <= set(inspect.signature(pull_objects).parameters):
-        raise RuntimeError("this Flower version's pull_objects is not the one fedclient adjusts; start without "
-                           "--poll-interval")
+        raise RuntimeError("this Flower version's pull_objects is not the one fedclient adjusts; start with "
+                           "--poll-interval flower")
     waits = _ShorterWaits(interval, idle_interval)
     module.time = waits  # type: ignore[assignment]
-    module.pull_objects = functools.partial(pull_objects, initial_backoff=interval / 4, backoff_cap=interval,
+    module.pull_objects = functools.partial(pull_objects, initial_backoff=interval / 4,
+                                            backoff_cap=pull_backoff_cap or interval,
                                             max_tries_per_object=None)  # Flower's 2 h bound still holds
     return waits
 
@@ -241,6 +245,8 @@ def install_lost_reply_watchdog(grace: float = LOST_REPLY_GRACE_S) -> None:
                 state._store_error_replies(run_ids, CLIENT_APP_CRASHED_ERROR)
                 all_finished_since = None
             module.time.sleep(REPLY_WAIT_S)
+        if isinstance(module.time, _ShorterWaits):  # the reply's parts may still be on their way: look soon
+            module.time.reply_wait = FIRST_REPLY_WAIT_S
         return original(state, object_store, send, push_object)
 
     module._push_messages = push_messages_or_answer_lost
@@ -264,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.poll_interval is not None:
         install_shorter_waits(args.poll_interval)
     elif not args.flower_waits:
-        install_shorter_waits(ACTIVE_POLL_S, idle_interval=IDLE_WAIT_S)
+        install_shorter_waits(ACTIVE_POLL_S, idle_interval=IDLE_WAIT_S, pull_backoff_cap=ADAPTIVE_PULL_BACKOFF_CAP_S)
     if args.heartbeat_interval is not None:
         install_heartbeat_interval(args.heartbeat_interval)
     from flwr.supernode.cli.flower_supernode import flower_supernode

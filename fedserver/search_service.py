@@ -119,7 +119,7 @@ def ensure_started(base: pathlib.Path, start: Callable[[], str], *, wait: float 
             try:
                 ask(base, {"op": "ping"}, timeout=10.0)
                 return False
-            except ServiceUnavailable:
+            except (ServiceUnavailable, ServiceLost):
                 pass
             with _held(directory / "service.lock") as free:
                 if free:
@@ -128,12 +128,12 @@ def ensure_started(base: pathlib.Path, start: Callable[[], str], *, wait: float 
                 raise ServiceUnavailable(f"the search service for {base} is ending and did not finish within {wait:.0f} s")
             time.sleep(0.25)
         run_id = start()
-        checked = time.monotonic()
+        checked, deadline = time.monotonic(), time.monotonic() + wait
         while True:
             try:
                 ask(base, {"op": "ping"}, timeout=10.0)
                 return True
-            except ServiceUnavailable:
+            except (ServiceUnavailable, ServiceLost):
                 pass
             if time.monotonic() - checked > RUN_CHECK_S:  # asking Flower is a process of its own: not often
                 checked = time.monotonic()
@@ -176,6 +176,7 @@ class SearchService:
         self.epochs: dict[str, Any] = {}  # backend name -> the KeyEpoch in use
         self.queries = 0
         self.started = time.time()
+        self.stopping = threading.Event()
 
     def _epoch(self, backend: str) -> tuple[Any, bool]:
         from fedserver.search import EPOCHS, current_epoch
@@ -259,6 +260,7 @@ class SearchService:
                     except Exception as err:  # noqa: BLE001 (one request must not end the service)
                         log(WARNING, "search service: a request failed (%s)", type(err).__name__)
             finally:
+                self.stopping.set()
                 listener.close()
                 path.unlink(missing_ok=True)
                 while True:  # queued queries are not started once the service ends
@@ -314,6 +316,9 @@ class SearchService:
         while (item := pending.get()) is not None:
             busy.set()
             try:
+                if self.stopping.is_set():  # taken from the queue just as the service began to end
+                    _answer_and_close(item[0], {"ok": False, "error": "the search service is ending; ask again"})
+                    continue
                 _answer_and_close(item[0], self.answer_search(item[1]))
             finally:
                 del item  # the query's text goes with its request

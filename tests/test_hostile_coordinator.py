@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -579,7 +580,8 @@ def test_the_supernode_hook_is_pinned_to_the_flower_it_was_written_for() -> None
     assert "while not (reply_messages := state.get_messages(is_reply=True)):" in pushing
     assert "entry.is_retrieved" in inspect.getsource(InMemoryNodeState._store_error_replies)
     assert "_push_messages(" in loop
-    assert "time.sleep(3)" in loop and pushing.count("time.sleep(0.5)") == 2  # the waits _ShorterWaits adapts
+    assert "time.sleep(3)" in loop and pushing.count("time.sleep(0.5)") == 2  # the waits _ShorterWaits adapts,
+    assert len(re.findall(r"\btime\.\w+\(", inspect.getsource(start_client_internal))) == 3  # and no other
     from flwr.client.grpc_rere_client import connection  # where --heartbeat-interval takes effect
     from flwr.supercore import heartbeat
 
@@ -596,8 +598,10 @@ def test_the_supernodes_adaptive_waits_are_quick_while_active_and_flowers_when_i
     waits the same whether idle or not."""
     from fedclient import supernode_launcher as launcher
 
+    import types
+
     slept: list[float] = []
-    monkeypatch.setattr(launcher._time, "sleep", slept.append)
+    monkeypatch.setattr(launcher, "_time", types.SimpleNamespace(sleep=slept.append, monotonic=time.monotonic))
     waits = launcher._ShorterWaits(launcher.ACTIVE_POLL_S, idle_interval=launcher.IDLE_WAIT_S, active_window=60)
     waits.sleep(launcher.IDLE_WAIT_S)  # idle since it started: Flower's wait
     waits.message_seen()
