@@ -73,6 +73,7 @@ from flwr.proto.message_pb2 import Message as ProtoMessage
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from fedclient.owner_socket import SocketClosed, private_directory, receive_frame, same_user, send_frames
+from fedclient.owner_socket import connect as owner_connect
 from fedclient.owner_socket import socket_path as owner_socket_path
 
 SOCKET_NAME = "runtime.sock"
@@ -155,19 +156,11 @@ def _connect(socket_path: str) -> socket.socket:
     for :data:`RESTART_WAIT_S`; with no runtime at all, fail at once."""
     deadline = time.monotonic() + RESTART_WAIT_S
     while True:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(CONNECT_TIMEOUT_S)
         try:
-            sock.connect(socket_path)
-            if not same_user(sock):
-                sock.close()
-                raise PermissionError(f"the process at {socket_path} is not this user's; refusing to send it a message")
-            return sock
+            return owner_connect(socket_path, CONNECT_TIMEOUT_S)  # PermissionError: not this user's process
         except PermissionError:
-            sock.close()
             raise
         except OSError:
-            sock.close()
             coming = os.path.exists(socket_path) or _runtime_holds_lock(lock_path(socket_path))
             if not coming or time.monotonic() > deadline:
                 raise
@@ -188,11 +181,7 @@ def _runtime_holds_lock(lock: pathlib.Path) -> bool:
 def runtime_status(socket_path: str) -> dict[str, Any]:
     """What the runtime at ``socket_path`` reports of itself (raises RuntimeUnavailable)."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(CONNECT_TIMEOUT_S)
-            sock.connect(socket_path)
-            if not same_user(sock):
-                raise PermissionError(f"the process at {socket_path} is not this user's")
+        with owner_connect(socket_path, CONNECT_TIMEOUT_S) as sock:
             send_frames(sock, b"status")
             return json.loads(_receive(sock))
     except OSError as err:

@@ -59,7 +59,6 @@ MAX_WAITING = 32  # queries queued behind the one in progress
 REQUEST_WAIT_S = 5.0  # how long a connection may take to send its request
 RUN_CHECK_S = 3.0  # how often a first search asks Flower whether the service's run has ended
 START_WAIT_S = 300.0  # how long a first search waits for the service it started (a ServerApp start, MiniLM)
-DEFAULT_IDLE_S = 1800.0
 EPOCH_RENEWAL_MARGIN_S = 600.0  # KeyEpoch.current's margin: an epoch this close to expiry is renewed
 
 
