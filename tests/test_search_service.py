@@ -195,3 +195,16 @@ def test_concurrent_first_searches_start_one_service_and_a_failed_start_is_named
 
     with pytest.raises(ServiceUnavailable, match="run 7 ended before it answered: finished:failed"):
         ensure_started(base, lambda: "7", failed=lambda run: "finished:failed", wait=30)
+
+
+def test_what_a_site_writes_into_a_search_reply_is_cut_to_a_bound(flower_identity) -> None:
+    """A hostile site's error text or refusal is recorded and answered at most MAX_SITE_TEXT long."""
+    from flwr.app import Error, Message, RecordDict
+
+    from fedclient.wire import refusal_record
+    from fedserver.search import MAX_SITE_TEXT, _reason
+
+    asked = Message(RecordDict(), dst_node_id=5, message_type="query.search")
+    assert _reason(Message(refusal_record("x" * 100_000), reply_to=asked)) == "x" * MAX_SITE_TEXT
+    failed = _reason(Message(Error(0, "y" * 100_000), reply_to=asked))
+    assert failed.startswith("0: y") and len(failed) == MAX_SITE_TEXT
