@@ -1,0 +1,620 @@
+r"""Secure aggregation: the coordinator learns the sum of the sites' vectors and nothing else.
+
+Bonawitz, Ivanov, Kreuter, Marcedone, McMahan, Patel, Ramage, Segal, Seth, "Practical Secure
+Aggregation for Privacy-Preserving Machine Learning", CCS 2017 (arXiv 1611.04482), §4 (the
+protocol) with the signatures of its active-adversary variant on the advertised keys. One
+aggregation is four exchanges between the coordinator (:class:`SecAggCoordinator`) and each site
+(:class:`SecAggSite`):
+
+0. **Advertise keys.** Site :math:`u` draws two X25519 key pairs for this aggregation only,
+   :math:`(c_u^{pk}, c_u^{sk})` (to encrypt shares) and :math:`(s_u^{pk}, s_u^{sk})` (to agree
+   masks), and signs :math:`(\text{session}, u, c_u^{pk}, s_u^{pk}, \text{layout}_u)` with its
+   identity key (its enrolled key at a real site). The *layout* names the vectors the site will
+   send and their lengths, so that masks can be per vector ("key") and partial replies still sum.
+   The coordinator keeps the set :math:`U_1` of sites that answered.
+1. **Share keys.** Every site checks every signature in the roster, draws a self-mask seed
+   :math:`b_u`, Shamir-shares :math:`s_u^{sk}` and :math:`b_u` with threshold :math:`t` among
+   :math:`U_1`, and sends share :math:`j` to site :math:`v` encrypted with AES-256-GCM under
+   :math:`\mathrm{HKDF}(\mathrm{X25519}(c_u^{sk}, c_v^{pk}))`, the session, :math:`u` and :math:`v`
+   bound as associated data (a share moved to another pair, round or run fails to decrypt). It
+   also commits to :math:`b_u` (SHA-256). The coordinator keeps the set :math:`U_2` of senders.
+2. **Masked input.** Site :math:`u` sends, per vector :math:`k` of its layout, in
+   :math:`\mathbb Z_{2^m}`,
+
+   .. math:: y_{u,k} = x_{u,k} + \mathrm{PRG}(b_u, k)
+             + \sum_{v \in U_2,\, v > u,\, k \in v} \mathrm{PRG}(s_{u,v}, k)
+             - \sum_{v \in U_2,\, v < u,\, k \in v} \mathrm{PRG}(s_{u,v}, k),
+
+   :math:`s_{u,v} = \mathrm{HKDF}(\mathrm{X25519}(s_u^{sk}, s_v^{pk}))`, PRG = AES-256-CTR keyed by
+   HKDF of the seed and the vector's name. One site's :math:`y_u` is uniform over
+   :math:`\mathbb Z_{2^m}` to anyone without its seeds. The coordinator keeps the senders
+   :math:`U_3` and sums their :math:`y`.
+3. **Unmask.** The coordinator asks the sites of :math:`U_3` for their shares of :math:`b_u` for
+   :math:`u \in U_3` and of :math:`s_u^{sk}` for :math:`u \in U_2 \setminus U_3` (dropped after
+   sharing, before masking). A site answers once per aggregation and refuses a request in which a
+   site is asked for both kinds of share, in which it is itself listed as dropped, which is not a
+   partition of :math:`U_2`, or which leaves fewer than :math:`t` survivors: with both of a
+   site's seeds the coordinator could unmask that site's own vector. From any :math:`t` answers the
+   coordinator rebuilds each :math:`b_u` (checked against its commitment) and each dropped
+   :math:`s_u^{sk}` (checked against :math:`s_u^{pk}`), removes the self-masks and the pairwise
+   masks the survivors still hold with dropped sites, and keeps :math:`\sum_{u \in U_3} x_u`.
+
+Up to :math:`|U_2| - t` sites may drop after sharing; :math:`t` defaults to a majority of
+:math:`U_1` and a site's own policy sets the least :math:`t` and the fewest sites it masks with.
+
+**Fixed point** (:class:`FixedPoint`). Values are scaled by :math:`s` and rounded *stochastically*
+(:math:`\lfloor xs + U \rfloor`, unbiased) into :math:`\mathbb Z_{2^m}` (two's complement);
+:meth:`FixedPoint.sized` picks the largest power-of-two :math:`s` such that the sum of ``sites``
+vectors with entries in :math:`[-B, B]` (plus any noise margin) cannot wrap. The integer sum is
+exact: decoding the unmasked sum gives :math:`\sum_u \mathrm{round}(x_u s)/s`.
+
+**Trust.** The coordinator relays the roster; a site trusts an identity key in it only as far as
+its ``verify_peer`` callback says (a real site: the enrolled keys, or the keys its policy pins).
+Secrets never leave the site unencrypted except the shares the unmask step asks for. This module
+is pure (``cryptography``, numpy); the Flower messages are in :mod:`fedserver.strategy` and
+:mod:`fedclient.local`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+PROTOCOL = b"fedtune-secagg/v1"
+FIELD_PRIME = 2**521 - 1
+"""Shamir's field: a Mersenne prime above every 32-byte secret."""
+MAX_BITS = 62
+"""The largest modulus exponent: sums stay exact in uint64 arithmetic."""
+MAX_SITES = 10_000
+
+
+class SecAggError(ValueError):
+    """A secure-aggregation message that cannot be accepted; the message says which and why."""
+
+
+class SecAggRefusal(SecAggError):
+    """A site refuses a coordinator's request that could reveal what secure aggregation hides."""
+
+
+# ---- fixed-point encoding ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FixedPoint:
+    """Values :math:`x` as integers :math:`\\lfloor x\\cdot\\text{scale} + U\\rfloor \\bmod 2^{\\text{bits}}`."""
+
+    bits: int
+    scale: float
+
+    def __post_init__(self) -> None:
+        if not 8 <= self.bits <= MAX_BITS:
+            raise SecAggError(f"secure aggregation's modulus must be 2^8..2^{MAX_BITS}, got 2^{self.bits}")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise SecAggError(f"fixed-point scale must be positive and finite, got {self.scale}")
+
+    @classmethod
+    def sized(cls, sites: int, bound: float, bits: int = 32, margin: float = 0.0) -> FixedPoint:
+        """The finest power-of-two scale at which ``sites`` vectors with entries in ``[-bound, bound]``,
+        plus ``margin`` (e.g. a multiple of the summed noise's standard deviation, in value units),
+        sum without wrapping around ``2^bits`` (one bit for the sign, one for the rounding)."""
+        if sites < 1 or not (bound > 0 and math.isfinite(bound)) or margin < 0:
+            raise SecAggError(f"cannot size a modulus for {sites} sites, bound {bound}, margin {margin}")
+        room = 2 ** (bits - 1) - 1 - sites  # each site's rounding adds at most 1
+        if room <= 0:
+            raise SecAggError(f"2^{bits} is too small for {sites} sites; use more bits")
+        exponent = math.floor(math.log2(room / (sites * bound + margin)))
+        return cls(bits, math.ldexp(1.0, exponent))
+
+    @property
+    def modulus(self) -> int:
+        return 1 << self.bits
+
+    @property
+    def wire_dtype(self) -> np.dtype:
+        return np.dtype(np.uint32) if self.bits <= 32 else np.dtype(np.uint64)
+
+    def encode(self, values: np.ndarray, rng: np.random.Generator, bound: float | None = None) -> np.ndarray:
+        """``values`` (clipped to ``[-bound, bound]`` when given) as uint64 residues, rounded stochastically."""
+        x = np.asarray(values, dtype=np.float64).reshape(-1)
+        if not np.isfinite(x).all():
+            raise SecAggError("cannot encode NaN or infinite values")
+        if bound is not None:
+            x = np.clip(x, -bound, bound)
+        scaled = x * self.scale
+        integers = np.floor(scaled + rng.random(scaled.shape)).astype(np.int64)
+        return self.reduce(integers.view(np.uint64))
+
+    def encode_integers(self, values: np.ndarray) -> np.ndarray:
+        """Integers already in fixed point (e.g. noised), as residues."""
+        return self.reduce(np.asarray(values, dtype=np.int64).reshape(-1).view(np.uint64))
+
+    def reduce(self, residues: np.ndarray) -> np.ndarray:
+        return np.bitwise_and(residues, np.uint64(self.modulus - 1))
+
+    def decode(self, residues: np.ndarray) -> np.ndarray:
+        """Signed integers from residues (two's complement in ``bits``), divided by the scale."""
+        return self.signed(residues).astype(np.float64) / self.scale
+
+    def signed(self, residues: np.ndarray) -> np.ndarray:
+        r = self.reduce(np.asarray(residues, dtype=np.uint64)).astype(np.int64)
+        return np.where(r >= (1 << (self.bits - 1)), r - self.modulus, r)
+
+
+# ---- primitives ----------------------------------------------------------------------------------
+def _hkdf(secret: bytes, info: bytes, length: int = 32) -> bytes:
+    return HKDF(hashes.SHA256(), length, salt=PROTOCOL, info=info).derive(secret)
+
+
+def mask_stream(seed: bytes, label: str, count: int, fixed: FixedPoint) -> np.ndarray:
+    """``count`` pseudo-random residues mod ``2^bits``: AES-256-CTR keyed by HKDF(seed, label)."""
+    key = _hkdf(seed, b"mask|" + label.encode())
+    width = 4 if fixed.bits <= 32 else 8
+    stream = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor().update(b"\0" * (width * count))
+    values = np.frombuffer(stream, dtype=np.uint32 if width == 4 else np.uint64).astype(np.uint64)
+    return fixed.reduce(values)
+
+
+def shamir_split(secret: int, threshold: int, holders: Sequence[int]) -> dict[int, int]:
+    """Shares :math:`f(x_j)` of a random polynomial of degree ``threshold - 1`` with :math:`f(0)` =
+    ``secret`` over GF(2^521 − 1), one per holder :math:`x_j` (distinct, non-zero)."""
+    if not 0 <= secret < FIELD_PRIME:
+        raise SecAggError("a Shamir secret must lie in the field")
+    if not 1 <= threshold <= len(holders) or len(set(holders)) != len(holders) or 0 in holders:
+        raise SecAggError(f"cannot share with threshold {threshold} among {len(holders)} holders")
+    coefficients = [secret] + [secrets.randbelow(FIELD_PRIME) for _ in range(threshold - 1)]
+
+    def f(x: int) -> int:
+        y = 0
+        for c in reversed(coefficients):
+            y = (y * x + c) % FIELD_PRIME
+        return y
+
+    return {x: f(x) for x in holders}
+
+
+def shamir_combine(shares: Mapping[int, int]) -> int:
+    """:math:`f(0)` by Lagrange interpolation from ``shares`` (exactly ``threshold`` of them give the
+    secret; a wrong share gives a wrong value, which callers check against a commitment)."""
+    points = list(shares.items())
+    secret = 0
+    for i, (xi, yi) in enumerate(points):
+        numerator, denominator = 1, 1
+        for j, (xj, _) in enumerate(points):
+            if i != j:
+                numerator = numerator * (-xj) % FIELD_PRIME
+                denominator = denominator * (xi - xj) % FIELD_PRIME
+        secret = (secret + yi * numerator * pow(denominator, -1, FIELD_PRIME)) % FIELD_PRIME
+    return secret
+
+
+def session_id(run: str, server_round: int, phase: str = "train") -> bytes:
+    """What binds every signature, share and mask of one aggregation: the run, round and phase."""
+    return hashlib.sha256(b"|".join([PROTOCOL, run.encode(), str(int(server_round)).encode(),
+                                     phase.encode()])).digest()
+
+
+def _raw(key: X25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def _raw_private(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                             serialization.NoEncryption())
+
+
+def _x25519_public(data: bytes, what: str) -> X25519PublicKey:
+    try:
+        return X25519PublicKey.from_public_bytes(bytes(data))
+    except ValueError as err:
+        raise SecAggError(f"{what} is not an X25519 public key") from err
+
+
+def identity_public_bytes(key: Ed25519PrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
+    """A site identity key's public half as DER (SubjectPublicKeyInfo): Ed25519 or ECDSA."""
+    return key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def identity_sign(key: Ed25519PrivateKey | ec.EllipticCurvePrivateKey, data: bytes) -> bytes:
+    if isinstance(key, Ed25519PrivateKey):
+        return key.sign(data)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(data, ec.ECDSA(hashes.SHA256()))
+    raise SecAggError(f"a site identity key must be Ed25519 or ECDSA, not {type(key).__name__}")
+
+
+def identity_verifies(public_der: bytes, signature: bytes, data: bytes) -> bool:
+    try:
+        key = serialization.load_der_public_key(bytes(public_der))
+        if isinstance(key, Ed25519PublicKey):
+            key.verify(bytes(signature), data)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(bytes(signature), data, ec.ECDSA(hashes.SHA256()))
+        else:
+            return False
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
+# ---- messages ------------------------------------------------------------------------------------
+Layout = dict[str, int]
+"""The vectors a site sends: name → number of entries."""
+
+
+@dataclass(frozen=True)
+class Advertisement:
+    """Step 0: a site's per-aggregation public keys and layout, signed by its identity key."""
+
+    site: int
+    encryption_key: bytes  # c_u^pk
+    mask_key: bytes  # s_u^pk
+    layout: Layout
+    identity: bytes  # DER public key
+    signature: bytes
+
+    def signed_bytes(self, session: bytes) -> bytes:
+        return b"|".join([PROTOCOL, b"advertise", session, str(self.site).encode(), self.encryption_key,
+                          self.mask_key, json.dumps(self.layout, sort_keys=True).encode(), self.identity])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"site": self.site, "encryption-key": self.encryption_key, "mask-key": self.mask_key,
+                "layout": json.dumps(self.layout, sort_keys=True), "identity": self.identity,
+                "signature": self.signature}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Advertisement:
+        try:
+            layout = json.loads(data["layout"])
+            if not isinstance(layout, dict) or not all(isinstance(k, str) and type(v) is int and 0 < v <= 2**31
+                                                       for k, v in layout.items()):
+                raise SecAggError("a layout maps vector names to positive lengths")
+            return cls(int(data["site"]), bytes(data["encryption-key"]), bytes(data["mask-key"]), layout,
+                       bytes(data["identity"]), bytes(data["signature"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise SecAggError(f"malformed key advertisement ({type(err).__name__}: {str(err)[:80]})") from None
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Step 3: whose self-mask seeds (``survivors``) and whose mask keys (``dropped``) to reveal."""
+
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+
+
+# ---- the site's half -----------------------------------------------------------------------------
+PeerCheck = Callable[[int, bytes], bool]
+"""``verify_peer(site, identity_der)``: whether this site trusts ``identity_der`` as ``site``'s key."""
+
+
+class SecAggSite:
+    """One site's side of one aggregation (module docstring), a state machine that accepts each
+    step once and in order; every refusal raises :class:`SecAggRefusal` naming what was wrong."""
+
+    STEPS = ("new", "advertised", "shared", "masked", "unmasked")
+
+    def __init__(self, site: int, identity_key: Ed25519PrivateKey | ec.EllipticCurvePrivateKey, session: bytes,
+                 *, verify_peer: PeerCheck, min_threshold: int = 2, min_sites: int = 2) -> None:
+        self.site, self.identity_key, self.session = int(site), identity_key, bytes(session)
+        self.verify_peer, self.min_threshold, self.min_sites = verify_peer, int(min_threshold), int(min_sites)
+        self.step = "new"
+        self._encryption = X25519PrivateKey.generate()
+        self._masking = X25519PrivateKey.generate()
+        self._self_seed = os.urandom(32)
+        self.layout: Layout = {}
+        self.roster: dict[int, Advertisement] = {}
+        self.threshold = 0
+        self.received: dict[int, tuple[int, int]] = {}  # sender -> (its mask-key share, its self-seed share)
+        self.own_shares: tuple[int, int] = (0, 0)
+        self.masked_with: tuple[int, ...] = ()
+
+    def _advance(self, expected: str, to: str) -> None:
+        if self.step != expected:
+            raise SecAggRefusal(f"secure aggregation: a '{to}' request arrived at step '{self.step}' "
+                                "(each step is answered once, in order; a replayed or out-of-order request)")
+        self.step = to
+
+    # step 0
+    def advertise(self, layout: Mapping[str, int]) -> Advertisement:
+        self._advance("new", "advertised")
+        self.layout = {str(k): int(v) for k, v in layout.items()}
+        unsigned = Advertisement(self.site, _raw(self._encryption.public_key()), _raw(self._masking.public_key()),
+                                 self.layout, identity_public_bytes(self.identity_key), b"")
+        return Advertisement(**{**unsigned.__dict__,
+                                "signature": identity_sign(self.identity_key, unsigned.signed_bytes(self.session))})
+
+    # step 1
+    def share_keys(self, roster: Iterable[Advertisement], threshold: int) -> tuple[dict[int, bytes], bytes]:
+        """Encrypted shares for every other site of the roster, and the commitment to the self-mask seed."""
+        self._advance("advertised", "shared")
+        ads = list(roster)
+        by_site = {ad.site: ad for ad in ads}
+        if len(by_site) != len(ads):
+            raise SecAggRefusal("secure aggregation: the roster names a site twice")
+        if len({ad.mask_key for ad in ads}) != len(ads) or len({ad.encryption_key for ad in ads}) != len(ads):
+            raise SecAggRefusal("secure aggregation: two sites of the roster advertise the same key")
+        mine = by_site.get(self.site)
+        if mine is None or mine.encryption_key != _raw(self._encryption.public_key()) \
+                or mine.mask_key != _raw(self._masking.public_key()) or mine.layout != self.layout:
+            raise SecAggRefusal("secure aggregation: the roster does not hold this site's own advertisement")
+        if len(ads) < self.min_sites:
+            raise SecAggRefusal(f"secure aggregation: {len(ads)} sites in the roster, this site's policy "
+                                f"masks only among at least {self.min_sites}")
+        if not max(self.min_threshold, 2) <= threshold <= len(ads):
+            raise SecAggRefusal(f"secure aggregation: threshold {threshold} for {len(ads)} sites; this site's "
+                                f"policy needs at least {self.min_threshold}")
+        for ad in ads:
+            if ad.site <= 0:
+                raise SecAggRefusal("secure aggregation: site ids must be positive")
+            if not identity_verifies(ad.identity, ad.signature, ad.signed_bytes(self.session)):
+                raise SecAggRefusal(f"secure aggregation: site {ad.site}'s key advertisement is not signed by "
+                                    "the identity key it names (tampered or replayed from another round)")
+            if ad.site != self.site and not self.verify_peer(ad.site, ad.identity):
+                raise SecAggRefusal(f"secure aggregation: site {ad.site}'s identity key is not one this site trusts")
+            _x25519_public(ad.encryption_key, f"site {ad.site}'s encryption key")
+            _x25519_public(ad.mask_key, f"site {ad.site}'s mask key")
+        self.roster, self.threshold = by_site, int(threshold)
+        holders = self._share_points()
+        mask_shares = shamir_split(int.from_bytes(_raw_private(self._masking), "big"), threshold, list(holders.values()))
+        seed_shares = shamir_split(int.from_bytes(self._self_seed, "big"), threshold, list(holders.values()))
+        ciphertexts = {}
+        for peer, x in holders.items():
+            if peer == self.site:
+                self.own_shares = (mask_shares[x], seed_shares[x])
+                continue
+            plaintext = json.dumps({"mask-key": hex(mask_shares[x]), "self-seed": hex(seed_shares[x])}).encode()
+            nonce = os.urandom(12)
+            ciphertexts[peer] = nonce + AESGCM(self._share_key(peer)).encrypt(
+                nonce, plaintext, self._share_context(self.site, peer))
+        return ciphertexts, self_seed_commitment(self._self_seed, self.site, self.session)
+
+    def _share_points(self) -> dict[int, int]:
+        return {site: index + 1 for index, site in enumerate(sorted(self.roster))}
+
+    def _share_key(self, peer: int) -> bytes:
+        agreed = self._encryption.exchange(_x25519_public(self.roster[peer].encryption_key, "encryption key"))
+        return _hkdf(agreed, b"share-key|" + self.session)
+
+    def _share_context(self, sender: int, receiver: int) -> bytes:
+        return b"|".join([PROTOCOL, b"share", self.session, str(sender).encode(), str(receiver).encode()])
+
+    # step 2
+    def masked_input(self, shares: Mapping[int, bytes], sharers: Iterable[int],
+                     vectors: Mapping[str, np.ndarray], fixed: FixedPoint) -> dict[str, np.ndarray]:
+        """This site's masked vectors (``vectors`` already encoded as residues of ``fixed``)."""
+        self._advance("shared", "masked")
+        sharers = tuple(sorted(set(int(s) for s in sharers)))
+        if self.site not in sharers or not set(sharers) <= set(self.roster):
+            raise SecAggRefusal("secure aggregation: the sharing sites must be sites of the roster, this one included")
+        if len(sharers) < self.threshold:
+            raise SecAggRefusal(f"secure aggregation: only {len(sharers)} sites shared their keys, fewer than the "
+                                f"threshold {self.threshold}")
+        if set(shares) != set(sharers) - {self.site}:
+            raise SecAggRefusal("secure aggregation: the shares relayed are not one from each sharing site")
+        for sender, ciphertext in shares.items():
+            self.received[sender] = self._open_share(sender, bytes(ciphertext))
+        if set(vectors) != set(self.layout) or any(np.asarray(vectors[k]).size != n for k, n in self.layout.items()):
+            raise SecAggError("the vectors to mask do not match the layout this site advertised")
+        self.masked_with = sharers
+        masked = {}
+        for name, count in self.layout.items():
+            y = fixed.reduce(np.asarray(vectors[name], dtype=np.uint64).reshape(-1) + mask_stream(self._self_seed, name, count, fixed))
+            for peer in sharers:
+                if peer == self.site or name not in self.roster[peer].layout:
+                    continue
+                stream = mask_stream(self.pair_seed(self._masking, self.roster[peer].mask_key, self.site, peer,
+                                                    self.session), name, count, fixed)
+                y = fixed.reduce(y + stream if self.site < peer else y - stream)
+            masked[name] = y.astype(fixed.wire_dtype)
+        return masked
+
+    @staticmethod
+    def pair_seed(private: X25519PrivateKey, peer_public: bytes, site: int, peer: int, session: bytes) -> bytes:
+        """:math:`s_{u,v}`: the same bytes at both ends of the pair."""
+        agreed = private.exchange(_x25519_public(peer_public, "mask key"))
+        low, high = sorted((site, peer))
+        return _hkdf(agreed, b"|".join([b"pair-seed", session, str(low).encode(), str(high).encode()]))
+
+    def _open_share(self, sender: int, ciphertext: bytes) -> tuple[int, int]:
+        if sender not in self.roster or sender == self.site:
+            raise SecAggRefusal(f"secure aggregation: a share from site {sender}, which is not another roster site")
+        try:
+            plaintext = AESGCM(self._share_key(sender)).decrypt(ciphertext[:12], ciphertext[12:],
+                                                               self._share_context(sender, self.site))
+            data = json.loads(plaintext)
+            return int(data["mask-key"], 16), int(data["self-seed"], 16)
+        except (InvalidTag, ValueError, KeyError, TypeError):
+            raise SecAggRefusal(f"secure aggregation: the share from site {sender} does not decrypt "
+                                "(tampered, or not meant for this site, round or run)") from None
+
+    # step 3
+    def unmask(self, request: UnmaskRequest) -> dict[str, dict[int, int]]:
+        """The shares the coordinator may have: of the survivors' self-mask seeds and of the dropped
+        sites' mask keys (never both for one site)."""
+        self._advance("masked", "unmasked")
+        survivors, dropped = set(request.survivors), set(request.dropped)
+        if survivors & dropped:
+            raise SecAggRefusal(f"secure aggregation: the coordinator asked for both the self-mask and the "
+                                f"mask-key shares of site(s) {sorted(survivors & dropped)}; refused")
+        if survivors | dropped != set(self.masked_with) or len(survivors) + len(dropped) != len(self.masked_with):
+            raise SecAggRefusal("secure aggregation: the unmask request is not a split of the sites that shared keys")
+        if self.site not in survivors:
+            raise SecAggRefusal("secure aggregation: the unmask request lists this site as dropped")
+        if len(survivors) < self.threshold:
+            raise SecAggRefusal(f"secure aggregation: {len(survivors)} survivors, fewer than the threshold "
+                                f"{self.threshold}")
+        shares = {**self.received, self.site: self.own_shares}
+        return {"self-seed": {u: shares[u][1] for u in survivors},
+                "mask-key": {u: shares[u][0] for u in dropped}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"site": self.site, "session": self.session, "step": self.step,
+                "encryption": _raw_private(self._encryption), "masking": _raw_private(self._masking),
+                "self-seed": self._self_seed, "layout": dict(self.layout),
+                "roster": {s: ad.to_dict() for s, ad in self.roster.items()}, "threshold": self.threshold,
+                "received": {s: list(v) for s, v in self.received.items()}, "own-shares": list(self.own_shares),
+                "masked-with": list(self.masked_with)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if int(state["site"]) != self.site or bytes(state["session"]) != self.session:
+            raise SecAggError("this state belongs to another site or aggregation")
+        self.step = str(state["step"])
+        self._encryption = X25519PrivateKey.from_private_bytes(bytes(state["encryption"]))
+        self._masking = X25519PrivateKey.from_private_bytes(bytes(state["masking"]))
+        self._self_seed = bytes(state["self-seed"])
+        self.layout = {str(k): int(v) for k, v in state["layout"].items()}
+        self.roster = {int(s): Advertisement.from_dict(ad) for s, ad in state["roster"].items()}
+        self.threshold = int(state["threshold"])
+        self.received = {int(s): (int(v[0]), int(v[1])) for s, v in state["received"].items()}
+        self.own_shares = (int(state["own-shares"][0]), int(state["own-shares"][1]))
+        self.masked_with = tuple(int(s) for s in state["masked-with"])
+
+
+def self_seed_commitment(seed: bytes, site: int, session: bytes) -> bytes:
+    return hashlib.sha256(b"|".join([PROTOCOL, b"self-seed", session, str(site).encode(), seed])).digest()
+
+
+# ---- the coordinator's half ----------------------------------------------------------------------
+@dataclass
+class SecAggCoordinator:
+    """The coordinator's side of one aggregation: collects, relays and unmasks; sees only the sum.
+
+    Call in order: :meth:`add_advertisement` for each reply, :meth:`roster`; :meth:`add_shares`,
+    :meth:`shares_for`; :meth:`add_masked_input`; :meth:`unmask_request`; :meth:`add_unmask_reply`;
+    :meth:`result`. A site whose message is malformed is dropped with the reason in ``rejected``.
+    """
+
+    session: bytes
+    fixed: FixedPoint
+    threshold: int = 0  # 0: a majority of the roster
+    advertisements: dict[int, Advertisement] = field(default_factory=dict)
+    shares: dict[int, dict[int, bytes]] = field(default_factory=dict)  # sender -> receiver -> ciphertext
+    commitments: dict[int, bytes] = field(default_factory=dict)
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    masked_from: set[int] = field(default_factory=set)
+    answers: dict[int, dict[str, dict[int, int]]] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
+
+    def add_advertisement(self, ad: Advertisement) -> None:
+        if ad.site in self.advertisements:
+            raise SecAggError(f"site {ad.site} advertised twice")
+        if not identity_verifies(ad.identity, ad.signature, ad.signed_bytes(self.session)):
+            raise SecAggError(f"site {ad.site}'s key advertisement has a bad signature")
+        self.advertisements[ad.site] = ad
+
+    def roster(self) -> tuple[list[Advertisement], int]:
+        count = len(self.advertisements)
+        threshold = self.threshold or count // 2 + 1
+        if count < 2 or threshold > count:
+            raise SecAggError(f"secure aggregation needs at least {max(2, threshold)} sites; {count} advertised keys")
+        self.threshold = threshold
+        return [self.advertisements[s] for s in sorted(self.advertisements)], threshold
+
+    def add_shares(self, site: int, ciphertexts: Mapping[int, bytes], commitment: bytes) -> None:
+        expected = set(self.advertisements) - {site}
+        if site not in self.advertisements or set(ciphertexts) != expected or len(commitment) != 32:
+            raise SecAggError(f"site {site}'s shares are not one for each other site of the roster")
+        self.shares[site], self.commitments[site] = dict(ciphertexts), bytes(commitment)
+
+    def sharers(self) -> list[int]:
+        if len(self.shares) < self.threshold:
+            raise SecAggError(f"only {len(self.shares)} sites shared their keys; secure aggregation needs "
+                              f"{self.threshold}")
+        return sorted(self.shares)
+
+    def shares_for(self, site: int) -> dict[int, bytes]:
+        return {sender: by_receiver[site] for sender, by_receiver in self.shares.items() if sender != site}
+
+    def add_masked_input(self, site: int, vectors: Mapping[str, np.ndarray]) -> None:
+        """Fold one site's masked vectors into the running sums (checked whole first)."""
+        if site not in self.shares or site in self.masked_from:
+            raise SecAggError(f"site {site} sent a masked input it was not asked for")
+        layout = self.advertisements[site].layout
+        if set(vectors) != set(layout):
+            raise SecAggError(f"site {site}'s masked input does not match the layout it advertised")
+        for name, count in layout.items():
+            v = np.asarray(vectors[name])
+            if v.dtype != self.fixed.wire_dtype or v.size != count:
+                raise SecAggError(f"site {site}'s masked '{name[:80]}' is not {count} {self.fixed.wire_dtype} residues")
+        for name in layout:
+            folded = np.asarray(vectors[name], dtype=np.uint64).reshape(-1)
+            self.sums[name] = self.fixed.reduce(self.sums[name] + folded) if name in self.sums else self.fixed.reduce(folded)
+        self.masked_from.add(site)
+
+    def unmask_request(self) -> UnmaskRequest:
+        survivors = tuple(sorted(self.masked_from))
+        if len(survivors) < self.threshold:
+            raise SecAggError(f"only {len(survivors)} sites sent masked inputs; secure aggregation needs "
+                              f"{self.threshold} to unmask")
+        return UnmaskRequest(survivors, tuple(sorted(set(self.shares) - self.masked_from)))
+
+    def add_unmask_reply(self, site: int, answer: Mapping[str, Mapping[int, int]]) -> None:
+        request = self.unmask_request()
+        if site not in request.survivors or site in self.answers:
+            raise SecAggError(f"site {site} sent unmask shares it was not asked for")
+        try:
+            seeds = {int(u): int(v) for u, v in answer["self-seed"].items()}
+            keys = {int(u): int(v) for u, v in answer["mask-key"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise SecAggError(f"site {site}'s unmask reply is malformed") from None
+        if set(seeds) != set(request.survivors) or set(keys) != set(request.dropped):
+            raise SecAggError(f"site {site}'s unmask reply does not answer the request")
+        self.answers[site] = {"self-seed": seeds, "mask-key": keys}
+
+    def result(self) -> tuple[dict[str, np.ndarray], list[int]]:
+        """The unmasked sums as residues (per vector: the sum over the survivors that sent it), and the
+        survivors. Raises :class:`SecAggError` when a secret cannot be rebuilt from the answers."""
+        request = self.unmask_request()
+        if len(self.answers) < self.threshold:
+            raise SecAggError(f"only {len(self.answers)} sites answered the unmask request; {self.threshold} needed")
+        points = {site: index + 1 for index, site in enumerate(sorted(self.advertisements))}
+        answering = sorted(self.answers)
+        sums = {name: value.copy() for name, value in self.sums.items()}
+
+        def rebuild(kind: str, owner: int, check: Callable[[bytes], bool]) -> bytes:
+            # any t answers determine the secret; try further subsets only if one holds a bad share
+            for start in range(len(answering) - self.threshold + 1):
+                chosen = answering[start:start + self.threshold]
+                value = shamir_combine({points[s]: self.answers[s][kind][owner] for s in chosen})
+                if value < 2**256 and check(secret := value.to_bytes(32, "big")):
+                    return secret
+            raise SecAggError(f"site {owner}'s {kind} could not be rebuilt from the shares returned "
+                              "(a tampered share)")
+
+        for owner in request.survivors:
+            seed = rebuild("self-seed", owner, lambda s, o=owner: self_seed_commitment(s, o, self.session)
+                           == self.commitments[o])
+            for name, count in self.advertisements[owner].layout.items():
+                sums[name] = self.fixed.reduce(sums[name] - mask_stream(seed, name, count, self.fixed))
+        for owner in request.dropped:
+            mask_key = rebuild("mask-key", owner, lambda s, o=owner: _raw(
+                X25519PrivateKey.from_private_bytes(s).public_key()) == self.advertisements[o].mask_key)
+            private = X25519PrivateKey.from_private_bytes(mask_key)
+            for survivor in request.survivors:
+                pair = SecAggSite.pair_seed(private, self.advertisements[survivor].mask_key, owner, survivor,
+                                            self.session)
+                for name, count in self.advertisements[survivor].layout.items():
+                    if name not in self.advertisements[owner].layout:
+                        continue
+                    stream = mask_stream(pair, name, count, self.fixed)
+                    # the survivor added +stream when it is the lower id of the pair
+                    sums[name] = self.fixed.reduce(sums[name] - stream if survivor < owner else sums[name] + stream)
+        return sums, list(request.survivors)
+
+
+__all__ = ["Advertisement", "FixedPoint", "SecAggCoordinator", "SecAggError", "SecAggRefusal", "SecAggSite",
+           "UnmaskRequest", "mask_stream", "session_id", "shamir_combine", "shamir_split"]

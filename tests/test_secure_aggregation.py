@@ -1,0 +1,291 @@
+"""Secure aggregation (privacy/secure_aggregation.py): exact sums, uniform masked inputs, dropout
+recovery, and the requests a site refuses."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from scipy import stats
+
+from privacy.secure_aggregation import (
+    FixedPoint,
+    SecAggCoordinator,
+    SecAggError,
+    SecAggRefusal,
+    SecAggSite,
+    UnmaskRequest,
+    session_id,
+    shamir_combine,
+    shamir_split,
+)
+
+
+def trust_everyone(site: int, identity: bytes) -> bool:
+    return True
+
+
+def make_sites(count: int, session: bytes, **options) -> dict[int, SecAggSite]:
+    keys = [Ed25519PrivateKey.generate() if i % 2 else ec.generate_private_key(ec.SECP384R1()) for i in range(count)]
+    return {10 + 7 * i: SecAggSite(10 + 7 * i, keys[i], session, verify_peer=trust_everyone, **options)
+            for i in range(count)}
+
+
+def run_protocol(vectors: dict[int, dict[str, np.ndarray]], fixed: FixedPoint, *, threshold: int = 0,
+                 drop_before_masking: set[int] = frozenset(), drop_before_unmask: set[int] = frozenset(),
+                 session: bytes | None = None, sites: dict[int, SecAggSite] | None = None):
+    session = session or session_id("run-1", 3)
+    sites = sites or make_sites(len(vectors), session)
+    assert set(sites) == set(vectors)
+    coordinator = SecAggCoordinator(session, fixed, threshold)
+    for site_id, site in sites.items():
+        coordinator.add_advertisement(site.advertise({k: v.size for k, v in vectors[site_id].items()}))
+    roster, t = coordinator.roster()
+    for site_id, site in sites.items():
+        coordinator.add_shares(site_id, *site.share_keys(roster, t))
+    sharers = coordinator.sharers()
+    rng = np.random.default_rng(0)
+    for site_id, site in sites.items():
+        if site_id in drop_before_masking:
+            continue
+        encoded = {k: fixed.encode(v, rng) for k, v in vectors[site_id].items()}
+        coordinator.add_masked_input(site_id, site.masked_input(coordinator.shares_for(site_id), sharers, encoded,
+                                                                fixed))
+    request = coordinator.unmask_request()
+    for site_id in request.survivors:
+        if site_id not in drop_before_unmask:
+            coordinator.add_unmask_reply(site_id, sites[site_id].unmask(request))
+    sums, survivors = coordinator.result()
+    return sums, survivors, sites, coordinator
+
+
+def test_shamir_any_threshold_subset_rebuilds_the_secret():
+    secret = int.from_bytes(b"\x7f" * 32, "big")
+    shares = shamir_split(secret, 3, [1, 2, 3, 4, 5])
+    for subset in itertools.combinations(shares, 3):
+        assert shamir_combine({x: shares[x] for x in subset}) == secret
+    assert shamir_combine({x: shares[x] for x in (1, 2)}) != secret  # fewer than t: unrelated
+
+
+def test_the_unmasked_sum_equals_the_plain_sum_exactly():
+    rng = np.random.default_rng(1)
+    fixed = FixedPoint.sized(sites=5, bound=4.0, bits=32)
+    vectors = {10 + 7 * i: {"layer.weight": rng.uniform(-4, 4, 1000).astype(np.float32),
+                            "weight": np.array([float(i + 1)])} for i in range(5)}
+    sums, survivors, _, _ = run_protocol(vectors, fixed)
+    assert survivors == sorted(vectors)
+    # the same stochastic rounding, redone: the integer sum is exact
+    rounding = np.random.default_rng(0)
+    expected = {"layer.weight": np.zeros(1000, dtype=np.int64), "weight": np.zeros(1, dtype=np.int64)}
+    for site_id in vectors:
+        for name, value in vectors[site_id].items():
+            expected[name] += fixed.signed(fixed.encode(value, rounding))
+    for name in expected:
+        assert np.array_equal(fixed.signed(sums[name]), expected[name])
+    assert np.allclose(fixed.decode(sums["layer.weight"]),
+                       sum(v["layer.weight"].astype(np.float64) for v in vectors.values()), atol=5 / fixed.scale)
+    assert fixed.decode(sums["weight"])[0] == 15.0
+
+
+def test_fixed_point_sized_for_the_sites_never_wraps():
+    fixed = FixedPoint.sized(sites=10, bound=2.0, bits=20, margin=3.0)
+    extreme = np.full(64, 2.0)
+    total = sum(fixed.signed(fixed.encode(extreme, np.random.default_rng(i))) for i in range(10))
+    assert (total > 0).all() and np.allclose(fixed.decode(fixed.reduce(total.view(np.uint64))), 20.0, atol=1e-3)
+    with pytest.raises(SecAggError, match="too small"):
+        FixedPoint.sized(sites=10**5, bound=1.0, bits=16)
+
+
+def test_one_masked_input_is_uniform_over_the_modulus():
+    fixed = FixedPoint(bits=16, scale=2.0**8)
+    session = session_id("run-u", 1)
+    sites = make_sites(3, session)
+    coordinator = SecAggCoordinator(session, fixed)
+    size = 1 << 17
+    for site_id, site in sites.items():
+        coordinator.add_advertisement(site.advertise({"x": size}))
+    roster, t = coordinator.roster()
+    for site_id, site in sites.items():
+        coordinator.add_shares(site_id, *site.share_keys(roster, t))
+    first = min(sites)
+    zeros = fixed.encode(np.zeros(size), np.random.default_rng(0))  # the most structured input there is
+    masked = sites[first].masked_input(coordinator.shares_for(first), coordinator.sharers(), {"x": zeros}, fixed)["x"]
+    counts = np.bincount(masked.astype(np.int64) >> 8, minlength=256)  # 256 bins of the top 8 bits
+    assert stats.chisquare(counts).pvalue > 1e-4
+    low = np.bincount(masked.astype(np.int64) & 0xFF, minlength=256)
+    assert stats.chisquare(low).pvalue > 1e-4
+
+
+@pytest.mark.parametrize("when", ["before masking", "before unmasking"])
+def test_any_n_minus_t_sites_dropping_are_recovered(when):
+    rng = np.random.default_rng(2)
+    fixed = FixedPoint.sized(sites=7, bound=1.0, bits=32)
+    vectors = {10 + 7 * i: {"a": rng.uniform(-1, 1, 50), "b": rng.uniform(-1, 1, 3)} for i in range(7)}
+    ids = sorted(vectors)
+    threshold = 4
+    for dropped in itertools.combinations(ids, len(ids) - threshold):
+        drop = set(dropped)
+        sums, survivors, _, _ = run_protocol(
+            vectors, fixed, threshold=threshold,
+            drop_before_masking=drop if when == "before masking" else set(),
+            drop_before_unmask=drop if when == "before unmasking" else set())
+        counted = [s for s in ids if s not in drop] if when == "before masking" else ids
+        assert survivors == counted
+        for name in ("a", "b"):
+            expected = sum(vectors[s][name] for s in counted)
+            assert np.allclose(fixed.decode(sums[name]), expected, atol=len(counted) / fixed.scale)
+
+
+def test_partial_key_replies_sum_per_key():
+    rng = np.random.default_rng(3)
+    fixed = FixedPoint.sized(sites=4, bound=1.0, bits=32)
+    vectors = {10: {"a": rng.uniform(-1, 1, 8)}, 17: {"a": rng.uniform(-1, 1, 8), "b": rng.uniform(-1, 1, 5)},
+               24: {"b": rng.uniform(-1, 1, 5)}, 31: {"a": rng.uniform(-1, 1, 8), "b": rng.uniform(-1, 1, 5)}}
+    sums, _, _, _ = run_protocol(vectors, fixed, drop_before_masking={31})
+    assert np.allclose(fixed.decode(sums["a"]), vectors[10]["a"] + vectors[17]["a"], atol=3 / fixed.scale)
+    assert np.allclose(fixed.decode(sums["b"]), vectors[17]["b"] + vectors[24]["b"], atol=3 / fixed.scale)
+
+
+def _masked_round(count: int = 4, threshold: int = 3):
+    fixed = FixedPoint.sized(sites=count, bound=1.0)
+    session = session_id("run-r", 5)
+    sites = make_sites(count, session)
+    coordinator = SecAggCoordinator(session, fixed, threshold)
+    for site in sites.values():
+        coordinator.add_advertisement(site.advertise({"x": 4}))
+    roster, t = coordinator.roster()
+    for site_id, site in sites.items():
+        coordinator.add_shares(site_id, *site.share_keys(roster, t))
+    for site_id, site in list(sites.items())[:-1]:  # the last one drops before masking
+        coordinator.add_masked_input(site_id, site.masked_input(
+            coordinator.shares_for(site_id), coordinator.sharers(), {"x": fixed.encode(np.ones(4), np.random.default_rng())},
+            fixed))
+    return sites, coordinator
+
+
+def test_a_coordinator_asking_for_both_shares_of_a_site_is_refused():
+    sites, coordinator = _masked_round()
+    honest = coordinator.unmask_request()
+    survivor = honest.survivors[0]
+    asker = honest.survivors[1]
+    with pytest.raises(SecAggRefusal, match="both"):
+        sites[asker].unmask(UnmaskRequest(honest.survivors, honest.dropped + (survivor,)))
+    # a second request (a replay, or another try with a different split) is refused too
+    with pytest.raises(SecAggRefusal, match="once"):
+        sites[asker].unmask(honest)
+
+
+def test_a_site_refuses_being_listed_as_dropped_or_a_split_that_is_not_the_sharers():
+    sites, coordinator = _masked_round()
+    honest = coordinator.unmask_request()
+    me = honest.survivors[0]
+    others = tuple(s for s in honest.survivors if s != me)
+    with pytest.raises(SecAggRefusal, match="dropped"):
+        sites[me].unmask(UnmaskRequest(others, honest.dropped + (me,)))
+    sites, coordinator = _masked_round()
+    honest = coordinator.unmask_request()
+    with pytest.raises(SecAggRefusal, match="split"):
+        sites[honest.survivors[0]].unmask(UnmaskRequest(honest.survivors, ()))  # hides the dropped site
+
+
+def test_a_tampered_or_replayed_share_is_detected():
+    fixed = FixedPoint.sized(sites=3, bound=1.0)
+    session = session_id("run-t", 2)
+    sites = make_sites(3, session)
+    coordinator = SecAggCoordinator(session, fixed)
+    for site in sites.values():
+        coordinator.add_advertisement(site.advertise({"x": 2}))
+    roster, t = coordinator.roster()
+    for site_id, site in sites.items():
+        coordinator.add_shares(site_id, *site.share_keys(roster, t))
+    a, b, c = sorted(sites)
+    relayed = coordinator.shares_for(b)
+    tampered = dict(relayed)
+    tampered[a] = tampered[a][:20] + bytes([tampered[a][20] ^ 1]) + tampered[a][21:]
+    with pytest.raises(SecAggRefusal, match=f"site {a} does not decrypt"):
+        sites[b].masked_input(tampered, coordinator.sharers(), {"x": np.zeros(2, np.uint64)}, fixed)
+    # the share a sent to c, relayed to b as if it were b's: bound to the pair, refused
+    swapped = {a: coordinator.shares[a][c], c: relayed[c]}
+    fresh = make_sites(3, session)  # new state machines (the old one refused and stopped)
+    with pytest.raises(SecAggRefusal):
+        fresh[b].masked_input(swapped, coordinator.sharers(), {"x": np.zeros(2, np.uint64)}, fixed)
+
+
+def test_a_replayed_request_or_a_roster_from_another_round_is_refused():
+    fixed = FixedPoint.sized(sites=3, bound=1.0)
+    old_session, new_session = session_id("run-p", 1), session_id("run-p", 2)
+    old_sites = make_sites(3, old_session)
+    old_roster = [site.advertise({"x": 2}) for site in old_sites.values()]
+    new_sites = make_sites(3, new_session)
+    mine = min(new_sites)
+    ad = new_sites[mine].advertise({"x": 2})
+    with pytest.raises(SecAggRefusal, match="once"):
+        new_sites[mine].advertise({"x": 2})
+    replayed_roster = [ad] + [old for old in old_roster if old.site != mine]
+    with pytest.raises(SecAggRefusal, match="not signed"):
+        new_sites[mine].share_keys(replayed_roster, 2)
+    # a distrusted identity key is refused even when its signature is fine
+    sites = {s: SecAggSite(s, Ed25519PrivateKey.generate(), new_session, verify_peer=lambda site, key: False)
+             for s in (1, 2)}
+    ads = [site.advertise({"x": 1}) for site in sites.values()]
+    with pytest.raises(SecAggRefusal, match="not one this site trusts"):
+        sites[1].share_keys(ads, 2)
+
+
+def test_a_site_refuses_fewer_sites_or_a_lower_threshold_than_its_policy():
+    session = session_id("run-m", 1)
+    sites = make_sites(3, session, min_sites=4, min_threshold=2)
+    ads = [site.advertise({"x": 1}) for site in sites.values()]
+    with pytest.raises(SecAggRefusal, match="at least 4"):
+        sites[min(sites)].share_keys(ads, 2)
+    sites = make_sites(3, session, min_threshold=3)
+    ads = [site.advertise({"x": 1}) for site in sites.values()]
+    with pytest.raises(SecAggRefusal, match="threshold 2"):
+        sites[min(sites)].share_keys(ads, 2)
+
+
+def test_a_tampered_unmask_share_is_detected_and_spare_answers_recover():
+    sites, coordinator = _masked_round(count=5, threshold=3)
+    request = coordinator.unmask_request()
+    answers = {s: sites[s].unmask(request) for s in request.survivors}
+    liar = request.survivors[0]
+    target = request.survivors[1]
+    answers[liar]["self-seed"][target] ^= 1
+    exact = SecAggCoordinator(coordinator.session, coordinator.fixed, coordinator.threshold,
+                              coordinator.advertisements, coordinator.shares, coordinator.commitments,
+                              {k: v.copy() for k, v in coordinator.sums.items()}, set(coordinator.masked_from))
+    for s in request.survivors[:3]:  # exactly t answers, one of them lying
+        exact.add_unmask_reply(s, answers[s])
+    with pytest.raises(SecAggError, match="tampered share"):
+        exact.result()
+    for s in request.survivors:  # all 4 survivors answer: a subset without the liar rebuilds the seed
+        coordinator.add_unmask_reply(s, answers[s])
+    sums, survivors = coordinator.result()
+    assert np.allclose(coordinator.fixed.decode(sums["x"]), 4.0, atol=1e-6)
+
+
+def test_a_site_state_survives_a_restart_between_steps():
+    fixed = FixedPoint.sized(sites=3, bound=1.0)
+    session = session_id("run-s", 1)
+    sites = make_sites(3, session)
+    coordinator = SecAggCoordinator(session, fixed)
+    for site in sites.values():
+        coordinator.add_advertisement(site.advertise({"x": 3}))
+    roster, t = coordinator.roster()
+    for site_id, site in sites.items():
+        coordinator.add_shares(site_id, *site.share_keys(roster, t))
+        restored = SecAggSite(site_id, site.identity_key, session, verify_peer=trust_everyone)
+        restored.load_state_dict(site.state_dict())
+        sites[site_id] = restored
+    for site_id, site in sites.items():
+        coordinator.add_masked_input(site_id, site.masked_input(
+            coordinator.shares_for(site_id), coordinator.sharers(),
+            {"x": fixed.encode(np.full(3, 0.5), np.random.default_rng())}, fixed))
+    request = coordinator.unmask_request()
+    for site_id in request.survivors:
+        coordinator.add_unmask_reply(site_id, sites[site_id].unmask(request))
+    sums, _ = coordinator.result()
+    assert np.allclose(fixed.decode(sums["x"]), 1.5, atol=1e-6)
