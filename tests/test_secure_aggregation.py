@@ -62,6 +62,20 @@ def run_protocol(vectors: dict[int, dict[str, np.ndarray]], fixed: FixedPoint, *
     return sums, survivors, sites, coordinator
 
 
+def keys_shared(count: int, run: str, size: int, threshold: int = 0, bits: int = 32):
+    """Steps 0 and 1 done for ``count`` sites each with one vector ``x`` of ``size`` entries."""
+    fixed = FixedPoint.sized(sites=count, bound=1.0, bits=bits)
+    session = session_id(run, 1)
+    sites = make_sites(count, session)
+    coordinator = SecAggCoordinator(session, fixed, threshold)
+    for site in sites.values():
+        coordinator.add_advertisement(site.advertise({"x": size}))
+    roster, t = coordinator.roster()
+    for site_id, site in sites.items():
+        coordinator.add_shares(site_id, *site.share_keys(roster, t))
+    return sites, coordinator, fixed
+
+
 def test_shamir_any_threshold_subset_rebuilds_the_secret():
     secret = int.from_bytes(b"\x7f" * 32, "big")
     shares = shamir_split(secret, 3, [1, 2, 3, 4, 5])
@@ -100,16 +114,8 @@ def test_fixed_point_sized_for_the_sites_never_wraps():
 
 
 def test_one_masked_input_is_uniform_over_the_modulus():
-    fixed = FixedPoint(bits=16, scale=2.0**8)
-    session = session_id("run-u", 1)
-    sites = make_sites(3, session)
-    coordinator = SecAggCoordinator(session, fixed)
     size = 1 << 17
-    for site_id, site in sites.items():
-        coordinator.add_advertisement(site.advertise({"x": size}))
-    roster, t = coordinator.roster()
-    for site_id, site in sites.items():
-        coordinator.add_shares(site_id, *site.share_keys(roster, t))
+    sites, coordinator, fixed = keys_shared(3, "run-u", size, bits=16)
     first = min(sites)
     zeros = fixed.encode(np.zeros(size), np.random.default_rng(0))  # the most structured input there is
     masked = sites[first].masked_input(coordinator.shares_for(first), coordinator.sharers(), {"x": zeros}, fixed)["x"]
@@ -150,15 +156,7 @@ def test_partial_key_replies_sum_per_key():
 
 
 def _masked_round(count: int = 4, threshold: int = 3):
-    fixed = FixedPoint.sized(sites=count, bound=1.0)
-    session = session_id("run-r", 5)
-    sites = make_sites(count, session)
-    coordinator = SecAggCoordinator(session, fixed, threshold)
-    for site in sites.values():
-        coordinator.add_advertisement(site.advertise({"x": 4}))
-    roster, t = coordinator.roster()
-    for site_id, site in sites.items():
-        coordinator.add_shares(site_id, *site.share_keys(roster, t))
+    sites, coordinator, fixed = keys_shared(count, "run-r", 4, threshold)
     for site_id, site in list(sites.items())[:-1]:  # the last one drops before masking
         coordinator.add_masked_input(site_id, site.masked_input(
             coordinator.shares_for(site_id), coordinator.sharers(), {"x": fixed.encode(np.ones(4), np.random.default_rng())},
@@ -192,15 +190,8 @@ def test_a_site_refuses_being_listed_as_dropped_or_a_split_that_is_not_the_share
 
 
 def test_a_tampered_or_replayed_share_is_detected():
-    fixed = FixedPoint.sized(sites=3, bound=1.0)
-    session = session_id("run-t", 2)
-    sites = make_sites(3, session)
-    coordinator = SecAggCoordinator(session, fixed)
-    for site in sites.values():
-        coordinator.add_advertisement(site.advertise({"x": 2}))
-    roster, t = coordinator.roster()
-    for site_id, site in sites.items():
-        coordinator.add_shares(site_id, *site.share_keys(roster, t))
+    sites, coordinator, fixed = keys_shared(3, "run-t", 2)
+    session = coordinator.session
     a, b, c = sorted(sites)
     relayed = coordinator.shares_for(b)
     tampered = dict(relayed)
@@ -268,16 +259,9 @@ def test_a_tampered_unmask_share_is_detected_and_spare_answers_recover():
 
 
 def test_a_site_state_survives_a_restart_between_steps():
-    fixed = FixedPoint.sized(sites=3, bound=1.0)
-    session = session_id("run-s", 1)
-    sites = make_sites(3, session)
-    coordinator = SecAggCoordinator(session, fixed)
-    for site in sites.values():
-        coordinator.add_advertisement(site.advertise({"x": 3}))
-    roster, t = coordinator.roster()
+    sites, coordinator, fixed = keys_shared(3, "run-s", 3)
     for site_id, site in sites.items():
-        coordinator.add_shares(site_id, *site.share_keys(roster, t))
-        restored = SecAggSite(site_id, site.identity_key, session, verify_peer=trust_everyone)
+        restored = SecAggSite(site_id, site.identity_key, coordinator.session, verify_peer=trust_everyone)
         restored.load_state_dict(site.state_dict())
         sites[site_id] = restored
     for site_id, site in sites.items():
