@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, ClassVar, Protocol, Union
 
 import numpy as np
@@ -39,6 +40,38 @@ GlobalState = dict[str, torch.Tensor]
 """The server's global state: fp32 master copies of the parameters the federation owns."""
 
 NUM_EXAMPLES = "num-examples"
+
+
+class FieldKind(str, Enum):
+    """What one array of a client's payload is, declared by its algorithm
+    (:meth:`Algorithm.payload_kind`), so that local DP, codecs and secure aggregation choose their
+    treatment from the declaration instead of from the array's name."""
+
+    MODEL_UPDATE = "model-update"
+    """A tensor of the trained parameters, averaged by the server: new values or changes, as the
+    algorithm's ``update_kind`` says (clipped and noised as one vector under DP; summable)."""
+    SUMMED = "summed"
+    """Coefficients or scalars of the method's own that the server averages position by position
+    (Ferret's coefficients on shared bases; summable)."""
+    SCALARS = "scalars"
+    """Per-step scalars whose positions are the site's own (FedKSeed: which seeds it drew), so two
+    sites' vectors do not line up: noised like a summed vector, but not summable."""
+    ONE_BYTE_CODES = "one-byte-codes"
+    """Scalars quantised to one byte each on the instruction's range (one-byte ZO); not summable."""
+    LAYER_SCORES = "layer-scores"
+    """Per-layer magnitudes a site reports about its own gradients; not summed."""
+    RANKING = "ranking"
+    """A packed ranking of edges (FRL); voted on, not summed."""
+    PUBLIC_INDEX = "public-index"
+    """Positions drawn from a shared seed, not from the data (FedKSeed's seed indices)."""
+
+
+SUMMABLE = frozenset({FieldKind.MODEL_UPDATE, FieldKind.SUMMED})
+"""The kinds secure aggregation may sum: every site's array lines up with every other's."""
+
+SUM_CLIENT: int = 0
+"""The client id of the one reply secure aggregation hands :meth:`Algorithm.aggregate`: the
+example-weighted mean of the summed fields of all the sites that took part."""
 
 
 class PayloadError(ValueError):
@@ -163,6 +196,20 @@ class Algorithm(ABC):
     """What a reply's parameter arrays hold, for the update codecs: ``weights`` (new values of
     global tensors), ``delta`` (changes to them), or ``None`` (a payload of the method's own:
     coefficients, seeds, rankings...; codecs do not apply)."""
+    public_metrics: ClassVar[tuple[str, ...]] = ()
+    """Reply metrics that are the site's configuration, not its data (sent as they are under local DP
+    and secure aggregation; every other metric is withheld there)."""
+    secure_aggregation_incompatibility: ClassVar[str] = "its aggregation is not a weighted mean of its replies"
+    """Why this method's replies cannot be securely aggregated, or "" when they can: then
+    :meth:`aggregate` given one reply (client :data:`SUM_CLIENT`) holding the example-weighted mean
+    of every site's summed fields, with ``num_examples`` their total, gives the same state as given
+    each site's reply (secure aggregation, :mod:`privacy.secure_aggregation`)."""
+
+    def payload_kind(self, name: str, parameters: Collection[str]) -> FieldKind | None:
+        """What the payload array ``name`` is (``None``: not one this method sends). ``parameters``
+        are the model's parameter names; by default those are model updates when the method sends
+        updates (``update_kind``)."""
+        return FieldKind.MODEL_UPDATE if self.update_kind and name in parameters else None
 
     # ---- server half -------------------------------------------------------------------------
     def init_state(
@@ -252,6 +299,8 @@ class WrappedAlgorithm(Algorithm):
         self.resumable = inner.resumable  # type: ignore[misc]
         self.supports_local_dp = inner.supports_local_dp  # type: ignore[misc]
         self.adapter_incompatibility = inner.adapter_incompatibility  # type: ignore[misc]
+        self.secure_aggregation_incompatibility = inner.secure_aggregation_incompatibility  # type: ignore[misc]
+        self.public_metrics = inner.public_metrics  # type: ignore[misc]
 
     def __getattr__(self, attribute: str) -> Any:  # the inner algorithm's own attributes (e.g. layers)
         if attribute == "inner":
@@ -260,6 +309,9 @@ class WrappedAlgorithm(Algorithm):
 
     def init_state(self, initial, layers=None) -> GlobalState:
         return self.inner.init_state(initial, layers)
+
+    def payload_kind(self, name: str, parameters: Collection[str]) -> FieldKind | None:
+        return self.inner.payload_kind(name, parameters)
 
     def set_population(self, count: int) -> None:
         self.inner.set_population(count)

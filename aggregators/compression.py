@@ -458,6 +458,9 @@ class CompressedUpdates(WrappedAlgorithm):
         super().__init__(inner)
         self.codec = codec
         self.seed = seed
+        self.secure_aggregation_incompatibility = (  # type: ignore[misc]
+            f"codec '{codec.spec}' sends encoded buffers, and secure aggregation sums the dense update itself "
+            "(top-k keeps a different set of positions at each site: those never line up); use codec none")
 
     def codec_seed(self, server_round: int, client: ClientId) -> int:
         return int(np.random.SeedSequence([self.seed, server_round, client % 2**63]).generate_state(1)[0])

@@ -71,6 +71,7 @@ class FedAvg(Algorithm):
     config_class = FedAvgConfig
     update_kind = "weights"
     resumable = True
+    secure_aggregation_incompatibility = ""  # its aggregate is the example-weighted mean of the replies
 
     def __init__(self, config: FedAvgConfig | None = None) -> None:
         self.config = config or FedAvgConfig()

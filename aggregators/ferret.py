@@ -40,7 +40,7 @@ its fp16 server model.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from aggregators.base import (
+    FieldKind,
     AggregateResult,
     ClientId,
     GlobalState,
@@ -170,6 +171,13 @@ class Ferret(ReplayAlgorithm):
         self.config = config or FerretConfig()
         self.block_size = self.config.ferret_block_size
         self.hash_every = self.config.hash_every
+        self.secure_aggregation_incompatibility = (  # type: ignore[misc]
+            "" if self.config.ferret_seeds == "round" else
+            "ferret-seeds=client gives each site bases of its own, so sites' coefficients do not line up; "
+            "use ferret-seeds=round")
+
+    def payload_kind(self, name: str, parameters: Collection[str]) -> FieldKind | None:
+        return FieldKind.SUMMED if name == COEFFICIENTS else None
 
     @property
     def num_coefficients(self) -> int:

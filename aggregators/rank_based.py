@@ -70,7 +70,7 @@ resampling rounds until attackers are under half.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +79,7 @@ import torch
 from torch.func import functional_call
 
 from aggregators.base import (
+    FieldKind,
     AggregateResult,
     Algorithm,
     ClientId,
@@ -99,6 +100,11 @@ from aggregators.streaming import WeightedMetricMeans
 MODES = ("finetune", "original")
 VOTES = ("clipped", "sum")
 RANK_PREFIX = "rank/"
+
+
+def ranked_parameter(name: str) -> str:
+    """The parameter whose edges the payload array ``name`` ranks."""
+    return name[len(RANK_PREFIX):]
 SCORE_SLOT, WEIGHT_SLOT = 0, 1  # the index slots of the seeded draws (initial scores, random weights)
 
 
@@ -249,6 +255,10 @@ class RankBased(Algorithm):
     default_layers = "output"  # masks over the head; half-pruning pretrained encoder layers costs accuracy
     adapter_incompatibility = ("FRL learns which of a layer's fixed weights to keep; a LoRA adapter's B matrix "
                                "starts at zero, so every mask over it selects nothing. Run FRL without an adapter")
+    secure_aggregation_incompatibility = "FRL's server votes on each site's ranking; a sum of rankings is no vote"
+
+    def payload_kind(self, name: str, parameters: Collection[str]) -> FieldKind | None:
+        return FieldKind.RANKING if name.startswith(RANK_PREFIX) else None
 
     def __init__(self, config: RankBasedConfig | None = None) -> None:
         self.config = config or RankBasedConfig()

@@ -39,7 +39,7 @@ resends everything next time.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from aggregators.base import (
+    FieldKind,
     AggregateResult,
     Algorithm,
     ClientId,
@@ -160,6 +161,12 @@ class SelectiveLayer(Algorithm):
     config_class = SelectiveLayerConfig
     default_layers = "above-embeddings"  # it chooses among every layer above the embeddings, as in the paper
     update_kind = "delta"
+    public_metrics = (BUDGET_METRIC,)  # the site's layer budget: its configuration, not its data
+    secure_aggregation_incompatibility = ("it checks each site's layers against the ones it assigned that site and "
+                                          "tracks which version each site holds (not yet with secure aggregation)")
+
+    def payload_kind(self, name: str, parameters: Collection[str]) -> FieldKind | None:
+        return FieldKind.LAYER_SCORES if name == SCORES_KEY else super().payload_kind(name, parameters)
     resumable = True
     releases_per_round = 2  # layer scores (probe, or riding on the reply) and the layer deltas
 

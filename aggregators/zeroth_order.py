@@ -40,7 +40,7 @@ signed code needed 9 bits; this one is 8 bits.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from aggregators.base import (
+    FieldKind,
     AggregateResult,
     ClientId,
     GlobalState,
@@ -155,6 +156,12 @@ class FedKSeed(ReplayAlgorithm):
     config_class = ZerothOrderConfig
     pro: ClassVar[bool] = False
     one_byte: ClassVar[bool] = False
+    secure_aggregation_incompatibility = ("each site's scalars belong to the seeds it drew, so sites' vectors line "
+                                          "up only as per-seed sums over the whole pool (not yet)")
+
+    def payload_kind(self, name: str, parameters: Collection[str]) -> FieldKind | None:
+        return {SEED_INDEX: FieldKind.PUBLIC_INDEX, SEED_SCALAR: FieldKind.SCALARS,
+                SEED_CODE: FieldKind.ONE_BYTE_CODES}.get(name)
 
     def __init__(self, config: ZerothOrderConfig | None = None) -> None:
         super().__init__()

@@ -45,12 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from aggregators.base import Instruction, Payload, WrappedAlgorithm
-from aggregators.ferret import COEFFICIENTS
-from aggregators.rank_based import RANK_PREFIX, keep_count, pack_ranking, unpack_ranking
-from aggregators.selective_layer import BUDGET_METRIC, SCORES_KEY
+from aggregators.base import FieldKind, Instruction, Payload, WrappedAlgorithm
+from aggregators.rank_based import keep_count, pack_ranking, ranked_parameter, unpack_ranking
 from aggregators.shared_randomness import OneByteCodec
-from aggregators.zeroth_order import SEED_CODE, SEED_INDEX, SEED_SCALAR
 from privacy.accounting import (
     LedgerFile,
     LedgerStore,
@@ -63,7 +60,6 @@ from privacy.accounting import (
 from privacy.refusal import PolicyRefusal
 from privacy.site_privacy import DP_MECHANISMS, SitePrivacy
 
-PASSTHROUGH_METRICS = (BUDGET_METRIC,)  # site configuration, not data
 
 
 @dataclass(frozen=True)
@@ -235,7 +231,7 @@ class LocalPrivacy(WrappedAlgorithm):
             )
             ledger.charge(server_round, settings.run, releases, settings.epsilon, settings.delta)
             spent = ledger.spent_in_run(settings.run, settings.delta)
-        metrics = {k: v for k, v in payload.metrics.items() if k in PASSTHROUGH_METRICS}
+        metrics = {k: v for k, v in payload.metrics.items() if k in self.public_metrics}
         # this run's spending only: what the site spent for other runs or coordinators stays local
         metrics.update({"dp-epsilon-spent": spent, "dp-epsilon-budget": settings.epsilon, "dp-delta": settings.delta,
                         "dp-clip": settings.clip, **figures})
@@ -257,6 +253,13 @@ class LocalPrivacy(WrappedAlgorithm):
         arrays = dict(payload.arrays)
         releases: list[Release] = []
         figures: dict[str, float] = {}
+        kinds = {key: self.payload_kind(key, shapes) for key in arrays}
+        unknown = sorted(key for key, kind in kinds.items() if kind is None)
+        if unknown:
+            raise ValueError(f"no local DP mechanism for payload arrays {unknown}; refusing to send them")
+
+        def of_kind(kind: FieldKind) -> list[str]:
+            return sorted(key for key, k in kinds.items() if k is kind)
 
         def gaussian_or_laplace(vector: np.ndarray) -> np.ndarray:
             sigma = settings.noise_multiplier or 2 * _calibrated(
@@ -265,8 +268,8 @@ class LocalPrivacy(WrappedAlgorithm):
             figures["dp-noise-multiplier"] = sigma
             return noisy_vector(vector, settings, sigma, rng)
 
-        dense = [k for k in arrays if k in shapes and self.update_kind in ("weights", "delta")]
-        if dense:
+        dense = of_kind(FieldKind.MODEL_UPDATE)
+        if dense:  # one vector: every tensor of the update clipped together
             base = {k: (np.asarray(instruction.arrays[k], dtype=np.float32) if self.update_kind == "weights"
                         else np.float32(0)) for k in dense}
             flat = np.concatenate([(np.asarray(arrays[k], dtype=np.float32) - base[k]).reshape(-1) for k in dense])
@@ -275,22 +278,21 @@ class LocalPrivacy(WrappedAlgorithm):
                 size = int(np.prod(shapes[key]))
                 arrays[key] = (noisy[offset: offset + size].reshape(shapes[key]) + base[key]).astype(np.float32)
                 offset += size
-        for key in (COEFFICIENTS, SEED_SCALAR):
-            if key in arrays:
-                arrays[key] = gaussian_or_laplace(arrays[key])
-        if SEED_CODE in arrays:
+        for key in of_kind(FieldKind.SUMMED) + of_kind(FieldKind.SCALARS):
+            arrays[key] = gaussian_or_laplace(arrays[key])
+        for key in of_kind(FieldKind.ONE_BYTE_CODES):
             codec = OneByteCodec(float(instruction.config["one-byte-low"]), float(instruction.config["one-byte-high"]))
-            arrays[SEED_CODE] = codec.encode(gaussian_or_laplace(codec.decode(arrays[SEED_CODE])))
-        if SCORES_KEY in arrays:
-            scores = np.asarray(arrays[SCORES_KEY], dtype=np.float32)
+            arrays[key] = codec.encode(gaussian_or_laplace(codec.decode(arrays[key])))
+        for key in of_kind(FieldKind.LAYER_SCORES):
+            scores = np.asarray(arrays[key], dtype=np.float32)
             norm = float(np.linalg.norm(scores))
             unit = (scores / norm if norm > 0 else scores).reshape(-1) * np.float32(settings.clip)
             noisy = gaussian_or_laplace(unit) / np.float32(settings.clip)
-            arrays[SCORES_KEY] = np.abs(noisy).reshape(scores.shape).astype(np.float32)  # scores are magnitudes
-        rank_keys = sorted(k for k in arrays if k.startswith(RANK_PREFIX))
+            arrays[key] = np.abs(noisy).reshape(scores.shape).astype(np.float32)  # scores are magnitudes
+        rank_keys = of_kind(FieldKind.RANKING)
         if rank_keys:
             sparsity = float(instruction.config["frl-sparsity"])
-            sizes = {k: int(np.prod(shapes[k[len(RANK_PREFIX):]])) for k in rank_keys}
+            sizes = {k: int(np.prod(shapes[ranked_parameter(k)])) for k in rank_keys}
             total = sum(sizes.values())
             flip = _calibrated(client_state, settings, ledger, "randomized-response", total)
             for key in rank_keys:
@@ -299,11 +301,7 @@ class LocalPrivacy(WrappedAlgorithm):
                 arrays[key] = pack_ranking(noisy_ranking, sizes[key])
             releases.append(Release("randomized-response", flip, total))
             figures["dp-flip-probability"] = flip
-        handled = set(dense) | {COEFFICIENTS, SEED_SCALAR, SEED_CODE, SCORES_KEY, *rank_keys}
-        handled.add(SEED_INDEX)  # drawn from a seed, not from the data
-        unknown = set(arrays) - handled
-        if unknown:
-            raise ValueError(f"no local DP mechanism for payload arrays {sorted(unknown)}; refusing to send them")
+        # FieldKind.PUBLIC_INDEX (drawn from a seed, not from the data) passes unchanged
         return arrays, releases, figures
 
 

@@ -14,7 +14,7 @@ from dp_accounting import pld, rdp
 from dp_accounting.pld import privacy_loss_mechanism
 
 from aggregators import make_algorithm
-from aggregators.base import Instruction, Payload
+from aggregators.base import FieldKind, Instruction, Payload
 from aggregators.ferret import COEFFICIENTS
 from aggregators.rank_based import (
     RANK_PREFIX,
@@ -195,7 +195,17 @@ class Canned:
         self.payload, self.update_kind, self.name, self.calls = payload, update_kind, name, 0
         self.default_layers, self.releases_per_round, self.resumable = "task", 1, False
         self.supports_local_dp = True
-        self.adapter_incompatibility = ""
+        self.adapter_incompatibility = self.secure_aggregation_incompatibility = ""
+        self.public_metrics = ()
+
+    def payload_kind(self, name, parameters):
+        """What the real algorithms declare the array to be (the one that sends it)."""
+        for algorithm in (make_algorithm("ferret", {}), make_algorithm("fedkseed", {}), make_algorithm("frl", {}),
+                          make_algorithm("selective-layer", {})):
+            kind = algorithm.payload_kind(name, ())
+            if kind is not None:
+                return kind
+        return FieldKind.MODEL_UPDATE if self.update_kind and name in parameters else None
 
     def local(self, model, data, instruction, client_state):
         self.calls += 1
