@@ -76,12 +76,15 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from aggregators.base import SUMMABLE, FieldKind
+
 PROTOCOL = b"fedtune-secagg/v1"
 FIELD_PRIME = 2**521 - 1
 """Shamir's field: a Mersenne prime above every 32-byte secret."""
 MAX_BITS = 62
 """The largest modulus exponent: sums stay exact in uint64 arithmetic."""
 MAX_SITES = 10_000
+MAX_ADVERTISEMENT = 1 << 20
 
 
 class SecAggError(ValueError):
@@ -270,21 +273,29 @@ class Advertisement:
         return b"|".join([PROTOCOL, b"advertise", session, str(self.site).encode(), self.encryption_key,
                           self.mask_key, json.dumps(self.layout, sort_keys=True).encode(), self.identity])
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"site": self.site, "encryption-key": self.encryption_key, "mask-key": self.mask_key,
-                "layout": json.dumps(self.layout, sort_keys=True), "identity": self.identity,
-                "signature": self.signature}
+    def to_json(self) -> str:
+        return json.dumps({"site": self.site, "encryption-key": self.encryption_key.hex(),
+                           "mask-key": self.mask_key.hex(), "layout": self.layout, "identity": self.identity.hex(),
+                           "signature": self.signature.hex()}, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Advertisement:
+    def from_json(cls, text: str) -> Advertisement:
+        if not isinstance(text, str) or len(text) > MAX_ADVERTISEMENT:
+            raise SecAggError("a key advertisement must be a JSON text of at most "
+                              f"{MAX_ADVERTISEMENT} characters")
         try:
-            layout = json.loads(data["layout"])
+            data = json.loads(text)
+            layout = data["layout"]
             if not isinstance(layout, dict) or not all(isinstance(k, str) and type(v) is int and 0 < v <= 2**31
                                                        for k, v in layout.items()):
                 raise SecAggError("a layout maps vector names to positive lengths")
-            return cls(int(data["site"]), bytes(data["encryption-key"]), bytes(data["mask-key"]), layout,
-                       bytes(data["identity"]), bytes(data["signature"]))
-        except (KeyError, TypeError, ValueError) as err:
+            if type(data["site"]) is not int:
+                raise SecAggError("a site id is an integer")
+            return cls(data["site"], bytes.fromhex(data["encryption-key"]), bytes.fromhex(data["mask-key"]), layout,
+                       bytes.fromhex(data["identity"]), bytes.fromhex(data["signature"]))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            if isinstance(err, SecAggError):
+                raise SecAggError(f"malformed key advertisement: {err}") from None
             raise SecAggError(f"malformed key advertisement ({type(err).__name__}: {str(err)[:80]})") from None
 
 
@@ -462,25 +473,27 @@ class SecAggSite:
                 "mask-key": {u: shares[u][0] for u in dropped}}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"site": self.site, "session": self.session, "step": self.step,
-                "encryption": _raw_private(self._encryption), "masking": _raw_private(self._masking),
-                "self-seed": self._self_seed, "layout": dict(self.layout),
-                "roster": {s: ad.to_dict() for s, ad in self.roster.items()}, "threshold": self.threshold,
-                "received": {s: list(v) for s, v in self.received.items()}, "own-shares": list(self.own_shares),
+        """Everything this site's side holds (JSON-ready; secrets included: keep it at the site)."""
+        return {"site": self.site, "session": self.session.hex(), "step": self.step,
+                "encryption": _raw_private(self._encryption).hex(), "masking": _raw_private(self._masking).hex(),
+                "self-seed": self._self_seed.hex(), "layout": dict(self.layout),
+                "roster": [ad.to_json() for ad in self.roster.values()], "threshold": self.threshold,
+                "received": {str(s): [hex(v[0]), hex(v[1])] for s, v in self.received.items()},
+                "own-shares": [hex(self.own_shares[0]), hex(self.own_shares[1])],
                 "masked-with": list(self.masked_with)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if int(state["site"]) != self.site or bytes(state["session"]) != self.session:
+        if int(state["site"]) != self.site or bytes.fromhex(state["session"]) != self.session:
             raise SecAggError("this state belongs to another site or aggregation")
         self.step = str(state["step"])
-        self._encryption = X25519PrivateKey.from_private_bytes(bytes(state["encryption"]))
-        self._masking = X25519PrivateKey.from_private_bytes(bytes(state["masking"]))
-        self._self_seed = bytes(state["self-seed"])
+        self._encryption = X25519PrivateKey.from_private_bytes(bytes.fromhex(state["encryption"]))
+        self._masking = X25519PrivateKey.from_private_bytes(bytes.fromhex(state["masking"]))
+        self._self_seed = bytes.fromhex(state["self-seed"])
         self.layout = {str(k): int(v) for k, v in state["layout"].items()}
-        self.roster = {int(s): Advertisement.from_dict(ad) for s, ad in state["roster"].items()}
+        self.roster = {ad.site: ad for ad in map(Advertisement.from_json, state["roster"])}
         self.threshold = int(state["threshold"])
-        self.received = {int(s): (int(v[0]), int(v[1])) for s, v in state["received"].items()}
-        self.own_shares = (int(state["own-shares"][0]), int(state["own-shares"][1]))
+        self.received = {int(s): (int(v[0], 16), int(v[1], 16)) for s, v in state["received"].items()}
+        self.own_shares = (int(state["own-shares"][0], 16), int(state["own-shares"][1], 16))
         self.masked_with = tuple(int(s) for s in state["masked-with"])
 
 
@@ -616,5 +629,116 @@ class SecAggCoordinator:
         return sums, list(request.survivors)
 
 
+# ---- payloads as summable vectors ----------------------------------------------------------------
+WEIGHT_PREFIX = "weight/"
+"""A site's vector ``weight/NAME`` (one entry) holds its weight, so that per vector the coordinator
+learns the total weight of the sites that sent it (partial replies) and divides by it."""
+
+
+@dataclass(frozen=True)
+class SecureSumSettings:
+    """What the coordinator asks of one securely aggregated round (the instruction's ``secagg-*``).
+
+    A site clips the concatenation of its summed fields (unweighted) to ℓ₂ norm ``clip``, weights it
+    by ``min(examples, max_weight)`` (1 under distributed DP), and encodes it with the fixed point
+    sized for ``sites`` such vectors plus ``8 × noise`` (the summed noise's standard deviation in
+    value units, under distributed DP) in ``2^bits``. ``threshold`` is the recovery threshold
+    (0: a majority of the sites that advertise keys)."""
+
+    sites: int
+    bits: int = 32
+    clip: float = 10.0
+    max_weight: int = 10_000
+    threshold: int = 0
+    noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.sites <= MAX_SITES:
+            raise SecAggError(f"secure aggregation needs 2..{MAX_SITES} sites, got {self.sites}")
+        if not (self.clip > 0 and math.isfinite(self.clip)) or not 1 <= self.max_weight <= 2**31:
+            raise SecAggError(f"secagg-clip must be positive and secagg-max-weight in 1..2^31, got {self.clip}, "
+                              f"{self.max_weight}")
+        if self.threshold and not 2 <= self.threshold <= self.sites:
+            raise SecAggError(f"secagg-threshold must be 0 (a majority) or 2..{self.sites}, got {self.threshold}")
+        if not (self.noise >= 0 and math.isfinite(self.noise)):
+            raise SecAggError(f"the distributed noise must be >= 0, got {self.noise}")
+        self.fixed()  # the modulus must fit
+
+    def fixed(self) -> FixedPoint:
+        return FixedPoint.sized(self.sites, self.max_weight * max(self.clip, 1.0), self.bits, 8 * self.noise)
+
+    def to_config(self) -> dict[str, Any]:
+        return {"secagg-sites": self.sites, "secagg-bits": self.bits, "secagg-clip": self.clip,
+                "secagg-max-weight": self.max_weight, "secagg-threshold": self.threshold,
+                "secagg-noise": self.noise}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> SecureSumSettings:
+        try:
+            return cls(int(config["secagg-sites"]), int(config["secagg-bits"]), float(config["secagg-clip"]),
+                       int(config["secagg-max-weight"]), int(config["secagg-threshold"]),
+                       float(config.get("secagg-noise", 0.0)))
+        except (KeyError, TypeError, ValueError) as err:
+            if isinstance(err, SecAggError):
+                raise
+            raise SecAggError(f"malformed secure-aggregation settings ({type(err).__name__}: {str(err)[:80]})") from None
+
+
+def summed_fields(kinds: Mapping[str, Any], arrays: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray],
+                  update_kind: str | None) -> dict[str, np.ndarray]:
+    """A payload's summable fields as flat float64 vectors: model updates as changes (new values
+    minus ``base``, the instruction's, for ``weights`` payloads), summed fields as they are.
+    :class:`SecAggError` naming the first field that cannot be summed."""
+    vectors = {}
+    for name in sorted(arrays):
+        kind = kinds.get(name)
+        if kind not in SUMMABLE:
+            raise SecAggError(f"payload field '{name[:80]}' is {getattr(kind, 'value', 'undeclared')}, "
+                              "which secure aggregation cannot sum")
+        value = np.asarray(arrays[name], dtype=np.float64).reshape(-1)
+        if kind is FieldKind.MODEL_UPDATE and update_kind == "weights":
+            value = value - np.asarray(base[name], dtype=np.float64).reshape(-1)
+        vectors[name] = value
+    return vectors
+
+
+def clipped(vectors: Mapping[str, np.ndarray], bound: float) -> dict[str, np.ndarray]:
+    """``vectors`` scaled together (never up) to joint ℓ₂ norm ≤ ``bound``."""
+    norm = math.sqrt(sum(float(np.dot(v, v)) for v in vectors.values()))
+    factor = min(1.0, bound / norm) if norm > 0 else 1.0
+    return {name: v * factor for name, v in vectors.items()}
+
+
+def weighted_residues(vectors: Mapping[str, np.ndarray], weight: int, fixed: FixedPoint,
+                      rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The residues a site masks: ``weight × vector`` and ``weight/NAME`` = weight, per vector."""
+    residues = {}
+    for name, vector in vectors.items():
+        residues[name] = fixed.encode(vector * weight, rng)
+        residues[WEIGHT_PREFIX + name] = fixed.encode_integers(np.array([round(weight * fixed.scale)]))
+    return residues
+
+
+def layout_of(vectors: Mapping[str, np.ndarray]) -> Layout:
+    return {name: int(np.asarray(v).size) for name, v in vectors.items()}
+
+
+def weighted_means(sums: Mapping[str, np.ndarray], fixed: FixedPoint) -> tuple[dict[str, np.ndarray], float]:
+    """Per vector, the unmasked sum divided by the total weight of the sites that sent it, and the
+    largest total weight (the reply's example count). :class:`SecAggError` if a weight is not
+    positive (a site sent a negative or zero weight, or the modulus wrapped)."""
+    means, largest = {}, 0.0
+    for name, total in sums.items():
+        if name.startswith(WEIGHT_PREFIX):
+            continue
+        weight = float(fixed.decode(sums[WEIGHT_PREFIX + name])[0])
+        if not weight > 0:
+            raise SecAggError(f"the summed weight of '{name[:80]}' is {weight:g}; a site sent a bad weight")
+        means[name] = fixed.decode(total) / weight
+        largest = max(largest, weight)
+    return means, largest
+
+
 __all__ = ["Advertisement", "FixedPoint", "SecAggCoordinator", "SecAggError", "SecAggRefusal", "SecAggSite",
-           "UnmaskRequest", "mask_stream", "session_id", "shamir_combine", "shamir_split"]
+           "SecureSumSettings", "UnmaskRequest", "WEIGHT_PREFIX", "clipped", "layout_of", "mask_stream",
+           "session_id", "shamir_combine", "shamir_split", "summed_fields", "weighted_means", "weighted_residues"]

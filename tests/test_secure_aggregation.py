@@ -4,6 +4,7 @@ recovery, and the requests a site refuses."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -273,3 +274,31 @@ def test_a_site_state_survives_a_restart_between_steps():
         coordinator.add_unmask_reply(site_id, sites[site_id].unmask(request))
     sums, _ = coordinator.result()
     assert np.allclose(fixed.decode(sums["x"]), 1.5, atol=1e-6)
+
+
+# ---- distributed DP ------------------------------------------------------------------------------
+def test_the_discrete_gaussian_sampler_has_the_discrete_gaussian_pmf():
+    from privacy.distributed_dp import discrete_gaussian
+
+    sigma = 1.5
+    draws = discrete_gaussian(sigma, 200_000, np.random.default_rng(4))
+    support = np.arange(-8, 9)
+    pmf = np.exp(-support.astype(float) ** 2 / (2 * sigma**2))
+    pmf /= pmf.sum()
+    observed = np.array([(draws == x).sum() for x in support])
+    assert observed.sum() > 199_990  # hardly anything beyond ±8σ/1.5
+    assert stats.chisquare(observed, pmf * observed.sum()).pvalue > 1e-4
+
+
+def test_the_distributed_noise_on_the_sum_has_the_target_variance():
+    from privacy.distributed_dp import DistributedGaussian
+
+    fixed = FixedPoint.sized(sites=10, bound=1.0, bits=32, margin=8 * 2 * 0.8 * 1.0)
+    mechanism = DistributedGaussian(clip=1.0, noise_multiplier=0.8, threshold=6)
+    d = 60_000
+    rng = np.random.default_rng(5)
+    total = sum(mechanism.noised_integers(np.zeros(d), fixed.scale, rng) for _ in range(6)).astype(np.float64)
+    target = (0.8 * mechanism.sensitivity(fixed.scale, d)) ** 2
+    assert abs(total.var() / target - 1) < 0.02
+    assert abs(total.mean()) < 4 * math.sqrt(target / d)
+    assert abs(mechanism.sum_std(fixed.scale, d) - 2 * 0.8 * 1.0) < 0.01  # ≈ 2zC in value units
