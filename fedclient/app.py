@@ -162,6 +162,20 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
 
         return evaluate_reply(msg, context, node, config, policy)
 
+    @app.query("secagg")
+    @keeps_errors_at_the_site
+    @routed
+    def secagg(msg: Message, context: Context) -> Message:
+        """A secure-aggregation step (:mod:`fedclient.secure_aggregation`)."""
+        node = node_config(context)
+        try:
+            policy = policy_of(node)
+        except PolicyRefusal as err:
+            return Message(refusal_record(str(err)), reply_to=msg)
+        from fedclient.secure_aggregation import step
+
+        return step(msg, context, node, policy)
+
     @app.query("search")
     @keeps_errors_at_the_site
     @routed

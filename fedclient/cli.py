@@ -348,6 +348,8 @@ def start(args: argparse.Namespace) -> int:
         console.print(escape(f"site data: {len(corpus)} {kind} from {data}"))
     if args.site_name:
         node_config["site-name"] = args.site_name
+    # the enrolled key also signs this site's secure-aggregation keys (fedclient/secure_aggregation.py)
+    node_config["site-key"] = str(pathlib.Path(args.key).expanduser().resolve())
     if args.device:
         node_config["device"] = args.device
     if args.layer_budget is not None:

@@ -5,6 +5,7 @@ search or identify message does not pay for the training stack in its fresh Clie
 from __future__ import annotations
 
 import functools
+import math
 import pathlib
 import sys
 import time
@@ -42,7 +43,9 @@ from fedclient.wire import (
     unpack_array_record,
 )
 from privacy.accounting import PrivacyBudgetExceeded
-from privacy.ldp import LdpSettings, LocalPrivacy, private_evaluation
+from privacy.distributed_dp import DistributedGaussian
+from privacy.ldp import LdpSettings, LocalPrivacy, calibrated_parameter, private_evaluation
+from privacy.site_privacy import LOCAL_MECHANISMS
 from privacy.refusal import PolicyRefusal, site_log
 
 CLIENT_STATE_ARRAYS = "fedtune.client-state.arrays"
@@ -196,20 +199,55 @@ def budget_refusal(err: PrivacyBudgetExceeded) -> RecordDict:
     return refusal_record(str(PolicyRefusal(key, "the privacy budget allows no further release")))
 
 
+def distributed_share(privacy: LdpSettings, ledger: str | None, client_state: dict[str, Any],
+                      instruction: Instruction) -> DistributedGaussian:
+    """This site's share of distributed DP for the round: the Gaussian multiplier its own budget
+    (the run's ε capped by its policy, and what its lifetime budget leaves) allows, for at least the
+    threshold of honest sites the round's settings name. PrivacyBudgetExceeded when none fits."""
+    sites = int(instruction.config["secagg-sites"])
+    threshold = int(instruction.config.get("secagg-threshold") or sites // 2 + 1)
+    with privacy.ledger(ledger, client_state).transaction() as book:
+        own = book.run_releases(privacy.run)
+        multiplier = (privacy.noise_multiplier / 2 if privacy.noise_multiplier
+                      else calibrated_parameter(client_state, privacy, book, "gaussian", 1))
+        share = DistributedGaussian(privacy.clip, multiplier, threshold)
+        book.check(privacy.run, [share.release()], privacy.epsilon if own else math.inf, privacy.delta)
+    return share
+
+
+def charge_distributed(privacy: LdpSettings, ledger: str | None, client_state: dict[str, Any],
+                       instruction: Instruction, share: DistributedGaussian) -> dict[str, float]:
+    """Charge the round's distributed-DP release to the site's ledger before anything is sent; the
+    figures the site reports (its accounting for this run, as under local DP)."""
+    server_round = int(instruction.config.get("server-round", 0))
+    with privacy.ledger(ledger, client_state).transaction() as book:
+        book.charge(server_round, privacy.run, [share.release()], privacy.epsilon, privacy.delta)
+        spent = book.spent_in_run(privacy.run, privacy.delta)
+    return {"dp-epsilon-spent": spent, "dp-epsilon-budget": privacy.epsilon, "dp-delta": privacy.delta,
+            "dp-clip": privacy.clip, "dp-noise-multiplier": 2 * share.noise_multiplier,
+            "dp-threshold": float(share.threshold)}
+
+
 def train_reply(msg: Message, context: Context, node: Mapping[str, Any], config: Mapping[str, Any],
                 policy: SitePolicy, probe: bool) -> Message:
     """Run this site's half of a round (``Algorithm.local`` or ``local_probe``) as its policy allows."""
     instruction = Instruction.from_record(from_recorddict(msg.content))
+    secure = bool(instruction.config.get("secagg")) and not probe
     try:
         policy.check_training(str(config["task"]), str(instruction.config["strategy"]))
         policy.check_workload(instruction.config, config)
         site_task(config)
         privacy = LdpSettings.resolve(instruction.config, policy.privacy, run_key(context))
         ledger = ledger_path(policy, node) if privacy.enabled else None
+        if policy.secure_aggregation.required and not secure and not probe:
+            raise PolicyRefusal("secure-aggregation.required", "this site sends its update only securely aggregated")
+        if privacy.mechanism == "distributed" and not secure:
+            raise PolicyRefusal("privacy.mechanisms", "distributed DP needs secure aggregation, and this round has none")
     except PolicyRefusal as err:
         return Message(refusal_record(str(err)), reply_to=msg)
+    local_noise = privacy.mechanism in LOCAL_MECHANISMS
     wrap = functools.partial(LocalPrivacy, site=policy.privacy, ledger_path=ledger,
-                             run=run_key(context)) if privacy.enabled else None
+                             run=run_key(context)) if local_noise else None
     algorithm = make_algorithm(str(instruction.config["strategy"]), {"codec": instruction.config.get("codec", "")},
                                wrap=wrap)
     device = best_device(str(node.get("device", "auto")))
@@ -230,13 +268,22 @@ def train_reply(msg: Message, context: Context, node: Mapping[str, Any], config:
     startup = _seconds_since_process_start() if sys.argv[0].endswith("flwr-clientapp") else None
     run = algorithm.local_probe if probe else algorithm.local
     try:
+        distributed = distributed_share(privacy, ledger, client_state, instruction) \
+            if privacy.mechanism == "distributed" else None  # refuses before training when the budget is spent
         payload = run(model, data.train, instruction, client_state)
+        if distributed is not None:
+            payload.metrics = charge_distributed(privacy, ledger, client_state, instruction, distributed)
     except WeightsMismatchError as err:  # replaying would silently train a different model
         return Message(fatal_record(f"{type(err).__name__}: {err}"), reply_to=msg)
     except PrivacyBudgetExceeded as err:  # nothing leaves the site but the refusal
         _save_client_state(context, client_state)
         return Message(budget_refusal(err), reply_to=msg)
     _save_client_state(context, client_state)
+    if secure:
+        from fedclient.secure_aggregation import begin
+
+        return begin(msg, context, node, policy, algorithm, payload, instruction,
+                     {name for name, _ in model.named_parameters()}, run_key(context), distributed)
     if not privacy.enabled:  # timings and counts depend on the data: withheld under local DP
         payload.num_examples = policy.reported_examples(payload.num_examples)
         payload.metrics.setdefault("train-seconds" if not probe else "probe-seconds", time.perf_counter() - started)

@@ -60,7 +60,9 @@ max-sequence-length = 512      # tokens per example a run's max-length may ask f
 [privacy]
 # true: decline every run without local differential privacy on what this site sends.
 required = true
-# Mechanisms accepted ("gaussian", "laplace").
+# Mechanisms accepted: "gaussian" and "laplace" (local noise, the guarantee holds whatever anyone
+# else does), "distributed" (this site's share of discrete Gaussian noise under secure aggregation:
+# the guarantee assumes at least secure-aggregation.min-threshold sites add theirs).
 mechanisms = ["gaussian", "laplace"]
 # epsilon caps: for one run, and over every run this site's ledger ever recorded (at max-delta).
 max-epsilon-per-run = 4.0
@@ -81,6 +83,18 @@ mode = "refuse"
 noise-multiplier = 4.0
 loss-bound = 5.0
 
+[secure-aggregation]
+# true: decline every training round the coordinator would see this site's own update in (it must
+# be securely aggregated: the coordinator learns only the sum over the sites).
+required = false
+# Mask only among at least this many sites, and only with a recovery threshold of at least this many
+# (the coordinator rebuilds a dropped site's masks from that many sites' shares).
+min-sites = 3
+min-threshold = 2
+# The identity keys of the sites this site masks with, as `fedclient keys` prints their
+# fingerprints ("SHA256:..."); [] trusts the roster the coordinator relays.
+peers = []
+
 [search]
 # Encrypted search over a document store built with `fedclient index DIR` ("": not offered).
 index = ""
@@ -96,6 +110,27 @@ max-k = 50
 # The longest a querier's key bundle may stay valid (days from its arrival); expired ones are deleted.
 max-key-days = 7.0
 """
+
+
+@dataclass(frozen=True)
+class SecureAggregationPolicy:
+    """The ``[secure-aggregation]`` table: whether the site demands it, and with whom it masks."""
+
+    required: bool = False
+    min_sites: int = 2
+    min_threshold: int = 2
+    peers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("min_sites", "min_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+                raise ValueError(f"secure-aggregation.{name.replace('_', '-')} must be a whole number >= 2, "
+                                 f"got {value!r}")
+        bad = [peer for peer in self.peers if not peer.startswith("SHA256:")]
+        if bad:
+            raise ValueError(f"secure-aggregation.peers holds SHA256 fingerprints (as `fedclient keys` prints "
+                             f"them), not {bad[:2]}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +160,7 @@ class SitePolicy:
     evaluation_noise_multiplier: float = 4.0
     evaluation_loss_bound: float = 5.0
     search: SearchPolicy = field(default_factory=SearchPolicy)
+    secure_aggregation: SecureAggregationPolicy = field(default_factory=SecureAggregationPolicy)
     source: str = ""  # the file it came from ("" for the built-in default)
 
     def __post_init__(self) -> None:
@@ -195,8 +231,9 @@ class SitePolicy:
         if problems:
             raise ValueError(f"{source or 'policy'}: " + "; ".join(problems) + " (see `fedclient policy init`)")
         defaults = _default_tables()  # a key the file leaves out keeps the built-in policy's value: fail closed
-        training, private, evaluation, search = ({**defaults[n], **data.get(n, {})}
-                                                 for n in ("training", "privacy", "evaluation", "search"))
+        training, private, evaluation, search, secure = (
+            {**defaults[n], **data.get(n, {})}
+            for n in ("training", "privacy", "evaluation", "search", "secure-aggregation"))
 
         def typed(table: Mapping[str, Any], key: str, kind: type, section: str) -> Any:
             value = table[key]
@@ -240,6 +277,11 @@ class SitePolicy:
                 evaluation_loss_bound=typed(evaluation, "loss-bound", float, "evaluation"),
                 search=SearchPolicy(typed(search, "index", str, "search"), typed(search, "querier-key", str, "search"),
                                     limits),
+                secure_aggregation=SecureAggregationPolicy(
+                    required=typed(secure, "required", bool, "secure-aggregation"),
+                    min_sites=typed(secure, "min-sites", int, "secure-aggregation"),
+                    min_threshold=typed(secure, "min-threshold", int, "secure-aggregation"),
+                    peers=typed(secure, "peers", tuple, "secure-aggregation")),
                 source=source,
             )
         except ValueError as err:
@@ -313,6 +355,11 @@ class SitePolicy:
                  ("evaluation.mode", self.evaluation_mode),
                  ("search.index", s.index or "(no search)"), ("search.querier-key", s.querier_key or "-")]
         rows += [(f"search.{f.name.replace('_', '-')}", str(getattr(s.limits, f.name))) for f in fields(s.limits)]
+        secure = self.secure_aggregation
+        rows += [("secure-aggregation.required", str(secure.required).lower()),
+                 ("secure-aggregation.min-sites", str(secure.min_sites)),
+                 ("secure-aggregation.min-threshold", str(secure.min_threshold)),
+                 ("secure-aggregation.peers", ", ".join(secure.peers) or "the coordinator's roster")]
         return rows
 
 

@@ -49,7 +49,7 @@ def run_federation(
     """Run one federated fine-tuning job on ``grid`` as ``config`` (a resolved run config) says."""
     task = run_task(config)
     algorithm = make_algorithm(str(config["strategy"]), config)
-    settings = strategy_settings(config, num_clients, privacy_settings(config, algorithm))
+    settings = strategy_settings(config, num_clients, privacy_settings(config, algorithm), algorithm)
     model = task.build_model(AdapterSpec.from_run_config(config))
     defaults = {"task": task.default_layers(model), "above-embeddings": task.layer_names()[1:],
                 "output": task.layer_names()[-1:]}

@@ -146,7 +146,7 @@ def check_run_config(config: Mapping[str, Any], *, deployment: bool = False,
     else:
         algorithm = check(lambda: make_algorithm(merged["strategy"], merged))
     privacy = check(lambda: privacy_settings(merged, algorithm)) if algorithm is not None else None
-    check(lambda: strategy_settings(merged, num_clients, privacy or {}))
+    check(lambda: strategy_settings(merged, num_clients, privacy or {}, algorithm))
     if task is not None:
         strangers = [layer for layer in csv_list(merged["train-layers"]) if layer not in task.layer_names()]
         if strangers:
@@ -176,11 +176,16 @@ def check_run_config(config: Mapping[str, Any], *, deployment: bool = False,
     return merged
 
 
-def strategy_settings(config: Mapping[str, Any], num_clients: int, message_config: Mapping[str, Any]):
-    """The sampling and waiting settings of a run (:class:`fedserver.strategy.StrategySettings`)."""
+def strategy_settings(config: Mapping[str, Any], num_clients: int, message_config: Mapping[str, Any],
+                      algorithm=None):
+    """The sampling and waiting settings of a run (:class:`fedserver.strategy.StrategySettings`),
+    with its secure-aggregation and central-DP settings when ``algorithm`` is given."""
     from fedserver.strategy import StrategySettings
 
+    secure, central = aggregation_settings(config, algorithm) if algorithm is not None else ({}, {})
     return StrategySettings(
+        secure_aggregation=secure,
+        central_dp=central,
         fraction_train=float(config["fraction-train"]),
         fraction_evaluate=float(config["fraction-evaluate"]),
         min_train_nodes=int(config["min-train-nodes"]),
@@ -193,6 +198,50 @@ def strategy_settings(config: Mapping[str, Any], num_clients: int, message_confi
     )
 
 
+def run_noise_multiplier(config: Mapping[str, Any], algorithm) -> float:
+    """The Gaussian noise multiplier z (noise std over the sensitivity 2C) that spends the run's ε
+    at its δ over its planned releases: what the coordinator expects sites to calibrate to
+    (distributed DP) or adds itself (central DP)."""
+    from privacy.accounting import calibrate
+
+    fixed = float(config["dp-noise-multiplier"])
+    if fixed:
+        return fixed / 2
+    releases = int(config["num-server-rounds"]) * algorithm.releases_per_round
+    return calibrate("gaussian", float(config["dp-epsilon"]), float(config["dp-delta"]), releases)
+
+
+def aggregation_settings(config: Mapping[str, Any], algorithm) -> tuple[dict[str, Any], dict[str, float]]:
+    """Secure aggregation's settings ({} when off) and central DP's ({} when off); ValueError when
+    the run asks for what the algorithm cannot do. ``dp = distributed`` implies ``secagg``."""
+    mechanism = str(config.get("dp", "off"))
+    secure = bool(config.get("secagg")) or mechanism == "distributed"
+    if mechanism == "central":
+        if secure:
+            raise ValueError("dp = central is the trusted-coordinator reference (the coordinator sees each update); "
+                             "with secure aggregation use dp = distributed")
+        if algorithm.secure_aggregation_incompatibility:
+            raise ValueError(f"dp = central noises a sum of replies, and {algorithm.name}'s are not summed: "
+                             f"{algorithm.secure_aggregation_incompatibility}")
+        return {}, {"clip": float(config["clip"]), "noise-multiplier": run_noise_multiplier(config, algorithm),
+                    "delta": float(config["dp-delta"])}
+    if not secure:
+        return {}, {}
+    if algorithm.secure_aggregation_incompatibility:
+        raise ValueError(f"secure aggregation cannot apply to {algorithm.name}: "
+                         f"{algorithm.secure_aggregation_incompatibility}")
+    from privacy.secure_aggregation import SecureSumSettings
+
+    settings: dict[str, Any] = {"bits": int(config["secagg-bits"]), "threshold": int(config["secagg-threshold"]),
+                                "clip": float(config["secagg-clip"]), "max_weight": int(config["secagg-max-weight"]),
+                                "noise": 0.0}
+    if mechanism == "distributed":  # unweighted, clipped to the DP clip, room for the summed noise
+        settings.update(clip=float(config["clip"]), max_weight=1,
+                        noise=2 * run_noise_multiplier(config, algorithm) * float(config["clip"]))
+    SecureSumSettings(sites=max(2, settings["threshold"]), **settings)  # validates (the modulus must fit)
+    return settings, {}
+
+
 def privacy_settings(config: Mapping[str, Any], algorithm) -> dict[str, Any]:
     """The local-DP settings every message carries ({} when ``dp`` is off); ValueError on a bad one.
 
@@ -202,12 +251,12 @@ def privacy_settings(config: Mapping[str, Any], algorithm) -> dict[str, Any]:
     from privacy.ldp import LdpSettings
 
     mechanism = str(config.get("dp", "off"))
-    if mechanism == "off":
+    if mechanism in ("off", "central"):  # central DP asks nothing of the sites
         return {}
     if float(config["fraction-evaluate"]) > 0:
         raise ValueError("local evaluation sends data-dependent metrics that local DP does not cover; "
                          "with dp on, use central evaluation only (fraction-evaluate 0)")
-    if not algorithm.supports_local_dp:
+    if not algorithm.supports_local_dp and mechanism != "distributed":
         raise ValueError(f"local DP is not available for {algorithm.name}: its uplink is a compressed "
                          "control-variate difference; use fedavg or selective-layer with a codec")
     settings = {

@@ -25,6 +25,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from aggregators.base import (
+    SUM_CLIENT,
     Algorithm,
     ClientId,
     GlobalState,
@@ -87,6 +88,11 @@ class StrategySettings:
     seed: int = 0
     message_config: dict[str, Any] = field(default_factory=dict)
     """Run-wide settings every message carries (e.g. the local-DP settings sites apply)."""
+    secure_aggregation: dict[str, Any] = field(default_factory=dict)
+    """Secure aggregation's ``secagg-*`` settings for every round ({}: off); the number of sites is
+    the round's (:mod:`fedserver.secure_exchange`)."""
+    central_dp: dict[str, float] = field(default_factory=dict)
+    """Central DP (``clip``, ``noise-multiplier``; {}: off): the coordinator clips each reply and noises the sum."""
 
     def __post_init__(self) -> None:
         for name in ("fraction_train", "fraction_evaluate"):
@@ -174,6 +180,7 @@ class AlgorithmStrategy(Strategy):
         # offline) comes from the SuperLink's node id, not the site's
         self._recipients: dict[str, int] = {}
         self.stop_event = threading.Event()  # set it to end the run at the next wait
+        self.central_releases = 0  # central DP: noised sums released so far
         self._next_stop_check = 0.0
 
     def _train_loss_text(self, train_loss: float | None) -> str:
@@ -297,20 +304,22 @@ class AlgorithmStrategy(Strategy):
             messages.append(message)
         return messages
 
-    def _decode(self, message: Message, phase: str) -> tuple[Site, Payload | None]:
-        """Account a reply's bytes and decode it; on error or a malformed reply, record why."""
+    def screen(self, message: Message, phase: str, *, retire_on_refusal: bool = True) -> tuple[Site, bool]:
+        """Account a reply's bytes (added to its site's record of ``phase``) and whether its content
+        is usable; on an error, a refusal or a refused app, record why (a refusal retires the site
+        unless ``retire_on_refusal`` is false); a fatal reply stops the run."""
         site = self._sites[self._recipients.pop(message.metadata.reply_to_message_id, message.metadata.src_node_id)]
         record = self._ledger.client(phase, site)
-        record.bytes_up = message_wire_bytes(message)
+        record.bytes_up += message_wire_bytes(message)
         if message.has_error() and message.error.code == ErrorCode.INVALID_FAB:  # the site will not run this app
             record.status, record.error = "refused", f"{_who(site)}: {message.error.reason}"
             self.retired[site.client_id] = message.error.reason
             log(WARNING, "%s refused the app and will not be asked again: %s", _who(site), message.error.reason)
-            return site, None
+            return site, False
         if message.has_error():
             record.status, record.error = "failed", f"{_who(site)}: {message.error.code}: {message.error.reason}"
             log(WARNING, "%s failed: %s", _who(site), record.error)
-            return site, None
+            return site, False
         reason = fatal_reason(message.content)
         if reason is not None:
             record.status, record.error = "failed", f"{_who(site)}: {reason}"
@@ -318,9 +327,20 @@ class AlgorithmStrategy(Strategy):
         refusal = refusal_reason(message.content)
         if refusal is not None:
             record.status, record.error = "refused", f"{_who(site)}: {refusal}"
-            self.retired[site.client_id] = refusal
-            log(WARNING, "%s declined and will not be asked again: %s", _who(site), refusal)
+            if retire_on_refusal:
+                self.retired[site.client_id] = refusal
+                log(WARNING, "%s declined and will not be asked again: %s", _who(site), refusal)
+            else:
+                log(WARNING, "%s declined: %s", _who(site), refusal)
+            return site, False
+        return site, True
+
+    def _decode(self, message: Message, phase: str) -> tuple[Site, Payload | None]:
+        """Account a reply's bytes and decode it; on error or a malformed reply, record why."""
+        site, usable = self.screen(message, phase)
+        if not usable:
             return site, None
+        record = self._ledger.client(phase, site)
         try:
             payload = Payload.from_record(from_recorddict(message.content))
             record.num_examples = payload.num_examples
@@ -345,7 +365,7 @@ class AlgorithmStrategy(Strategy):
             return set(), {}
         probes: dict[ClientId, Payload] = {}
         messages = self._messages(plan, config, "query.probe", server_round)
-        for message in self._exchange(grid, messages, "probe", server_round):
+        for message in self.exchange(grid, messages, "probe", server_round):
             site, payload = self._decode(message, "probe")
             if payload is None:
                 continue
@@ -372,21 +392,48 @@ class AlgorithmStrategy(Strategy):
         asked, probes = self._probe(grid, server_round, sites, config)
         clients = [s.client_id for s in sites if s.client_id in probes or s.client_id not in asked]  # drop failed
         plan = self.algorithm.plan(server_round, clients, self.state, probes)
+        if self.settings.secure_aggregation:
+            from fedserver.secure_exchange import secure_instructions
+
+            plan, self.secure_round = secure_instructions(self.settings.secure_aggregation, plan)
         return self._messages(plan, config, "train", server_round)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        result = self.algorithm.aggregate(server_round, self.state, self._decode_train(replies))
+        if self.settings.secure_aggregation:
+            from fedserver.secure_exchange import securely_summed
+
+            return self.fold(server_round, securely_summed(self, server_round, replies))
+        if self.settings.central_dp:
+            from fedserver.secure_exchange import centrally_noised
+
+            return self.fold(server_round, centrally_noised(self, server_round, self._decode_train(replies)))
+        return self.fold(server_round, self._decode_train(replies))
+
+    def fold(self, server_round: int, replies: Iterable[Reply]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Let the algorithm aggregate ``replies`` and record each site's outcome. A reply from
+        :data:`~aggregators.base.SUM_CLIENT` (a sum) stands for every site ``sum_parts`` names."""
+        self.sum_parts: list[ClientId] = []
+        self.sum_metrics: dict[str, float] = {}
+        result = self.algorithm.aggregate(server_round, self.state, replies)
+        result.metrics.update(self.sum_metrics)
+
+        def sites_of(client_id: ClientId) -> list[Site]:
+            return [self._by_client[c] for c in self.sum_parts] if client_id == SUM_CLIENT else \
+                [self._by_client[client_id]]
+
         for client_id, reason in result.rejected.items():
-            site = self._by_client[client_id]
-            record = self._ledger.client("train", site)
-            record.status, record.error = "rejected", f"{_who(site)}: {reason}"
-            log(WARNING, "round %s: rejected the reply of %s: %s", server_round, _who(site), reason)
+            for site in sites_of(client_id):
+                record = self._ledger.client("train", site)
+                record.status, record.error = "rejected", f"{_who(site)}: {reason}"
+                log(WARNING, "round %s: rejected the reply of %s: %s", server_round, _who(site), reason)
         for client_id in result.accepted:
-            self._ledger.client("train", self._by_client[client_id]).status = "ok"
+            for site in sites_of(client_id):
+                self._ledger.client("train", site).status = "ok"
         for client_id, detail in result.details.items():
-            self._ledger.client("train", self._by_client[client_id]).details.update(detail)
+            for site in sites_of(client_id):
+                self._ledger.client("train", site).details.update(detail)
         for (phase, node_id), record in self._ledger.clients.items():
             if phase == "train" and record.status != "ok":
                 self.algorithm.forget(self._sites[node_id].client_id)
@@ -450,7 +497,7 @@ class AlgorithmStrategy(Strategy):
         log(INFO, "\t└── round timeout %.0f s, checkpoint every %d rounds", s.round_timeout, s.checkpoint_every)
 
     # ---- the round loop ----------------------------------------------------------------------
-    def _exchange(self, grid: Grid, messages: list[Message], phase: str, server_round: int) -> Iterator[Message]:
+    def exchange(self, grid: Grid, messages: list[Message], phase: str, server_round: int) -> Iterator[Message]:
         """Push ``messages`` and yield replies as they arrive, until all came or the timeout."""
         if not messages:
             return
@@ -491,6 +538,7 @@ class AlgorithmStrategy(Strategy):
         """Run rounds ``first_round``..``num_rounds``; record each in the store. ``timeout`` is per
         phase. A resumed run passes its checkpoint as ``initial_arrays`` and the next round."""
         self.settings.round_timeout = timeout
+        self.grid = grid
         log(INFO, "Starting %s on fedtune's AlgorithmStrategy:", self.algorithm.name)
         self.summary()
         train_config = train_config or ConfigRecord()
@@ -518,14 +566,14 @@ class AlgorithmStrategy(Strategy):
                 log(WARNING, "%s", self.ended_early)
                 break
             new_arrays, train_metrics = self.aggregate_train(
-                server_round, self._exchange(grid, messages, "train", server_round)
+                server_round, self.exchange(grid, messages, "train", server_round)
             )
             if new_arrays is not None:
                 arrays = new_arrays
             if train_metrics is not None:
                 result.train_metrics_clientapp[server_round] = train_metrics
             messages = list(self.configure_evaluate(server_round, arrays, ConfigRecord(dict(evaluate_config)), grid))
-            federated = self.aggregate_evaluate(server_round, self._exchange(grid, messages, "evaluate", server_round))
+            federated = self.aggregate_evaluate(server_round, self.exchange(grid, messages, "evaluate", server_round))
             if federated is not None:
                 result.evaluate_metrics_clientapp[server_round] = federated
             central = self.central_evaluate(server_round, self.state) if self.central_evaluate else {}

@@ -262,7 +262,7 @@ class LocalPrivacy(WrappedAlgorithm):
             return sorted(key for key, k in kinds.items() if k is kind)
 
         def gaussian_or_laplace(vector: np.ndarray) -> np.ndarray:
-            sigma = settings.noise_multiplier or 2 * _calibrated(
+            sigma = settings.noise_multiplier or 2 * calibrated_parameter(
                 client_state, settings, ledger, vector_release(settings, 1.0).mechanism, 1)
             releases.append(vector_release(settings, sigma))
             figures["dp-noise-multiplier"] = sigma
@@ -294,7 +294,7 @@ class LocalPrivacy(WrappedAlgorithm):
             sparsity = float(instruction.config["frl-sparsity"])
             sizes = {k: int(np.prod(shapes[ranked_parameter(k)])) for k in rank_keys}
             total = sum(sizes.values())
-            flip = _calibrated(client_state, settings, ledger, "randomized-response", total)
+            flip = calibrated_parameter(client_state, settings, ledger, "randomized-response", total)
             for key in rank_keys:
                 ranking = unpack_ranking(np.asarray(arrays[key], dtype=np.uint8), sizes[key])
                 noisy_ranking = randomized_membership(ranking, keep_count(sizes[key], sparsity), flip, rng)
@@ -308,7 +308,7 @@ class LocalPrivacy(WrappedAlgorithm):
 CALIBRATED_PREFIX = "dp.calibrated/"
 
 
-def _calibrated(client_state: dict[str, Any], settings: LdpSettings, ledger: PrivacyLedger, mechanism: str,
+def calibrated_parameter(client_state: dict[str, Any], settings: LdpSettings, ledger: PrivacyLedger, mechanism: str,
                 count: int) -> float:
     """The noise parameter for this run's releases of ``mechanism`` (× ``count``), calibrated once
     per run so that the planned releases spend the run's budget, after what the run already spent,
@@ -324,5 +324,5 @@ def _calibrated(client_state: dict[str, Any], settings: LdpSettings, ledger: Pri
     return float(client_state[key])
 
 
-__all__ = ["LdpSettings", "LocalPrivacy", "SitePrivacy", "clip_norm", "noisy_vector", "private_evaluation",
+__all__ = ["LdpSettings", "LocalPrivacy", "SitePrivacy", "calibrated_parameter", "clip_norm", "noisy_vector", "private_evaluation",
            "randomized_membership"]

@@ -6,7 +6,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-DP_MECHANISMS = ("off", "gaussian", "laplace")
+DP_MECHANISMS = ("off", "gaussian", "laplace", "distributed")
+"""What a site may be asked for: no DP, local Gaussian or Laplace noise, or its share of distributed
+discrete Gaussian noise under secure aggregation (:mod:`privacy.distributed_dp`)."""
+LOCAL_MECHANISMS = ("gaussian", "laplace")
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,7 @@ class SitePrivacy:
     """
 
     required: bool = False
-    mechanisms: tuple[str, ...] = ("gaussian", "laplace")
+    mechanisms: tuple[str, ...] = ("gaussian", "laplace", "distributed")
     max_epsilon_per_run: float = math.inf
     max_epsilon_lifetime: float = math.inf
     max_delta: float = 1e-5
@@ -44,4 +47,4 @@ class SitePrivacy:
             raise ValueError(f"privacy.min-noise-multiplier must be >= 0, got {self.min_noise_multiplier}")
 
 
-__all__ = ["DP_MECHANISMS", "SitePrivacy"]
+__all__ = ["DP_MECHANISMS", "LOCAL_MECHANISMS", "SitePrivacy"]

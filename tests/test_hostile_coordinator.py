@@ -47,7 +47,7 @@ def _deliver(app, message_type: str, content: RecordDict, node_config: dict, run
     run config the coordinator chose, then the ClientApp."""
     message = Message(content, dst_node_id=1, message_type=message_type)
     message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-    context = Context(run_id=run_id, node_id=1, node_config=node_config, state=state or RecordDict(),
+    context = Context(run_id=run_id, node_id=1, node_config=node_config, state=state if state is not None else RecordDict(),
                       run_config=run_config or {"task": "tiny"})
     return app(message, context)
 

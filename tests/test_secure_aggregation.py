@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import RecordDict
 from scipy import stats
 
 from privacy.secure_aggregation import (
@@ -302,3 +303,137 @@ def test_the_distributed_noise_on_the_sum_has_the_target_variance():
     assert abs(total.var() / target - 1) < 0.02
     assert abs(total.mean()) < 4 * math.sqrt(target / d)
     assert abs(mechanism.sum_std(fixed.scale, d) - 2 * 0.8 * 1.0) < 0.01  # ≈ 2zC in value units
+
+
+# ---- through the real ClientApp handlers: what a hostile coordinator can ask ------------------------
+from fedclient.wire import CONFIG, from_recorddict, refusal_reason, to_recorddict  # noqa: E402
+from tests.test_hostile_coordinator import _deliver, _policy, _train_content  # noqa: E402
+
+ROUND = {"secagg": True, "secagg-nonce": "ab" * 16, "secagg-sites": 3, "secagg-bits": 32, "secagg-clip": 10.0,
+         "secagg-max-weight": 10000, "secagg-threshold": 2, "secagg-noise": 0.0}
+OPEN_SECURE = """
+    [privacy]
+    required = false
+    [secure-aggregation]
+    required = true
+    min-sites = 3
+"""
+
+
+@pytest.fixture(scope="module")
+def app():
+    from fedclient.app import build_client_app
+
+    return build_client_app({"task": "tiny"})
+
+
+def _step_message(step: str, session: str, **config) -> RecordDict:
+    from aggregators.base import RecordParts
+
+    return to_recorddict(RecordParts(config={"secagg-step": step, "secagg-session": session, **config}))
+
+
+def _three_sites(tmp_path, policy_text: str = OPEN_SECURE):
+    from fedclient.keys import create_site_keys
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    policy = _policy(tmp_path, policy_text)
+    sites = {}
+    for index, site_id in enumerate((101, 202, 303)):
+        key, _ = create_site_keys(tmp_path / f"site{index}" / "site.key")
+        node = {"partition-id": index, "num-partitions": 3, "policy": policy, "site-key": str(key),
+                "state-dir": str(tmp_path / f"state{index}")}
+        sites[site_id] = (node, RecordDict())
+    return sites
+
+
+def _advertise(app, sites):
+    replies = {}
+    for site_id, (node, state) in sites.items():
+        reply = _deliver(app, "train", _train_content({**ROUND, "secagg-site": site_id}), node, state=state)
+        assert refusal_reason(reply.content) is None, refusal_reason(reply.content)
+        replies[site_id] = from_recorddict(reply.content).config
+    return replies
+
+
+def test_a_site_sends_only_its_masked_update_and_the_coordinator_learns_the_sum(app, tmp_path, flower_identity):
+    from privacy.secure_aggregation import Advertisement, WEIGHT_PREFIX, weighted_means
+
+    sites = _three_sites(tmp_path)
+    replies = _advertise(app, sites)
+    assert all(set(r) == {"secagg-advertisement", "secagg-session"} for r in replies.values())  # no update, no loss
+    session = replies[101]["secagg-session"]
+    fixed = SecureSumSettings_from_round().fixed()
+    coordinator = SecAggCoordinator(bytes.fromhex(session), fixed, 2)
+    for r in replies.values():
+        coordinator.add_advertisement(Advertisement.from_json(r["secagg-advertisement"]))
+    roster, t = coordinator.roster()
+    ads = [ad.to_json() for ad in roster]
+    for site_id, (node, state) in sites.items():
+        answer = from_recorddict(_deliver(app, "query.secagg", _step_message("share", session, roster=ads, threshold=t),
+                                          node, state=state).content).config
+        coordinator.add_shares(site_id, dict(zip(answer["share-to"], answer["share-ct"])), answer["commitment"])
+        # the same step again: a replay, refused
+        again = _deliver(app, "query.secagg", _step_message("share", session, roster=ads, threshold=t), node, state=state)
+        assert "once, in order" in refusal_reason(again.content)
+    sharers = coordinator.sharers()
+    masked = {}
+    for site_id, (node, state) in sites.items():
+        relayed = coordinator.shares_for(site_id)
+        reply = _deliver(app, "query.secagg", _step_message("mask", session, sharers=sharers,
+                         **{"share-from": sorted(relayed), "share-ct": [relayed[s] for s in sorted(relayed)]}),
+                         node, state=state)
+        masked[site_id] = from_recorddict(reply.content).arrays
+        coordinator.add_masked_input(site_id, masked[site_id])
+    request = coordinator.unmask_request()
+    node, state = sites[202]
+    both = _deliver(app, "query.secagg", _step_message("unmask", session, survivors=list(request.survivors),
+                                                       dropped=[101]), node, state=state)
+    assert "both" in refusal_reason(both.content)  # and site 202 is done with this aggregation
+    for site_id in (101, 303):
+        node, state = sites[site_id]
+        answer = from_recorddict(_deliver(app, "query.secagg", _step_message(
+            "unmask", session, survivors=list(request.survivors), dropped=[]), node, state=state).content).config
+        coordinator.add_unmask_reply(site_id, {
+            "self-seed": {u: int.from_bytes(v, "big") for u, v in zip(answer["self-seed-sites"], answer["self-seed-shares"])},
+            "mask-key": {}})
+    sums, survivors = coordinator.result()
+    assert survivors == [101, 202, 303]
+    means, weight = weighted_means(sums, fixed)
+    assert weight > 0 and all(np.isfinite(m).all() for m in means.values())
+    # one site's masked update looks nothing like its weighted update (uniform residues)
+    some = next(k for k in masked[101] if not k.startswith(WEIGHT_PREFIX))
+    assert np.asarray(masked[101][some]).astype(np.float64).std() > 2**30
+
+
+def SecureSumSettings_from_round():
+    from privacy.secure_aggregation import SecureSumSettings
+
+    return SecureSumSettings.from_config(ROUND)
+
+
+def test_a_site_refuses_rounds_its_secure_aggregation_policy_forbids(app, tmp_path, flower_identity):
+    sites = _three_sites(tmp_path, OPEN_SECURE + 'peers = ["SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"]\n')
+    node, state = sites[101]
+    plain = _deliver(app, "train", _train_content({}), node, state=RecordDict())
+    assert refusal_reason(plain.content).startswith("site policy secure-aggregation.required")
+    distributed = _deliver(app, "train", _train_content({"dp": "distributed", "dp-epsilon": 4.0, "dp-delta": 1e-6,
+                                                         "clip": 1.0}), node, state=RecordDict())
+    assert "privacy.mechanisms" in refusal_reason(distributed.content)  # the built-in list has no distributed
+    replies = _advertise(app, sites)
+    session = replies[101]["secagg-session"]
+    ads = [replies[s]["secagg-advertisement"] for s in sorted(replies)]
+    for site_id in sites:  # the peers' keys are not the one the policy pins
+        node, state = sites[site_id]
+        refused = _deliver(app, "query.secagg", _step_message("share", session, roster=ads, threshold=2), node,
+                           state=state)
+        assert "not one this site trusts" in refusal_reason(refused.content)
+    other = _deliver(app, "query.secagg", _step_message("share", "00" * 32, roster=ads, threshold=2), sites[202][0],
+                     state=sites[202][1])
+    assert "not part of" in refusal_reason(other.content)
+    too_few = _three_sites(tmp_path / "few", OPEN_SECURE)
+    replies = _advertise(app, too_few)
+    two = [replies[s]["secagg-advertisement"] for s in (101, 202)]
+    refused = _deliver(app, "query.secagg", _step_message("share", replies[101]["secagg-session"], roster=two,
+                                                          threshold=2), too_few[101][0], state=too_few[101][1])
+    assert "at least 3" in refusal_reason(refused.content)

@@ -254,3 +254,35 @@ def test_sites_decline_when_their_budget_is_spent_and_the_run_ends(tmp_path):
                             "--runs-dir", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
     assert "local differential privacy" in shown.stdout and f"{epsilon([release] * 2, 1e-5):.3f}" in shown.stdout
+
+
+def test_secure_aggregation_gives_fedavg_the_plain_mean(tmp_path):
+    """The same seeded round with and without secure aggregation: the coordinator, seeing only the
+    masked sum, reaches the same global weights up to the fixed point's rounding."""
+    uncapped = {"fraction-evaluate": 0.0, "max-site-weight": 1.0}  # the coordinator cannot cap weights it never sees
+    plain_store, plain_run = _simulate(tmp_path / "plain", build_client_app, rounds=1, **uncapped)
+    secure_store, secure_run = _simulate(tmp_path / "secure", build_client_app, rounds=1, secagg=True, **uncapped)
+    assert secure_store.get_run(secure_run).status == "completed", secure_store.get_run(secure_run).error
+    trained = [c for c in secure_store.client_rounds(secure_run) if c.phase == "train"]
+    assert len(trained) == 3 and all(c.status == "ok" and c.details["secagg-survivors"] == 3 for c in trained)
+    plain_up = sum(c.bytes_up for c in plain_store.client_rounds(plain_run) if c.phase == "train")
+    assert sum(c.bytes_up for c in trained) < 1.05 * plain_up  # uint32 residues: as large as float32 weights
+    _, plain = plain_store.load_checkpoint(plain_run, 1)
+    _, secure = secure_store.load_checkpoint(secure_run, 1)
+    assert max(float((plain[k] - secure[k]).abs().max()) for k in plain) < 2e-5
+
+
+def test_ferret_with_distributed_dp_runs_on_flower_and_each_site_charges_its_ledger(tmp_path):
+    from fedserver.report import run_summary
+
+    store, run_id = _simulate(tmp_path, build_client_app, strategy="ferret", dp="distributed", clients=4, **{
+        "fraction-evaluate": 0.0, "dp-epsilon": 4.0})
+    assert store.get_run(run_id).status == "completed", store.get_run(run_id).error
+    trained = [c for c in store.client_rounds(run_id) if c.phase == "train"]
+    assert len(trained) == 8 and all(c.status == "ok" and c.details["secagg-survivors"] == 4 for c in trained)
+    for c in trained:  # the site's own accounting only: no loss, no timing
+        assert set(c.metrics) == {"dp-epsilon-spent", "dp-epsilon-budget", "dp-delta", "dp-clip",
+                                  "dp-noise-multiplier", "dp-threshold"}
+        assert c.metrics["dp-threshold"] == 3  # a majority of 4
+    privacy = run_summary(store, run_id)["privacy"]
+    assert len(privacy) == 4 and all(0.97 * 4.0 <= site["epsilon_spent"] <= 4.0 for site in privacy)

@@ -261,7 +261,7 @@ def test_a_reply_written_by_the_superlink_for_an_offline_node_is_charged_to_that
     strategy.state = strategy.algorithm.init_state(initial.to_torch_state_dict())
     grid = _OneNodeGoesOffline([1, 2, 3])
     messages = list(strategy.configure_train(1, initial, ConfigRecord(), grid))
-    arrays, _ = strategy.aggregate_train(1, strategy._exchange(grid, messages, "train", 1))
+    arrays, _ = strategy.aggregate_train(1, strategy.exchange(grid, messages, "train", 1))
     np.testing.assert_allclose(arrays["w"].numpy(), [2.0, 2.0])
     status = {c.node_id: (c.status, c.error) for c in strategy._ledger.clients.values()}
     assert status[1][0] == status[3][0] == "ok"

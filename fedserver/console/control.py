@@ -21,7 +21,7 @@ from typing import Any
 
 from fedserver.store import FLOWER_RUN_ID, RunStore, StoreError
 
-DP_MECHANISMS = ("off", "gaussian", "laplace")
+DP_MECHANISMS = ("off", "gaussian", "laplace", "distributed", "central")
 FLOWER_STOP_AFTER_S = 20.0
 
 

@@ -1,0 +1,224 @@
+"""The site's side of secure aggregation over Flower messages (the protocol is
+:mod:`privacy.secure_aggregation`; this module only moves it in and out of records).
+
+A ``train`` instruction with ``secagg`` set: the site trains as usual, turns the payload into its
+summable vectors (:func:`privacy.secure_aggregation.summed_fields`; a field that cannot be summed
+is refused), clips, weights and encodes them (under distributed DP: noised with its share of the
+discrete Gaussian and charged to its ledger first), keeps them in the node's context, and answers
+with its signed key advertisement only. Three ``query.secagg`` messages follow (``share``,
+``mask``, ``unmask``); each is checked against the site's state for this aggregation (same
+session, next step, once) and against its policy's ``[secure-aggregation]`` table (fewest sites,
+lowest threshold, pinned peer keys). Nothing but the masked vectors and the shares the unmask step
+may ask for ever leaves the site.
+
+A real site signs its advertisement with its enrolled key (node config ``site-key``, the key its
+SuperNode authenticates with); a virtual site of Flower's simulation engine draws an Ed25519 key
+for each aggregation.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+from aggregators.base import Algorithm, Instruction, Payload, RecordParts
+from fedclient.policy import SitePolicy
+from fedclient.wire import ARRAYS, array_record, from_recorddict, refusal_record, to_recorddict, unpack_array_record
+from privacy.distributed_dp import DistributedGaussian
+from privacy.refusal import PolicyRefusal, site_log
+from privacy.secure_aggregation import (
+    WEIGHT_PREFIX,
+    Advertisement,
+    FixedPoint,
+    SecAggError,
+    SecAggRefusal,
+    SecAggSite,
+    SecureSumSettings,
+    UnmaskRequest,
+    clipped,
+    layout_of,
+    session_id,
+    summed_fields,
+    weighted_residues,
+)
+
+STATE = "fedtune.secagg"
+RESIDUES = "fedtune.secagg.residues"
+SHARE_BYTES = 66  # a share of GF(2^521 - 1)
+
+
+def identity_fingerprint(identity_der: bytes) -> str:
+    """A public key's SHA256 fingerprint as ``ssh-keygen -l`` (and ``fedclient keys``) print it."""
+    key = serialization.load_der_public_key(identity_der)
+    blob = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).split()[1]
+    return "SHA256:" + base64.b64encode(hashlib.sha256(base64.b64decode(blob)).digest()).decode().rstrip("=")
+
+
+def _identity_key(node: Mapping[str, Any], state: dict[str, Any]):
+    """The key this site signs its advertisements with: its enrolled key, else (a virtual site) a
+    fresh Ed25519 key kept for this aggregation."""
+    if node.get("site-key"):
+        path = pathlib.Path(str(node["site-key"]))
+        return serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    if "identity" not in state:
+        key = Ed25519PrivateKey.generate()
+        state["identity"] = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                              serialization.NoEncryption()).hex()
+    return Ed25519PrivateKey.from_private_bytes(bytes.fromhex(state["identity"]))
+
+
+def _site(state: dict[str, Any], node: Mapping[str, Any], policy: SitePolicy) -> SecAggSite:
+    rules = policy.secure_aggregation
+    pinned = set(rules.peers)
+
+    def verify_peer(site: int, identity: bytes) -> bool:
+        return not pinned or identity_fingerprint(identity) in pinned
+
+    site = SecAggSite(int(state["site"]), _identity_key(node, state), bytes.fromhex(state["session"]),
+                      verify_peer=verify_peer, min_threshold=max(rules.min_threshold, int(state["assumed-threshold"])),
+                      min_sites=rules.min_sites)
+    if "protocol" in state:
+        site.load_state_dict(state["protocol"])
+    return site
+
+
+def _save(context: Context, state: dict[str, Any], site: SecAggSite, residues: Mapping[str, np.ndarray] | None = None
+          ) -> None:
+    state["protocol"] = site.state_dict()
+    context.state[STATE] = ConfigRecord({"json": json.dumps(state)})
+    if residues is not None:
+        context.state[RESIDUES] = array_record(dict(residues))
+
+
+def _load(context: Context) -> dict[str, Any] | None:
+    if STATE not in context.state:
+        return None
+    return json.loads(str(context.state[STATE]["json"]))
+
+
+def begin(msg: Message, context: Context, node: Mapping[str, Any], policy: SitePolicy, algorithm: Algorithm,
+          payload: Payload, instruction: Instruction, parameters: set[str], run: str,
+          distributed: DistributedGaussian | None) -> Message:
+    """Step 0 at the site: keep this round's encoded vectors, answer with the signed advertisement.
+    ``distributed`` (already charged to the ledger by the caller) noises the vectors."""
+    config = instruction.config
+    try:
+        if algorithm.secure_aggregation_incompatibility:
+            raise SecAggError(f"{algorithm.name} cannot be securely aggregated: "
+                              f"{algorithm.secure_aggregation_incompatibility}")
+        settings = SecureSumSettings.from_config(config)
+        fixed = settings.fixed()
+        session = session_id(f"{run}|{str(config.get('secagg-nonce', ''))[:64]}", int(config["server-round"]))
+        previous = _load(context)
+        if previous is not None and previous["session"] == session.hex():
+            raise SecAggRefusal("secure aggregation: a second train request for the same aggregation (a replay)")
+        kinds = {name: algorithm.payload_kind(name, parameters) for name in payload.arrays}
+        vectors = clipped(summed_fields(kinds, payload.arrays, instruction.arrays, algorithm.update_kind),
+                          settings.clip)
+        rng = np.random.default_rng()  # rounding and noise must be unpredictable: never seeded
+        if distributed is not None:
+            residues = {}
+            for name, vector in vectors.items():
+                residues[name] = fixed.encode_integers(distributed.noised_integers(vector, fixed.scale, rng))
+                residues[WEIGHT_PREFIX + name] = fixed.encode_integers(np.array([round(fixed.scale)]))
+        else:
+            weight = max(1, min(policy.reported_examples(payload.num_examples), settings.max_weight))
+            residues = weighted_residues(vectors, weight, fixed, rng)
+        threshold = settings.threshold or settings.sites // 2 + 1
+        state = {"site": int(config["secagg-site"]), "session": session.hex(), "bits": fixed.bits,
+                 "scale": fixed.scale, "assumed-threshold": threshold if distributed is not None else 0}
+        site = _site(state, node, policy)
+        advertisement = site.advertise(layout_of(residues))
+    except (SecAggError, KeyError, ValueError) as err:
+        return _refusal(msg, err)
+    _save(context, state, site, residues)
+    public = set(algorithm.public_metrics) | ({m for m in payload.metrics if m.startswith("dp-")}
+                                              if distributed is not None else set())  # the site's own accounting
+    metrics = {k: float(v) for k, v in payload.metrics.items() if k in public}
+    return Message(to_recorddict(RecordParts(config={"secagg-advertisement": advertisement.to_json(),
+                                                     "secagg-session": session.hex()},
+                                             metrics=metrics)), reply_to=msg)
+
+
+def _refusal(msg: Message, err: Exception) -> Message:
+    site_log(f"secure aggregation: {err}")
+    if isinstance(err, PolicyRefusal):
+        return Message(refusal_record(str(err)), reply_to=msg)
+    text = str(err).removeprefix("secure aggregation: ")
+    return Message(refusal_record(f"site policy secure-aggregation: {text[:300]}"), reply_to=msg)
+
+
+def step(msg: Message, context: Context, node: Mapping[str, Any], policy: SitePolicy) -> Message:
+    """Steps 1-3 (``secagg-step`` = ``share``, ``mask``, ``unmask``) at the site."""
+    try:
+        parts = from_recorddict(msg.content)
+        config = parts.config
+        state = _load(context)
+        if state is None or str(config.get("secagg-session", "")) != state["session"]:
+            raise SecAggRefusal("secure aggregation: a step for an aggregation this site is not part of")
+        site = _site(state, node, policy)
+        fixed = FixedPoint(int(state["bits"]), float(state["scale"]))
+        kind = str(config.get("secagg-step", ""))
+        if kind == "share":
+            roster = [Advertisement.from_json(text) for text in _strings(config, "roster")]
+            ciphertexts, commitment = site.share_keys(roster, int(config["threshold"]))
+            receivers = sorted(ciphertexts)
+            reply = RecordParts(config={"share-to": receivers, "share-ct": [ciphertexts[r] for r in receivers],
+                                        "commitment": commitment})
+        elif kind == "mask":
+            senders, texts = _ints(config, "share-from"), _bytes(config, "share-ct")
+            if len(senders) != len(texts):
+                raise SecAggError("the relayed shares do not pair up with their senders")
+            residues = unpack_array_record(context.state[RESIDUES])
+            masked = site.masked_input(dict(zip(senders, texts, strict=True)), _ints(config, "sharers"), residues,
+                                       fixed)
+            del context.state[RESIDUES]
+            reply = RecordParts(arrays=masked)
+        elif kind == "unmask":
+            answer = site.unmask(UnmaskRequest(tuple(_ints(config, "survivors")), tuple(_ints(config, "dropped"))))
+            reply = RecordParts(config={
+                "self-seed-sites": sorted(answer["self-seed"]),
+                "self-seed-shares": [answer["self-seed"][u].to_bytes(SHARE_BYTES, "big")
+                                     for u in sorted(answer["self-seed"])],
+                "mask-key-sites": sorted(answer["mask-key"]),
+                "mask-key-shares": [answer["mask-key"][u].to_bytes(SHARE_BYTES, "big")
+                                    for u in sorted(answer["mask-key"])]})
+        else:
+            raise SecAggError(f"unknown secure-aggregation step '{kind[:40]}'")
+    except (SecAggError, KeyError, ValueError, TypeError) as err:
+        return _refusal(msg, err)
+    _save(context, state, site)
+    return Message(to_recorddict(reply), reply_to=msg)
+
+
+def _strings(config: Mapping[str, Any], key: str) -> list[str]:
+    value = config.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SecAggError(f"'{key}' must be a list of texts")
+    return value
+
+
+def _ints(config: Mapping[str, Any], key: str) -> list[int]:
+    value = config.get(key, [])
+    if not isinstance(value, list) or not all(type(v) is int for v in value):
+        raise SecAggError(f"'{key}' must be a list of integers")
+    return value
+
+
+def _bytes(config: Mapping[str, Any], key: str) -> list[bytes]:
+    value = config.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
+        raise SecAggError(f"'{key}' must be a list of byte strings")
+    return value
+
+
+__all__ = ["begin", "identity_fingerprint", "step"]
