@@ -162,16 +162,27 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
 
         return evaluate_reply(msg, context, node, config, policy)
 
+    def with_site_policy(respond: Callable[[Message, Context, dict[str, Any], SitePolicy], Message]) -> Handler:
+        """A handler that answers with the site's node config and policy, or with the refusal that
+        the policy cannot be used."""
+
+        @functools.wraps(respond)
+        def handler(msg: Message, context: Context) -> Message:
+            node = node_config(context)
+            try:
+                policy = policy_of(node)
+            except PolicyRefusal as err:
+                return Message(refusal_record(str(err)), reply_to=msg)
+            return respond(msg, context, node, policy)
+
+        return handler
+
     @app.query("secagg")
     @keeps_errors_at_the_site
     @routed
-    def secagg(msg: Message, context: Context) -> Message:
+    @with_site_policy
+    def secagg(msg: Message, context: Context, node: dict[str, Any], policy: SitePolicy) -> Message:
         """A secure-aggregation step (:mod:`fedclient.secure_aggregation`)."""
-        node = node_config(context)
-        try:
-            policy = policy_of(node)
-        except PolicyRefusal as err:
-            return Message(refusal_record(str(err)), reply_to=msg)
         from fedclient.secure_aggregation import step
 
         return step(msg, context, node, policy)
@@ -179,14 +190,10 @@ def build_client_app(overrides: Mapping[str, Any] | None = None, *,
     @app.query("search")
     @keeps_errors_at_the_site
     @routed
-    def search(msg: Message, context: Context) -> Message:
+    @with_site_policy
+    def search(msg: Message, context: Context, node: dict[str, Any], policy: SitePolicy) -> Message:
         from fedclient.search import answer
 
-        node = node_config(context)
-        try:
-            policy = policy_of(node)
-        except PolicyRefusal as err:
-            return Message(refusal_record(str(err)), reply_to=msg)
         return answer(msg, policy, node.get("state-dir") or None)
 
     @app.query("identify")

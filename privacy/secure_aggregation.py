@@ -128,10 +128,12 @@ class FixedPoint:
 
     @property
     def wire_dtype(self) -> np.dtype:
+        """The residues' dtype, in arithmetic and on the wire: uint32 up to 2^32 (unsigned
+        arithmetic wraps modulo 2^32 by itself), else uint64."""
         return np.dtype(np.uint32) if self.bits <= 32 else np.dtype(np.uint64)
 
     def encode(self, values: np.ndarray, rng: np.random.Generator, bound: float | None = None) -> np.ndarray:
-        """``values`` (clipped to ``[-bound, bound]`` when given) as uint64 residues, rounded stochastically."""
+        """``values`` (clipped to ``[-bound, bound]`` when given) as residues, rounded stochastically."""
         x = np.asarray(values, dtype=np.float64).reshape(-1)
         if not np.isfinite(x).all():
             raise SecAggError("cannot encode NaN or infinite values")
@@ -146,14 +148,17 @@ class FixedPoint:
         return self.reduce(np.asarray(values, dtype=np.int64).reshape(-1).view(np.uint64))
 
     def reduce(self, residues: np.ndarray) -> np.ndarray:
-        return np.bitwise_and(residues, np.uint64(self.modulus - 1))
+        residues = np.asarray(residues).astype(self.wire_dtype, copy=False)  # mod 2^32 or 2^64: both multiples
+        if self.bits == 8 * self.wire_dtype.itemsize:
+            return residues
+        return np.bitwise_and(residues, self.wire_dtype.type(self.modulus - 1))
 
     def decode(self, residues: np.ndarray) -> np.ndarray:
         """Signed integers from residues (two's complement in ``bits``), divided by the scale."""
         return self.signed(residues).astype(np.float64) / self.scale
 
     def signed(self, residues: np.ndarray) -> np.ndarray:
-        r = self.reduce(np.asarray(residues, dtype=np.uint64)).astype(np.int64)
+        r = self.reduce(residues).astype(np.int64)
         return np.where(r >= (1 << (self.bits - 1)), r - self.modulus, r)
 
 
@@ -167,8 +172,7 @@ def mask_stream(seed: bytes, label: str, count: int, fixed: FixedPoint) -> np.nd
     key = _hkdf(seed, b"mask|" + label.encode())
     width = 4 if fixed.bits <= 32 else 8
     stream = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor().update(b"\0" * (width * count))
-    values = np.frombuffer(stream, dtype=np.uint32 if width == 4 else np.uint64).astype(np.uint64)
-    return fixed.reduce(values)
+    return fixed.reduce(np.frombuffer(stream, dtype=fixed.wire_dtype))
 
 
 def shamir_split(secret: int, threshold: int, holders: Sequence[int]) -> dict[int, int]:
@@ -423,14 +427,14 @@ class SecAggSite:
         self.masked_with = sharers
         masked = {}
         for name, count in self.layout.items():
-            y = fixed.reduce(np.asarray(vectors[name], dtype=np.uint64).reshape(-1) + mask_stream(self._self_seed, name, count, fixed))
+            y = fixed.reduce(vectors[name]).reshape(-1) + mask_stream(self._self_seed, name, count, fixed)
             for peer in sharers:
                 if peer == self.site or name not in self.roster[peer].layout:
                     continue
                 stream = mask_stream(self.pair_seed(self._masking, self.roster[peer].mask_key, self.site, peer,
                                                     self.session), name, count, fixed)
                 y = fixed.reduce(y + stream if self.site < peer else y - stream)
-            masked[name] = y.astype(fixed.wire_dtype)
+            masked[name] = fixed.reduce(y)
         return masked
 
     @staticmethod
@@ -564,7 +568,7 @@ class SecAggCoordinator:
             if v.dtype != self.fixed.wire_dtype or v.size != count:
                 raise SecAggError(f"site {site}'s masked '{name[:80]}' is not {count} {self.fixed.wire_dtype} residues")
         for name in layout:
-            folded = np.asarray(vectors[name], dtype=np.uint64).reshape(-1)
+            folded = np.asarray(vectors[name]).reshape(-1)
             self.sums[name] = self.fixed.reduce(self.sums[name] + folded) if name in self.sums else self.fixed.reduce(folded)
         self.masked_from.add(site)
 

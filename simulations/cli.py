@@ -38,6 +38,7 @@ METHOD_KEYS = (  # run-config keys set by one flag each, named alike (--zo-steps
     "seed-pool", "zo-steps", "zo-lr", "zo-eps", "frl-mode", "frl-sparsity", "frl-lr", "frl-vote",
     "codec", "sgd-lr", "scaffold-alpha", "scafcom-beta",
     "dp", "dp-epsilon", "dp-delta", "clip", "dp-noise-multiplier",
+    "secagg", "secagg-threshold", "secagg-clip", "secagg-bits", "secagg-max-weight",
     "adapter", "lora-rank", "lora-alpha", "lora-dropout", "lora-targets",
     "max-length", "grad-accumulation", "warmup-steps", "lr-schedule", "precision", "gradient-checkpointing",
 )
@@ -409,10 +410,14 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--scaffold-alpha", type=float, default=d["scaffold-alpha"],
                       help="scallion/scafcom: control-variate step alpha (0: 1/(1+omega) for scallion, 1 for scafcom)")
     comp.add_argument("--scafcom-beta", type=float, default=d["scafcom-beta"], help="scafcom: local momentum beta")
-    ldp = run.add_argument_group("local differential privacy (every strategy but scallion/scafcom)")
-    ldp.add_argument("--dp", choices=("off", "gaussian", "laplace"), default=d["dp"],
-                     help="privatize everything a site sends: clip + Gaussian/Laplace noise (dense updates, Ferret "
-                     "coefficients, zeroth-order scalars, layer scores), randomized response (FRL rankings)")
+    ldp = run.add_argument_group("differential privacy (local: every strategy but scallion/scafcom)")
+    ldp.add_argument("--dp", choices=("off", "gaussian", "laplace", "distributed", "central"), default=d["dp"],
+                     help="gaussian/laplace: local DP, each site privatizes everything it sends: clip + noise (dense "
+                     "updates, Ferret coefficients, zeroth-order scalars, layer scores), randomized response (FRL "
+                     "rankings). distributed: each site adds its share of discrete Gaussian noise and the sum is "
+                     "securely aggregated (implies --secagg; the noise on the sum assumes a threshold of honest "
+                     "sites). central: the coordinator clips each reply and noises the sum (the trusted-coordinator "
+                     "reference)")
     ldp.add_argument("--dp-epsilon", type=float, default=d["dp-epsilon"],
                      help="each site's budget epsilon for the run (sites may set a smaller one); a site refuses "
                      "to train once its next release would exceed it")
@@ -421,6 +426,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="norm bound C of what a site sends (L2 for Gaussian, L1 for Laplace)")
     ldp.add_argument("--dp-noise-multiplier", type=float, default=d["dp-noise-multiplier"],
                      help="noise std (or Laplace scale) / C; 0: each site calibrates it so the run spends its budget")
+    secure = run.add_argument_group("secure aggregation (fedavg, ferret with --ferret-seeds round)")
+    secure.add_argument("--secagg", action="store_true", default=d["secagg"],
+                        help="the coordinator learns only the sum of the sites' updates (pairwise masks, Bonawitz et "
+                        "al. 2017); three more message exchanges per round")
+    secure.add_argument("--secagg-threshold", type=int, default=d["secagg-threshold"],
+                        help="sites whose shares rebuild a dropped site's masks (0: a majority); up to sites - "
+                        "threshold may drop after sharing their keys")
+    secure.add_argument("--secagg-clip", type=float, default=d["secagg-clip"],
+                        help="L2 bound of a site's update (without distributed DP; with it, --clip)")
+    secure.add_argument("--secagg-bits", type=int, default=d["secagg-bits"],
+                        help="modulus 2^bits of the masked sums (32: as many bytes as float32 weights)")
+    secure.add_argument("--secagg-max-weight", type=int, default=d["secagg-max-weight"],
+                        help="the largest example count a site's update is weighted by (the coordinator cannot see "
+                        "the weights, so --max-site-weight does not apply)")
     run.add_argument("--checkpoint-every", type=int, default=d["checkpoint-every"],
                      help="store the global model every N rounds (and after the last); 0 = never")
     run.add_argument("--round-timeout", type=float, default=d["round-timeout"], help="seconds to wait for replies per phase")

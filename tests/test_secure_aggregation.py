@@ -437,3 +437,24 @@ def test_a_site_refuses_rounds_its_secure_aggregation_policy_forbids(app, tmp_pa
     refused = _deliver(app, "query.secagg", _step_message("share", replies[101]["secagg-session"], roster=two,
                                                           threshold=2), too_few[101][0], state=too_few[101][1])
     assert "at least 3" in refusal_reason(refused.content)
+
+
+def test_the_run_config_check_refuses_what_cannot_be_summed():
+    from fedclient.runconfig import resolve_run_config
+    from fedserver.run_config import RunConfigError, check_run_config
+
+    def problems(**overrides) -> str:
+        try:
+            check_run_config(resolve_run_config({}, {"task": "tiny", "fraction-evaluate": 0.0, **overrides}),
+                             num_clients=4)
+        except RunConfigError as err:
+            return "\n".join(err.problems)
+        return ""
+
+    assert problems(secagg=True) == "" and problems(secagg=True, strategy="ferret") == ""
+    assert problems(dp="distributed") == "" and problems(dp="central") == ""
+    assert "FRL's server votes" in problems(secagg=True, strategy="frl", **{"train-layers": "head"})
+    assert "top-k keeps a different set of positions" in problems(secagg=True, codec="topk:0.1")
+    assert "ferret-seeds=client" in problems(secagg=True, strategy="ferret", **{"ferret-seeds": "client"})
+    assert "trusted-coordinator reference" in problems(secagg=True, dp="central")
+    assert "per-seed sums" in problems(dp="distributed", strategy="fedkseed")
