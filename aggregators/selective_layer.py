@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from aggregators.base import (
+    SUM_CLIENT,
     FieldKind,
     AggregateResult,
     Algorithm,
@@ -162,8 +163,6 @@ class SelectiveLayer(Algorithm):
     default_layers = "above-embeddings"  # it chooses among every layer above the embeddings, as in the paper
     update_kind = "delta"
     public_metrics = (BUDGET_METRIC,)  # the site's layer budget: its configuration, not its data
-    secure_aggregation_incompatibility = ("it checks each site's layers against the ones it assigned that site and "
-                                          "tracks which version each site holds (not yet with secure aggregation)")
 
     def payload_kind(self, name: str, parameters: Collection[str]) -> FieldKind | None:
         return FieldKind.LAYER_SCORES if name == SCORES_KEY else super().payload_kind(name, parameters)
@@ -181,6 +180,11 @@ class SelectiveLayer(Algorithm):
         self.known_budgets: dict[ClientId, int] = {}
         self.assigned: dict[ClientId, list[str]] = {}
         self.last_objective: float | None = None
+        # summed per key, each layer's mean is over the sites that trained it: the per-layer mean below
+        self.secure_aggregation_incompatibility = (  # type: ignore[misc]
+            "" if self.config.layer_scores == "fresh" else
+            "layer-scores=stale sends each site's layer scores with its update, and scores are not summed; use "
+            "layer-scores=fresh (scores travel in the probe)")
 
     # ---- server half -------------------------------------------------------------------------
     def init_state(self, initial, layers=None) -> GlobalState:
@@ -328,7 +332,8 @@ class SelectiveLayer(Algorithm):
                 continue
             mean.add({k: v for k, v in reply.payload.arrays.items() if k != SCORES_KEY}, weight)
             result.accepted.append(reply.client)
-            result.details[reply.client] = {"layers": self.assigned.get(reply.client, [])}
+            for client in (self.assigned if reply.client == SUM_CLIENT else [reply.client]):  # a sum: every site's
+                result.details[client] = {"layers": self.assigned.get(client, [])}
             losses.add(reply.payload.metrics, weight)
         deltas = mean.means()
         result.state = {**state, **{k: state[k] + d for k, d in deltas.items()}}
@@ -343,7 +348,9 @@ class SelectiveLayer(Algorithm):
 
     def _validate(self, reply: Reply, state: GlobalState) -> float:
         weight = check_weight(reply.client, reply.payload.num_examples)
-        allowed = {k for name in self.assigned.get(reply.client, []) for k in self.layers[name]}
+        assigned = ([name for names in self.assigned.values() for name in names] if reply.client == SUM_CLIENT
+                    else self.assigned.get(reply.client, []))  # a sum: the layers of every site of the round
+        allowed = {k for name in assigned for k in self.layers[name]}
         deltas = {k: v for k, v in reply.payload.arrays.items() if k != SCORES_KEY}
         check_arrays(reply.client, deltas, state, allowed=allowed, what="layer deltas")
         return weight

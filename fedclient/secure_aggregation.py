@@ -118,9 +118,12 @@ def begin(msg: Message, context: Context, node: Mapping[str, Any], policy: SiteP
         settings = SecureSumSettings.from_config(config)
         fixed = settings.fixed()
         session = session_id(f"{run}|{str(config.get('secagg-nonce', ''))[:64]}", int(config["server-round"]))
-        previous = _load(context)
-        if previous is not None and previous["session"] == session.hex():
-            raise SecAggRefusal("secure aggregation: a second train request for the same aggregation (a replay)")
+        previous = _load(context) or {}
+        server_round = int(config["server-round"])
+        answered = [int(r) for r in previous.get("rounds", [])]
+        if server_round in answered:  # another set of sites for the same round would difference the sums
+            raise SecAggRefusal(f"secure aggregation: round {server_round} of this run was already aggregated "
+                                "with this site (a replay, or a second sum over other sites)")
         kinds = {name: algorithm.payload_kind(name, parameters) for name in payload.arrays}
         vectors = clipped(summed_fields(kinds, payload.arrays, instruction.arrays, algorithm.update_kind),
                           settings.clip)
@@ -135,7 +138,8 @@ def begin(msg: Message, context: Context, node: Mapping[str, Any], policy: SiteP
             residues = weighted_residues(vectors, weight, fixed, rng)
         threshold = settings.threshold or settings.sites // 2 + 1
         state = {"site": int(config["secagg-site"]), "session": session.hex(), "bits": fixed.bits,
-                 "scale": fixed.scale, "assumed-threshold": threshold if distributed is not None else 0}
+                 "scale": fixed.scale, "assumed-threshold": threshold if distributed is not None else 0,
+                 "rounds": (answered + [server_round])[-1000:]}
         site = _site(state, node, policy)
         advertisement = site.advertise(layout_of(residues))
     except (SecAggError, KeyError, ValueError) as err:

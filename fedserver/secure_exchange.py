@@ -23,11 +23,10 @@ from logging import WARNING
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from flwr.app import Message
 from flwr.common import log
 
-from aggregators.base import SUM_CLIENT, ClientId, FieldKind, Instruction, Payload, Reply
+from aggregators.base import SUM_CLIENT, ClientId, Instruction, Reply
 from fedclient.wire import from_recorddict, message_wire_bytes, to_recorddict
 from privacy.distributed_dp import central_noise
 from privacy.secure_aggregation import (
@@ -36,6 +35,7 @@ from privacy.secure_aggregation import (
     SecAggError,
     SecureSumSettings,
     clipped,
+    federation_payload,
     summed_fields,
     weighted_means,
 )
@@ -57,23 +57,6 @@ def secure_instructions(settings: Mapping[str, Any], plan: Mapping[ClientId, Ins
     return {client: Instruction(instruction.arrays, {**instruction.config, "secagg": True, "secagg-site": int(client),
                                                      "secagg-nonce": nonce, **round_settings.to_config()})
             for client, instruction in plan.items()}, round_settings
-
-
-def _federation_payload(strategy: AlgorithmStrategy, means: Mapping[str, np.ndarray], weight: float) -> Payload:
-    """The mean of every summed field as the one reply the algorithm aggregates."""
-    algorithm, state = strategy.algorithm, strategy.state
-    arrays = {}
-    for name, mean in means.items():
-        kind = algorithm.payload_kind(name, state.keys())
-        if kind is FieldKind.MODEL_UPDATE:
-            target = state[name]
-            value = mean.reshape(tuple(target.shape))
-            if algorithm.update_kind == "weights":
-                value = value + target.to(torch.float64).numpy()
-        else:
-            value = mean
-        arrays[name] = value.astype(np.float32)
-    return Payload(arrays, max(1, round(weight)), {})
 
 
 def securely_summed(strategy: AlgorithmStrategy, server_round: int, replies: Iterable[Message]) -> Iterator[Reply]:
@@ -139,9 +122,13 @@ def securely_summed(strategy: AlgorithmStrategy, server_round: int, replies: Ite
         if record.status == "pending":
             record.status, record.error = "failed", "dropped out of secure aggregation"
     strategy.sum_parts = list(survivors)
-    for client_id in survivors:
-        strategy._ledger.client("train", sites[client_id]).details["secagg-survivors"] = len(survivors)
-    yield Reply(SUM_CLIENT, _federation_payload(strategy, means, weight))
+    for client_id in survivors:  # each survivor's update is in the sum, whether or not it answered the unmask step
+        record = strategy._ledger.client("train", sites[client_id])
+        record.details["secagg-survivors"] = len(survivors)
+        if record.status != "pending":
+            record.details["secagg-note"] = f"its update was counted; the unmask step: {record.error}"[:500]
+            record.status, record.error = "pending", None
+    yield Reply(SUM_CLIENT, federation_payload(strategy.algorithm, strategy.state, means, weight))
 
 
 def _reject(strategy: AlgorithmStrategy, site: Site, reason: str) -> None:
@@ -226,7 +213,8 @@ def centrally_noised(strategy: AlgorithmStrategy, server_round: int, replies: It
                                                           float(settings["delta"])),
                             "dp-noise-multiplier": 2 * multiplier}
     strategy.sum_parts = parts
-    yield Reply(SUM_CLIENT, _federation_payload(strategy, {n: v / counts[n] for n, v in noisy.items()}, len(parts)))
+    yield Reply(SUM_CLIENT, federation_payload(strategy.algorithm, strategy.state,
+                                                     {n: v / counts[n] for n, v in noisy.items()}, len(parts)))
 
 
 __all__ = ["centrally_noised", "secure_instructions", "securely_summed"]

@@ -76,7 +76,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from aggregators.base import SUMMABLE, FieldKind
+from aggregators.base import SUMMABLE, FieldKind, Payload
 
 PROTOCOL = b"fedtune-secagg/v1"
 FIELD_PRIME = 2**521 - 1
@@ -743,6 +743,21 @@ def weighted_means(sums: Mapping[str, np.ndarray], fixed: FixedPoint) -> tuple[d
     return means, largest
 
 
+def federation_payload(algorithm: Any, state: Mapping[str, Any], means: Mapping[str, np.ndarray],
+                       weight: float) -> Payload:
+    """The one reply (from :data:`~aggregators.base.SUM_CLIENT`) an algorithm aggregates in place of
+    its sites' replies: each summed field's mean, shaped like its state tensor, with the global value
+    added back for ``weights`` payloads (sites sent changes), and the total weight as its count."""
+    arrays = {}
+    for name, mean in means.items():
+        value = np.asarray(mean, dtype=np.float64)
+        if algorithm.payload_kind(name, state.keys()) is FieldKind.MODEL_UPDATE:
+            target = state[name].detach().cpu().double().numpy()
+            value = value.reshape(target.shape) + (target if algorithm.update_kind == "weights" else 0.0)
+        arrays[name] = value.astype(np.float32)
+    return Payload(arrays, max(1, round(weight)), {})
+
+
 __all__ = ["Advertisement", "FixedPoint", "SecAggCoordinator", "SecAggError", "SecAggRefusal", "SecAggSite",
-           "SecureSumSettings", "UnmaskRequest", "WEIGHT_PREFIX", "clipped", "layout_of", "mask_stream",
+           "SecureSumSettings", "UnmaskRequest", "WEIGHT_PREFIX", "clipped", "federation_payload", "layout_of", "mask_stream",
            "session_id", "shamir_combine", "shamir_split", "summed_fields", "weighted_means", "weighted_residues"]

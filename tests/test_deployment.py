@@ -113,6 +113,23 @@ def _kill_runtime_answering_train(state_dir: pathlib.Path, pid: int, done: dict,
         time.sleep(0.005)
 
 
+def _power_cut_at(site: subprocess.Popen, site_dir: pathlib.Path, line: str, count: int, done: dict,
+                  timeout: float = 300) -> None:
+    """:func:`_power_cut` the site as soon as its log holds ``line`` ``count`` times (read as it grows,
+    every 5 ms: the SuperNode logs a message when it pulls it, before the site answers)."""
+    deadline, seen, tail = time.monotonic() + timeout, 0, ""
+    with open(site_dir / "site.log", errors="replace") as log:
+        log.seek(0, os.SEEK_END)  # what the site logged before this scenario does not count
+        while time.monotonic() < deadline:
+            tail += log.read()
+            seen += tail.count(line)
+            tail = tail[tail.rfind(line) + len(line):] if line in tail else tail[-len(line):]
+            if seen >= count:
+                done["groups"] = _power_cut(site, site_dir)
+                return
+            time.sleep(0.005)
+
+
 def _logs(directory: pathlib.Path) -> str:
     """The tails of every log under ``directory``, for a failure message."""
     return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-1500:]}" for log in sorted(directory.rglob("*.log")))
@@ -329,7 +346,7 @@ def test_the_readme_walkthrough_survives_a_killed_site_and_a_killed_coordinator(
         assert done and run.status in ("running", "failed"), (run.status, run.error)  # SIGKILL or SIGTERM first
         # the coordinator comes back, so does c; the README's run command with resume finishes the run
         shell.ok(start_coordinator)
-        shell.start(line_c, demo / "site-c" / "site.log")
+        site_c = shell.start(line_c, demo / "site-c" / "site.log")
         resumed = shell.ok(run_command.replace('run-name="first run"', f'run-name="first run" resume="{run.id}"'),
                            timeout=400)
         run = store.get_run(run.id)
@@ -402,6 +419,23 @@ def test_the_readme_walkthrough_survives_a_killed_site_and_a_killed_coordinator(
         assert "not signed by the publisher" in " ".join(forged.stderr.split()), forged.stderr[-2000:]
         refused = [r for r in store.list_runs() if r.id != run.id]
         assert len(refused) == 1 and refused[0].status == "stopped" and not store.rounds(refused[0].id)
+        # secure aggregation over TLS: c is cut off right after it sent its masked update (when the
+        # unmask request reaches it); a and b's shares remove its masks and the round completes
+        cut = {}
+        watcher = threading.Thread(target=_power_cut_at, daemon=True, args=(
+            site_c, demo / "site-c", "Receiving: query.secagg message", 3, cut))
+        watcher.start()
+        secure = shell.ok("fedserver run coord --task tiny --strategy fedavg --rounds 1 --run-config "
+                          "'local-steps=2 dp=\"gaussian\" dp-epsilon=4 secagg=true run-name=\"secure run\"'",
+                          timeout=400)
+        assert cut.get("groups") == 2, (cut, _logs(demo))
+        (secure_run,) = [r for r in store.list_runs() if r.name == "secure run"]
+        secure_run = store.get_run(secure_run.id)
+        assert secure_run.status == "completed", (secure_run.error, secure[-2000:])
+        trained = {c.site: c for c in store.client_rounds(secure_run.id, 1) if c.phase == "train"}
+        assert all(c.status == "ok" and c.details["secagg-survivors"] == 3 for c in trained.values()), trained
+        assert "unmask" in trained["site-c"].details.get("secagg-note", ""), trained["site-c"]
+        assert store.rounds(secure_run.id)[0].central_accuracy > 0
         shell.ok(stop)
     finally:
         _stop_sites(shell.background)

@@ -7,6 +7,7 @@ import itertools
 import math
 
 import numpy as np
+import torch
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -458,3 +459,72 @@ def test_the_run_config_check_refuses_what_cannot_be_summed():
     assert "ferret-seeds=client" in problems(secagg=True, strategy="ferret", **{"ferret-seeds": "client"})
     assert "trusted-coordinator reference" in problems(secagg=True, dp="central")
     assert "per-seed sums" in problems(dp="distributed", strategy="fedkseed")
+
+
+def test_a_site_joins_one_secure_sum_per_round(app, tmp_path, flower_identity):
+    """A second train request for a round already aggregated (a replay, or the same round with another
+    nonce to sum over another set of sites and difference the two) is refused."""
+    sites = _three_sites(tmp_path)
+    node, state = sites[101]
+    first = _deliver(app, "train", _train_content({**ROUND, "secagg-site": 101}), node, state=state)
+    assert refusal_reason(first.content) is None
+    for nonce in ("ab" * 16, "cd" * 16):
+        again = _deliver(app, "train", _train_content({**ROUND, "secagg-site": 101, "secagg-nonce": nonce}), node,
+                         state=state)
+        assert "already aggregated" in refusal_reason(again.content)
+    later = _deliver(app, "train", _train_content({**ROUND, "secagg-site": 101}, server_round=2), node, state=state)
+    assert refusal_reason(later.content) is None
+
+
+# ---- the contract: an algorithm given the summed mean reaches the state its replies give ----------
+def _replies_and_sum(algorithm, state, instructions, payloads):
+    """The sites' replies, and the one summed reply secure aggregation would hand the algorithm
+    (computed in float: the fixed point's rounding is tested above)."""
+    from aggregators.base import SUM_CLIENT, Reply
+    from privacy.secure_aggregation import federation_payload, summed_fields
+
+    sums, weights = {}, {}
+    for client, payload in payloads.items():
+        kinds = {n: algorithm.payload_kind(n, state.keys()) for n in payload.arrays}
+        for name, vector in summed_fields(kinds, payload.arrays, instructions[client].arrays,
+                                          algorithm.update_kind).items():
+            sums[name] = sums.get(name, 0) + payload.num_examples * vector
+            weights[name] = weights.get(name, 0) + payload.num_examples
+    means = {name: total / weights[name] for name, total in sums.items()}
+    summed = federation_payload(algorithm, state, means, max(weights.values()))
+    return [Reply(c, p) for c, p in payloads.items()], [Reply(SUM_CLIENT, summed)]
+
+
+@pytest.mark.parametrize("name", ["fedavg", "ferret", "selective-layer"])
+def test_an_algorithm_given_the_summed_mean_reaches_the_state_its_replies_give(name):
+    import copy
+
+    from aggregators import make_algorithm
+
+    if name == "selective-layer":
+        from tests.test_selective_layer import Data, Stack, _client_round, _setup
+
+        model, algorithm, state = _setup(selection="random")
+        clients = [3, 5, 8]
+        instructions, caches = _client_round(algorithm, state, clients, [1, 2, 3])
+        payloads = {c: algorithm.local(Stack(), Data(seed=c), instructions[c], caches[c]) for c in clients}
+        assert len({frozenset(p.arrays) for p in payloads.values()}) > 1  # sites send different layers
+    else:
+        from tests.toy import ToyData, ToyModel, toy_state
+
+        model = ToyModel()
+        algorithm = make_algorithm(name, {"local-steps": 2, "batch-size": 8, "lr": 0.01, "ferret-bases": 64,
+                                          "ferret-block-size": 256, "max-site-weight": 1.0})
+        state = algorithm.init_state(toy_state(model))
+        clients = [3, 5, 8]
+        instructions = algorithm.plan(1, clients, state)
+        payloads = {c: algorithm.local(copy.deepcopy(model), ToyData(n=20 + 10 * c, seed=c), instructions[c], {})
+                    for c in clients}
+    assert algorithm.secure_aggregation_incompatibility == ""
+    replies, summed = _replies_and_sum(algorithm, state, instructions, payloads)
+    by_site = copy.deepcopy(algorithm).aggregate(1, state, replies)
+    by_sum = copy.deepcopy(algorithm).aggregate(1, state, summed)
+    assert by_sum.accepted == [0] and not by_sum.rejected
+    for key in state:
+        assert torch.allclose(by_site.state[key], by_sum.state[key], atol=1e-6), key
+    assert any(not torch.equal(by_site.state[k], state[k]) for k in state)  # the round did change the model
