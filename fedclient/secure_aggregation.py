@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import pathlib
 from collections.abc import Mapping
 from typing import Any
@@ -36,6 +37,7 @@ from fedclient.wire import ARRAYS, array_record, from_recorddict, refusal_record
 from privacy.distributed_dp import DistributedGaussian
 from privacy.refusal import PolicyRefusal, site_log
 from privacy.secure_aggregation import (
+    METRIC_PREFIX,
     WEIGHT_PREFIX,
     Advertisement,
     FixedPoint,
@@ -128,13 +130,18 @@ def begin(msg: Message, context: Context, node: Mapping[str, Any], policy: SiteP
         vectors = clipped(summed_fields(kinds, payload.arrays, instruction.arrays, algorithm.update_kind),
                           settings.clip)
         rng = np.random.default_rng()  # rounding and noise must be unpredictable: never seeded
-        if distributed is not None:
+        if distributed is not None:  # one release: the sensitivity is that of all vectors together
+            dimension = sum(v.size for v in vectors.values())
             residues = {}
             for name, vector in vectors.items():
-                residues[name] = fixed.encode_integers(distributed.noised_integers(vector, fixed.scale, rng))
+                residues[name] = fixed.encode_integers(distributed.noised_integers(vector, fixed.scale, rng, dimension))
                 residues[WEIGHT_PREFIX + name] = fixed.encode_integers(np.array([round(fixed.scale)]))
         else:
             weight = max(1, min(policy.reported_examples(payload.num_examples), settings.max_weight))
+            loss = payload.metrics.get("train-loss")  # summed too: the coordinator learns the mean loss only
+            bound = max(settings.clip, 1.0)
+            if isinstance(loss, (int, float)) and math.isfinite(loss):
+                vectors[METRIC_PREFIX + "train-loss"] = np.array([min(max(float(loss), -bound), bound)])
             residues = weighted_residues(vectors, weight, fixed, rng)
         threshold = settings.threshold or settings.sites // 2 + 1
         state = {"site": int(config["secagg-site"]), "session": session.hex(), "bits": fixed.bits,

@@ -30,6 +30,7 @@ from aggregators.base import SUM_CLIENT, ClientId, Instruction, Reply
 from fedclient.wire import from_recorddict, message_wire_bytes, to_recorddict
 from privacy.distributed_dp import central_noise
 from privacy.secure_aggregation import (
+    METRIC_PREFIX,
     Advertisement,
     SecAggCoordinator,
     SecAggError,
@@ -110,6 +111,8 @@ def securely_summed(strategy: AlgorithmStrategy, server_round: int, replies: Ite
             s: {"survivors": list(request.survivors), "dropped": list(request.dropped)} for s in request.survivors})
         sums, survivors = coordinator.result()
         means, weight = weighted_means(sums, coordinator.fixed)
+        metrics = {name.removeprefix(METRIC_PREFIX): float(means.pop(name)[0])
+                   for name in [n for n in means if n.startswith(METRIC_PREFIX)]}
     except SecAggError as err:
         log(WARNING, "round %s: secure aggregation failed: %s", server_round, err)
         for site in sites.values():
@@ -128,7 +131,9 @@ def securely_summed(strategy: AlgorithmStrategy, server_round: int, replies: Ite
         if record.status != "pending":
             record.details["secagg-note"] = f"its update was counted; the unmask step: {record.error}"[:500]
             record.status, record.error = "pending", None
-    yield Reply(SUM_CLIENT, federation_payload(strategy.algorithm, strategy.state, means, weight))
+    summed = federation_payload(strategy.algorithm, strategy.state, means, weight)
+    summed.metrics.update(metrics)  # the weighted mean training loss over the sites whose sum this is
+    yield Reply(SUM_CLIENT, summed)
 
 
 def _reject(strategy: AlgorithmStrategy, site: Site, reason: str) -> None:

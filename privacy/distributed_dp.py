@@ -104,11 +104,15 @@ class DistributedGaussian:
         """The noise standard deviation on the sum of ``threshold`` shares, in value units."""
         return self.noise_multiplier * self.sensitivity(scale, dimension) / scale
 
-    def noised_integers(self, vector: np.ndarray, scale: float, rng: np.random.Generator) -> np.ndarray:
-        """``vector`` (already clipped to ``clip``) scaled, rounded stochastically, plus this site's share."""
+    def noised_integers(self, vector: np.ndarray, scale: float, rng: np.random.Generator,
+                        dimension: int | None = None) -> np.ndarray:
+        """``vector`` (already clipped to ``clip``) scaled, rounded stochastically, plus this site's
+        share; ``dimension`` is that of the whole release (every vector clipped together), which the
+        sensitivity depends on (default: this vector's)."""
         x = np.asarray(vector, dtype=np.float64).reshape(-1) * scale
         rounded = np.floor(x + rng.random(x.shape)).astype(np.int64)
-        return rounded + discrete_gaussian(self.local_sigma(scale, x.size), x.size, rng)
+        sigma = self.local_sigma(scale, max(x.size, dimension or 0))
+        return rounded + discrete_gaussian(sigma, x.size, rng)
 
     def release(self) -> Release:
         return Release("gaussian", self.noise_multiplier)

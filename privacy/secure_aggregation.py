@@ -634,6 +634,9 @@ class SecAggCoordinator:
 
 
 # ---- payloads as summable vectors ----------------------------------------------------------------
+METRIC_PREFIX = "metric/"
+"""A site's vector ``metric/NAME`` (one entry) holds a reply metric summed with its update (the
+training loss): the coordinator learns its weighted mean only."""
 WEIGHT_PREFIX = "weight/"
 """A site's vector ``weight/NAME`` (one entry) holds its weight, so that per vector the coordinator
 learns the total weight of the sites that sent it (partial replies) and divides by it."""
@@ -759,5 +762,5 @@ def federation_payload(algorithm: Any, state: Mapping[str, Any], means: Mapping[
 
 
 __all__ = ["Advertisement", "FixedPoint", "SecAggCoordinator", "SecAggError", "SecAggRefusal", "SecAggSite",
-           "SecureSumSettings", "UnmaskRequest", "WEIGHT_PREFIX", "clipped", "federation_payload", "layout_of", "mask_stream",
+           "METRIC_PREFIX", "SecureSumSettings", "UnmaskRequest", "WEIGHT_PREFIX", "clipped", "federation_payload", "layout_of", "mask_stream",
            "session_id", "shamir_combine", "shamir_split", "summed_fields", "weighted_means", "weighted_residues"]

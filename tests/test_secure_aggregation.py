@@ -528,3 +528,11 @@ def test_an_algorithm_given_the_summed_mean_reaches_the_state_its_replies_give(n
     for key in state:
         assert torch.allclose(by_site.state[key], by_sum.state[key], atol=1e-6), key
     assert any(not torch.equal(by_site.state[k], state[k]) for k in state)  # the round did change the model
+
+
+def test_the_console_form_asks_for_secure_aggregation_and_is_checked_like_a_run():
+    from fedserver.console.control import FormError, RunRequest
+
+    assert RunRequest(secagg=True, dp="distributed").run_config()["secagg"] is True
+    with pytest.raises(FormError, match="FRL's server votes"):
+        RunRequest(strategy="frl", secagg=True)

@@ -54,8 +54,10 @@ class NewRun(BaseModel):
     rounds: int = Field(3, ge=1, le=10_000, description="federated rounds")
     clients: int = Field(3, ge=1, le=1_000, description="virtual clients (simulation) ")
     codec: str = Field("", description="update codec, e.g. topk:0.01+q8 (empty: none)")
-    dp: str = Field("off", description="local DP mechanism: off, gaussian or laplace")
+    dp: str = Field("off", description="DP mechanism: off, gaussian or laplace (local), distributed (each site's "
+                    "share of the noise, secure aggregation), central (the coordinator noises the sum)")
     dp_epsilon: float = Field(8.0, gt=0, description="each site's privacy budget ε")
+    secagg: bool = Field(False, description="secure aggregation: the coordinator sees only the sum of the updates")
     name: str = Field("", max_length=100, description="run name (default: console-<time>)")
 
 

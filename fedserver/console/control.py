@@ -40,6 +40,7 @@ class RunRequest:
     codec: str = ""
     dp: str = "off"
     dp_epsilon: float = 8.0
+    secagg: bool = False
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -62,6 +63,8 @@ class RunRequest:
                                   "dp": self.dp, "dp-epsilon": self.dp_epsilon}
         if self.codec:
             config["codec"] = self.codec
+        if self.secagg:
+            config["secagg"] = True
         if self.name:
             config["run-name"] = self.name
         return config
