@@ -20,6 +20,7 @@ Usage::
 
     python bench/secure_aggregation.py                         # minilm-bbc, 10 clients, 5 rounds
     python bench/secure_aggregation.py --methods fedavg --epsilons 4 --rounds 3
+    python bench/secure_aggregation.py --methods fedavg --epsilons none --repeats 3   # overhead only
 """
 
 from __future__ import annotations
@@ -49,14 +50,14 @@ MECHANISMS = {
 def run_arm(name: str, common: dict, clients: int, tmp: str) -> dict:
     method, mechanism, budget = name.split("/")
     privacy = dict(MECHANISMS[mechanism])
-    if budget:
+    if budget and not budget.startswith("#"):  # "#r": the r-th repeat of an arm without DP
         privacy["dp-epsilon"] = float(budget)
     overrides = {**common, **METHODS[method], **privacy}
-    store, run_id, wall = simulate_arm(name.replace("/", "-").strip("-"), overrides, clients, tmp)
+    store, run_id, wall = simulate_arm(name.replace("/", "-").replace("#", "r").strip("-"), overrides, clients, tmp)
     summary = arm_summary(name, store, run_id, wall)
     rounds = store.rounds(run_id)
     later = [r.seconds for r in rounds[1:]] or [rounds[0].seconds]
-    summary.update(method=method, mechanism=mechanism, epsilon=float(budget) if budget else None,
+    summary.update(method=method, mechanism=mechanism, epsilon=float(budget) if budget and budget[0] != "#" else None,
                    status=store.get_run(run_id).status, steady_seconds=statistics.fmean(later),
                    failed=sum(1 for c in store.client_rounds(run_id) if c.phase == "train" and c.status != "ok"))
     return summary
@@ -66,20 +67,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_federation_arguments(parser, rounds=5, alpha=0.5)
     parser.add_argument("--methods", default="fedavg,ferret", help=f"comma-separated, from: {', '.join(METHODS)}")
-    parser.add_argument("--epsilons", default="1,4,8", help="per-site budgets")
+    parser.add_argument("--epsilons", default="1,4,8", help="per-site budgets ('none': only the overhead arms)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run the plain and secagg arms this many times, alternating (mean ± sd of the ratios)")
     parser.add_argument("--clip", type=float, default=1.0, help="L2 bound C of each site's update under DP")
     args = parser.parse_args()
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    epsilons = [e.strip() for e in args.epsilons.split(",")]
+    epsilons = [] if args.epsilons == "none" else [e.strip() for e in args.epsilons.split(",")]
     common = {"task": args.task, "num-server-rounds": args.rounds, "partition": "dirichlet", "alpha": args.alpha,
               "seed": 0, "clip": args.clip, "dp-delta": 1e-5, "fraction-evaluate": 0.0,
               "max-site-weight": 1.0}  # secure aggregation cannot cap shares it never sees: no arm does
     print(f"{args.task}, {args.clients} clients, Dirichlet({args.alpha}), {args.rounds} rounds, all clients every "
           f"round; DP: clip C = {args.clip}, δ = 1e-5, Gaussian noise calibrated to each ε")
-    names = [f"{m}/{k}/" for m in methods for k in ("plain", "secagg")]
+    names = [f"{m}/{k}/{'' if r == 0 else f'#{r}'}" for m in methods for r in range(args.repeats)
+             for k in ("plain", "secagg")]
     names += [f"{m}/{k}/{e}" for m in methods for e in epsilons for k in ("local", "distributed", "central")]
     results = run_arms(
         names,
@@ -88,9 +92,17 @@ def main() -> int:
                   f"{r['up'] / 1e6:.2f} MB up, {r['wall']:.0f} s",
     )
     by = {r["arm"]: r for r in results}
+
+    def ratios(method: str, key: str) -> list[float]:
+        return [by[f"{method}/secagg/{s}"][key] / by[f"{method}/plain/{s}"][key]
+                for s in [""] + [f"#{r}" for r in range(1, args.repeats)]]
+
+    def spread(values: list[float]) -> str:
+        return f"{statistics.fmean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
+
     print("\n| method | ε per site | local DP | secure aggregation + distributed DP | central DP |")
     print("|---|---|---|---|---|")
-    for m in methods:
+    for m in methods if epsilons else []:
         for e in epsilons:
             cells = [by[f"{m}/{k}/{e}"] for k in ("local", "distributed", "central")]
             print(f"| {m} | {e} | " + " | ".join(
@@ -98,21 +110,25 @@ def main() -> int:
                 for c in cells) + " |")
         print(f"| {m} | ∞ (no DP) | plain {by[f'{m}/plain/']['accuracy'][-1]:.3f} | "
               f"secure aggregation {by[f'{m}/secagg/']['accuracy'][-1]:.3f} | – |")
-    print("\n| method | arm | uplink per site-round (MB) | × plain | round time, rounds 2.. (s) | × plain |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| method | uplink per site-round, plain (MB) | secagg | × plain | round time, rounds 2.., plain (s) "
+          f"| secagg | × plain ({args.repeats} run(s) each{', mean ± sd' if args.repeats > 1 else ''}) |")
+    print("|---|---|---|---|---|---|---|")
     for m in methods:
-        plain = by[f"{m}/plain/"]
-        for k in ("plain", "secagg"):
-            r = by[f"{m}/{k}/"]
-            print(f"| {m} | {k} | {r['up'] / 1e6:.3f} | {r['up'] / plain['up']:.3f} | {r['steady_seconds']:.2f} | "
-                  f"{r['steady_seconds'] / plain['steady_seconds']:.2f} |")
-    first, middle = methods[0], epsilons[len(epsilons) // 2]
-    plain, secure = by[f"{first}/plain/"], by[f"{first}/secagg/"]
+        plain = [r for r in results if r["arm"].startswith(f"{m}/plain/")]
+        secure = [r for r in results if r["arm"].startswith(f"{m}/secagg/")]
+        print(f"| {m} | {spread([r['up'] / 1e6 for r in plain])} | {spread([r['up'] / 1e6 for r in secure])} | "
+              f"{spread(ratios(m, 'up'))} | {spread([r['steady_seconds'] for r in plain])} | "
+              f"{spread([r['steady_seconds'] for r in secure])} | {spread(ratios(m, 'steady_seconds'))} |")
+    first = methods[0]
+    overhead = f"overhead bytes {spread(ratios(first, 'up'))}×, time {spread(ratios(first, 'steady_seconds'))}×"
+    if not epsilons:
+        print(f"\nsecagg ({first}): {overhead}")
+        return 0
+    middle = epsilons[len(epsilons) // 2]
     print(f"\n({first}; ε = {middle} is the middle budget; accuracies are final central accuracy)")
     print(f"secagg: eps={middle} distributed {by[f'{first}/distributed/{middle}']['accuracy'][-1]:.3f}, "
           f"central {by[f'{first}/central/{middle}']['accuracy'][-1]:.3f}, "
-          f"local {by[f'{first}/local/{middle}']['accuracy'][-1]:.3f}; "
-          f"overhead bytes {secure['up'] / plain['up']:.2f}×, time {secure['steady_seconds'] / plain['steady_seconds']:.2f}×")
+          f"local {by[f'{first}/local/{middle}']['accuracy'][-1]:.3f}; {overhead}")
     return 0
 
 
