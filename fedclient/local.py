@@ -44,6 +44,7 @@ from fedclient.wire import (
 )
 from privacy.accounting import PrivacyBudgetExceeded
 from privacy.distributed_dp import DistributedGaussian
+from privacy.secure_aggregation import SecAggRefusal
 from privacy.ldp import LdpSettings, LocalPrivacy, calibrated_parameter, private_evaluation
 from privacy.site_privacy import LOCAL_MECHANISMS
 from privacy.refusal import PolicyRefusal, site_log
@@ -204,8 +205,10 @@ def distributed_share(privacy: LdpSettings, ledger: str | None, client_state: di
     """This site's share of distributed DP for the round: the Gaussian multiplier its own budget
     (the run's ε capped by its policy, and what its lifetime budget leaves) allows, for at least the
     threshold of honest sites the round's settings name. PrivacyBudgetExceeded when none fits."""
-    sites = int(instruction.config["secagg-sites"])
-    threshold = int(instruction.config.get("secagg-threshold") or sites // 2 + 1)
+    from privacy.secure_aggregation import SecureSumSettings
+
+    settings = SecureSumSettings.from_config(instruction.config)  # validated before it sizes any noise
+    threshold = settings.threshold or settings.sites // 2 + 1
     with privacy.ledger(ledger, client_state).transaction() as book:
         own = book.run_releases(privacy.run)
         multiplier = (privacy.noise_multiplier / 2 if privacy.noise_multiplier
@@ -243,8 +246,15 @@ def train_reply(msg: Message, context: Context, node: Mapping[str, Any], config:
             raise PolicyRefusal("secure-aggregation.required", "this site sends its update only securely aggregated")
         if privacy.mechanism == "distributed" and not secure:
             raise PolicyRefusal("privacy.mechanisms", "distributed DP needs secure aggregation, and this round has none")
+        if secure:
+            from fedclient.secure_aggregation import check_new_round
+
+            check_new_round(context, instruction.config)  # before any training or privacy spending
     except PolicyRefusal as err:
         return Message(refusal_record(str(err)), reply_to=msg)
+    except SecAggRefusal as err:  # a replayed round
+        return Message(refusal_record(f"site policy secure-aggregation: {str(err).removeprefix('secure aggregation: ')}"),
+                       reply_to=msg)
     local_noise = privacy.mechanism in LOCAL_MECHANISMS
     wrap = functools.partial(LocalPrivacy, site=policy.privacy, ledger_path=ledger,
                              run=run_key(context)) if local_noise else None

@@ -107,11 +107,35 @@ def _load(context: Context) -> dict[str, Any] | None:
     return json.loads(str(context.state[STATE]["json"]))
 
 
+TERMS = ("strategy", "server-round", "lr", "local-steps", "batch-size", "weight-decay", "grad-accumulation",
+         "warmup-steps", "lr-schedule", "precision", "schedule-step", "schedule-steps", "ferret-bases",
+         "ferret-block-size", "noise-seed", "dp", "dp-epsilon", "dp-delta", "clip", "dp-noise-multiplier",
+         "secagg-sites", "secagg-bits", "secagg-clip", "secagg-max-weight", "secagg-threshold", "secagg-noise",
+         "secagg-nonce")
+"""The instruction keys every site of one secure sum must have been given alike (how much each trains,
+the privacy asked, the sum's settings); their digest is in each advertisement and compared by all."""
+
+
+def terms_digest(config: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps({k: config.get(k) for k in TERMS}, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_new_round(context: Context, config: Mapping[str, Any]) -> None:
+    """SecAggRefusal when this site already joined a secure sum for the instruction's round of this
+    run (a replay, or the same round again to sum over another set of sites and difference the two):
+    checked before the site trains or spends privacy budget."""
+    server_round = int(config["server-round"])
+    if server_round in (_load(context) or {}).get("rounds", []):
+        raise SecAggRefusal(f"secure aggregation: round {server_round} of this run was already aggregated "
+                            "with this site (a replay, or a second sum over other sites)")
+
+
 def begin(msg: Message, context: Context, node: Mapping[str, Any], policy: SitePolicy, algorithm: Algorithm,
           payload: Payload, instruction: Instruction, parameters: set[str], run: str,
           distributed: DistributedGaussian | None) -> Message:
     """Step 0 at the site: keep this round's encoded vectors, answer with the signed advertisement.
-    ``distributed`` (already charged to the ledger by the caller) noises the vectors."""
+    ``distributed`` (already charged to the ledger by the caller) noises the vectors; then they are
+    clipped to its clip (the site's own, which its noise is sized for), else to ``secagg-clip``."""
     config = instruction.config
     try:
         if algorithm.secure_aggregation_incompatibility:
@@ -119,16 +143,13 @@ def begin(msg: Message, context: Context, node: Mapping[str, Any], policy: SiteP
                               f"{algorithm.secure_aggregation_incompatibility}")
         settings = SecureSumSettings.from_config(config)
         fixed = settings.fixed()
-        session = session_id(f"{run}|{str(config.get('secagg-nonce', ''))[:64]}", int(config["server-round"]))
-        previous = _load(context) or {}
         server_round = int(config["server-round"])
-        answered = [int(r) for r in previous.get("rounds", [])]
-        if server_round in answered:  # another set of sites for the same round would difference the sums
-            raise SecAggRefusal(f"secure aggregation: round {server_round} of this run was already aggregated "
-                                "with this site (a replay, or a second sum over other sites)")
+        session = session_id(f"{run}|{str(config.get('secagg-nonce', ''))[:64]}", server_round)
+        check_new_round(context, config)
+        answered = [int(r) for r in (_load(context) or {}).get("rounds", [])]
         kinds = {name: algorithm.payload_kind(name, parameters) for name in payload.arrays}
         vectors = clipped(summed_fields(kinds, payload.arrays, instruction.arrays, algorithm.update_kind),
-                          settings.clip)
+                          distributed.clip if distributed is not None else settings.clip)
         rng = np.random.default_rng()  # rounding and noise must be unpredictable: never seeded
         if distributed is not None:  # one release: the sensitivity is that of all vectors together
             dimension = sum(v.size for v in vectors.values())
@@ -143,12 +164,11 @@ def begin(msg: Message, context: Context, node: Mapping[str, Any], policy: SiteP
             if isinstance(loss, (int, float)) and math.isfinite(loss):
                 vectors[METRIC_PREFIX + "train-loss"] = np.array([min(max(float(loss), -bound), bound)])
             residues = weighted_residues(vectors, weight, fixed, rng)
-        threshold = settings.threshold or settings.sites // 2 + 1
         state = {"site": int(config["secagg-site"]), "session": session.hex(), "bits": fixed.bits,
-                 "scale": fixed.scale, "assumed-threshold": threshold if distributed is not None else 0,
-                 "rounds": (answered + [server_round])[-1000:]}
+                 "scale": fixed.scale, "rounds": (answered + [server_round])[-1000:],
+                 "assumed-threshold": distributed.threshold if distributed is not None else 0}
         site = _site(state, node, policy)
-        advertisement = site.advertise(layout_of(residues))
+        advertisement = site.advertise(layout_of(residues), terms_digest(config))
     except (SecAggError, KeyError, ValueError) as err:
         return _refusal(msg, err)
     _save(context, state, site, residues)
@@ -169,7 +189,7 @@ def _refusal(msg: Message, err: Exception) -> Message:
 
 
 def step(msg: Message, context: Context, node: Mapping[str, Any], policy: SitePolicy) -> Message:
-    """Steps 1-3 (``secagg-step`` = ``share``, ``mask``, ``unmask``) at the site."""
+    """Steps 1-4 (``secagg-step`` = ``share``, ``mask``, ``confirm``, ``unmask``) at the site."""
     try:
         parts = from_recorddict(msg.content)
         config = parts.config
@@ -194,8 +214,14 @@ def step(msg: Message, context: Context, node: Mapping[str, Any], policy: SitePo
                                        fixed)
             del context.state[RESIDUES]
             reply = RecordParts(arrays=masked)
+        elif kind == "confirm":
+            reply = RecordParts(config={"signature": site.confirm(_ints(config, "survivors"))})
         elif kind == "unmask":
-            answer = site.unmask(UnmaskRequest(tuple(_ints(config, "survivors")), tuple(_ints(config, "dropped"))))
+            signers, signatures = _ints(config, "signers"), _bytes(config, "signatures")
+            if len(signers) != len(signatures):
+                raise SecAggError("the survivors' signatures do not pair up with their signers")
+            answer = site.unmask(UnmaskRequest(tuple(_ints(config, "survivors")), tuple(_ints(config, "dropped"))),
+                                 dict(zip(signers, signatures, strict=True)))
             reply = RecordParts(config={
                 "self-seed-sites": sorted(answer["self-seed"]),
                 "self-seed-shares": [answer["self-seed"][u].to_bytes(SHARE_BYTES, "big")

@@ -17,8 +17,9 @@ coordinator clips each site's summed fields, adds Gaussian noise to the sum
 
 from __future__ import annotations
 
+import functools
 import secrets
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from logging import WARNING
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ import numpy as np
 from flwr.app import Message
 from flwr.common import log
 
-from aggregators.base import SUM_CLIENT, ClientId, Instruction, Reply
+from aggregators.base import SUM_CLIENT, ClientId, FieldKind, Instruction, Reply
 from fedclient.wire import from_recorddict, message_wire_bytes, to_recorddict
 from privacy.distributed_dp import central_noise
 from privacy.secure_aggregation import (
@@ -35,6 +36,7 @@ from privacy.secure_aggregation import (
     SecAggCoordinator,
     SecAggError,
     SecureSumSettings,
+    check_summed_layout,
     clipped,
     federation_payload,
     summed_fields,
@@ -54,7 +56,8 @@ def secure_instructions(settings: Mapping[str, Any], plan: Mapping[ClientId, Ins
     """``plan`` with each instruction asking for secure aggregation among the round's sites, and the
     round's settings (the sites size their fixed point from the same)."""
     nonce = secrets.token_hex(16)  # a fresh session per round, even for a repeated round number
-    round_settings = SecureSumSettings(sites=max(2, len(plan)), **settings)
+    sites = max(2, len(plan))  # the threshold is fixed here, once: sites noise for it (distributed DP)
+    round_settings = SecureSumSettings(sites=sites, **{**settings, "threshold": settings["threshold"] or sites // 2 + 1})
     return {client: Instruction(instruction.arrays, {**instruction.config, "secagg": True, "secagg-site": int(client),
                                                      "secagg-nonce": nonce, **round_settings.to_config()})
             for client, instruction in plan.items()}, round_settings
@@ -85,7 +88,8 @@ def securely_summed(strategy: AlgorithmStrategy, server_round: int, replies: Ite
         record.status = "pending"
         if coordinator is None:
             settings = strategy.secure_round
-            coordinator = SecAggCoordinator(session, settings.fixed(), settings.threshold)
+            coordinator = SecAggCoordinator(session, settings.fixed(), settings.threshold,
+                                            functools.partial(check_summed_layout, sizes=_expected_size(strategy)))
         if session != coordinator.session:
             _reject(strategy, site, "its session is not the round's (another run, round or nonce)")
             continue
@@ -106,14 +110,19 @@ def securely_summed(strategy: AlgorithmStrategy, server_round: int, replies: Ite
             s: {"share-from": sorted(coordinator.shares_for(s)),
                 "share-ct": [coordinator.shares_for(s)[f] for f in sorted(coordinator.shares_for(s))],
                 "sharers": sharers} for s in sharers})
+        survivors = coordinator.survivors()
+        _step(strategy, server_round, coordinator, sites, "confirm", {s: {"survivors": survivors} for s in survivors})
         request = coordinator.unmask_request()
+        signers = sorted(coordinator.confirmations)
         _step(strategy, server_round, coordinator, sites, "unmask", {
-            s: {"survivors": list(request.survivors), "dropped": list(request.dropped)} for s in request.survivors})
+            s: {"survivors": list(request.survivors), "dropped": list(request.dropped), "signers": signers,
+                "signatures": [coordinator.confirmations[c] for c in signers]} for s in signers})
         sums, survivors = coordinator.result()
         means, weight = weighted_means(sums, coordinator.fixed)
         metrics = {name.removeprefix(METRIC_PREFIX): float(means.pop(name)[0])
                    for name in [n for n in means if n.startswith(METRIC_PREFIX)]}
-    except SecAggError as err:
+        summed = federation_payload(strategy.algorithm, strategy.state, means, weight)
+    except (SecAggError, KeyError, ValueError) as err:  # a sum that cannot be used costs the round, not the run
         log(WARNING, "round %s: secure aggregation failed: %s", server_round, err)
         for site in sites.values():
             record = strategy._ledger.client("train", site)
@@ -131,9 +140,22 @@ def securely_summed(strategy: AlgorithmStrategy, server_round: int, replies: Ite
         if record.status != "pending":
             record.details["secagg-note"] = f"its update was counted; the unmask step: {record.error}"[:500]
             record.status, record.error = "pending", None
-    summed = federation_payload(strategy.algorithm, strategy.state, means, weight)
     summed.metrics.update(metrics)  # the weighted mean training loss over the sites whose sum this is
     yield Reply(SUM_CLIENT, summed)
+
+
+def _expected_size(strategy: AlgorithmStrategy) -> Callable[[str], int | None]:
+    """How long each summed vector must be: a model tensor's size; a summed field, any length (the
+    coordinator holds every site to the first one's); nothing the algorithm does not sum."""
+    algorithm, state = strategy.algorithm, strategy.state
+
+    def size(name: str) -> int | None:
+        kind = algorithm.payload_kind(name, state.keys())
+        if kind is FieldKind.MODEL_UPDATE:
+            return int(state[name].numel())
+        return 0 if kind is FieldKind.SUMMED else None
+
+    return size
 
 
 def _reject(strategy: AlgorithmStrategy, site: Site, reason: str) -> None:
@@ -168,6 +190,8 @@ def _step(strategy: AlgorithmStrategy, server_round: int, coordinator: SecAggCoo
                                        bytes(parts.config.get("commitment", b"")))
             elif step == "mask":
                 coordinator.add_masked_input(client_id, parts.arrays)
+            elif step == "confirm":
+                coordinator.add_confirmation(client_id, parts.config.get("signature", b""))
             else:
                 answer = {}
                 for kind in ("self-seed", "mask-key"):

@@ -2,19 +2,23 @@ r"""Secure aggregation: the coordinator learns the sum of the sites' vectors and
 
 Bonawitz, Ivanov, Kreuter, Marcedone, McMahan, Patel, Ramage, Segal, Seth, "Practical Secure
 Aggregation for Privacy-Preserving Machine Learning", CCS 2017 (arXiv 1611.04482), §4 (the
-protocol) with the signatures of its active-adversary variant on the advertised keys. One
-aggregation is four exchanges between the coordinator (:class:`SecAggCoordinator`) and each site
-(:class:`SecAggSite`):
+protocol) with its active-adversary variant's signatures on the advertised keys and its consistency
+check. One aggregation is five exchanges between the coordinator (:class:`SecAggCoordinator`) and
+each site (:class:`SecAggSite`):
 
 0. **Advertise keys.** Site :math:`u` draws two X25519 key pairs for this aggregation only,
    :math:`(c_u^{pk}, c_u^{sk})` (to encrypt shares) and :math:`(s_u^{pk}, s_u^{sk})` (to agree
-   masks), and signs :math:`(\text{session}, u, c_u^{pk}, s_u^{pk}, \text{layout}_u)` with its
-   identity key (its enrolled key at a real site). The *layout* names the vectors the site will
-   send and their lengths, so that masks can be per vector ("key") and partial replies still sum.
-   The coordinator keeps the set :math:`U_1` of sites that answered.
-1. **Share keys.** Every site checks every signature in the roster, draws a self-mask seed
-   :math:`b_u`, Shamir-shares :math:`s_u^{sk}` and :math:`b_u` with threshold :math:`t` among
-   :math:`U_1`, and sends share :math:`j` to site :math:`v` encrypted with AES-256-GCM under
+   masks), and signs :math:`(\text{session}, u, c_u^{pk}, s_u^{pk}, \text{layout}_u, \text{terms})`
+   with its identity key (its enrolled key at a real site). The *layout* names the vectors the site
+   will send and their lengths, so that masks can be per vector ("key") and partial replies still
+   sum; *terms* is a digest of the round's training terms as the site received them, so every site
+   can check the others were asked the same (a coordinator cannot give the others a zero learning
+   rate and subtract their known updates from the sum). The coordinator keeps the set :math:`U_1`.
+1. **Share keys.** Every site checks the roster (every signature; distinct identity keys; the same
+   terms; one length per vector name; a threshold :math:`t` of at least a majority of the roster and
+   of its policy's ``min-threshold``), draws a self-mask seed :math:`b_u`, Shamir-shares
+   :math:`s_u^{sk}` and :math:`b_u` with threshold :math:`t` among :math:`U_1`, and sends share
+   :math:`j` to site :math:`v` encrypted with AES-256-GCM under
    :math:`\mathrm{HKDF}(\mathrm{X25519}(c_u^{sk}, c_v^{pk}))`, the session, :math:`u` and :math:`v`
    bound as associated data (a share moved to another pair, round or run fails to decrypt). It
    also commits to :math:`b_u` (SHA-256). The coordinator keeps the set :math:`U_2` of senders.
@@ -29,17 +33,22 @@ aggregation is four exchanges between the coordinator (:class:`SecAggCoordinator
    HKDF of the seed and the vector's name. One site's :math:`y_u` is uniform over
    :math:`\mathbb Z_{2^m}` to anyone without its seeds. The coordinator keeps the senders
    :math:`U_3` and sums their :math:`y`.
-3. **Unmask.** The coordinator asks the sites of :math:`U_3` for their shares of :math:`b_u` for
+3. **Consistency check.** The coordinator sends :math:`U_3` to its sites; each signs it once
+   (:func:`survivors_statement`). Since :math:`t` is more than half the roster, no two different
+   survivor sets can both collect :math:`t` honest signatures.
+4. **Unmask.** The coordinator asks the sites that confirmed for their shares of :math:`b_u` for
    :math:`u \in U_3` and of :math:`s_u^{sk}` for :math:`u \in U_2 \setminus U_3` (dropped after
-   sharing, before masking). A site answers once per aggregation and refuses a request in which a
-   site is asked for both kinds of share, in which it is itself listed as dropped, which is not a
-   partition of :math:`U_2`, or which leaves fewer than :math:`t` survivors: with both of a
-   site's seeds the coordinator could unmask that site's own vector. From any :math:`t` answers the
-   coordinator rebuilds each :math:`b_u` (checked against its commitment) and each dropped
-   :math:`s_u^{sk}` (checked against :math:`s_u^{pk}`), removes the self-masks and the pairwise
-   masks the survivors still hold with dropped sites, and keeps :math:`\sum_{u \in U_3} x_u`.
+   sharing, before masking), showing at least :math:`t` signatures of :math:`U_3`. A site answers
+   once per aggregation and refuses a request for another survivor set than the one it signed, with
+   fewer than :math:`t` valid signatures of it, asking for both kinds of share of one site, listing
+   itself as dropped, or that is not a partition of :math:`U_2`: with both of a site's seeds the
+   coordinator could unmask that site's own vector, and telling different sites different survivor
+   sets is how it would get them. From any :math:`t` answers the coordinator rebuilds each
+   :math:`b_u` (checked against its commitment) and each dropped :math:`s_u^{sk}` (checked against
+   :math:`s_u^{pk}`), removes the self-masks and the pairwise masks the survivors still hold with
+   dropped sites, and keeps :math:`\sum_{u \in U_3} x_u`.
 
-Up to :math:`|U_2| - t` sites may drop after sharing; :math:`t` defaults to a majority of
+Up to :math:`|U_2| - t` sites may drop after sharing; :math:`t` is at least a majority of
 :math:`U_1` and a site's own policy sets the least :math:`t` and the fewest sites it masks with.
 
 **Fixed point** (:class:`FixedPoint`). Values are scaled by :math:`s` and rounded *stochastically*
@@ -49,7 +58,9 @@ vectors with entries in :math:`[-B, B]` (plus any noise margin) cannot wrap. The
 exact: decoding the unmasked sum gives :math:`\sum_u \mathrm{round}(x_u s)/s`.
 
 **Trust.** The coordinator relays the roster; a site trusts an identity key in it only as far as
-its ``verify_peer`` callback says (a real site: the enrolled keys, or the keys its policy pins).
+its ``verify_peer`` callback says (at a real site: the fingerprints its policy pins, else any key:
+then a coordinator that adds sites of its own to the roster can isolate one honest site, which
+pinning rules out, since every roster site must hold a distinct pinned key).
 Secrets never leave the site unencrypted except the shares the unmask step asks for. This module
 is pure (``cryptography``, numpy); the Flower messages are in :mod:`fedserver.strategy` and
 :mod:`fedclient.local`.
@@ -58,6 +69,7 @@ is pure (``cryptography``, numpy); the Flower messages are in :mod:`fedserver.st
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -85,6 +97,8 @@ MAX_BITS = 62
 """The largest modulus exponent: sums stay exact in uint64 arithmetic."""
 MAX_SITES = 10_000
 MAX_ADVERTISEMENT = 1 << 20
+MAX_SUBSETS = 256
+"""How many subsets of the unmask answers the coordinator tries when one holds a tampered share."""
 
 
 class SecAggError(ValueError):
@@ -208,6 +222,18 @@ def shamir_combine(shares: Mapping[int, int]) -> int:
     return secret
 
 
+def _canonical(kind: str, session: bytes, *fields: Any) -> bytes:
+    """What a site signs: the protocol, the kind of statement, the session and the fields, as one
+    unambiguous JSON text."""
+    return PROTOCOL + b"|" + json.dumps([kind, session.hex(), *fields], sort_keys=True).encode()
+
+
+def survivors_statement(session: bytes, survivors: Iterable[int]) -> bytes:
+    """What a site signs to confirm the set of sites whose masked inputs the coordinator holds
+    (Bonawitz et al.'s consistency check)."""
+    return _canonical("survivors", session, sorted(int(s) for s in survivors))
+
+
 def session_id(run: str, server_round: int, phase: str = "train") -> bytes:
     """What binds every signature, share and mask of one aggregation: the run, round and phase."""
     return hashlib.sha256(b"|".join([PROTOCOL, run.encode(), str(int(server_round)).encode(),
@@ -272,15 +298,16 @@ class Advertisement:
     layout: Layout
     identity: bytes  # DER public key
     signature: bytes
+    terms: str = ""  # a digest of the round's common training terms (every site must have the same)
 
     def signed_bytes(self, session: bytes) -> bytes:
-        return b"|".join([PROTOCOL, b"advertise", session, str(self.site).encode(), self.encryption_key,
-                          self.mask_key, json.dumps(self.layout, sort_keys=True).encode(), self.identity])
+        return _canonical("advertise", session, self.site, self.encryption_key.hex(), self.mask_key.hex(),
+                          self.layout, self.identity.hex(), self.terms)
 
     def to_json(self) -> str:
         return json.dumps({"site": self.site, "encryption-key": self.encryption_key.hex(),
                            "mask-key": self.mask_key.hex(), "layout": self.layout, "identity": self.identity.hex(),
-                           "signature": self.signature.hex()}, sort_keys=True)
+                           "signature": self.signature.hex(), "terms": self.terms}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Advertisement:
@@ -293,10 +320,12 @@ class Advertisement:
             if not isinstance(layout, dict) or not all(isinstance(k, str) and type(v) is int and 0 < v <= 2**31
                                                        for k, v in layout.items()):
                 raise SecAggError("a layout maps vector names to positive lengths")
-            if type(data["site"]) is not int:
-                raise SecAggError("a site id is an integer")
+            if type(data["site"]) is not int or not 0 < data["site"] < 2**63:
+                raise SecAggError("a site id is a positive 63-bit integer")
+            if not isinstance(data.get("terms", ""), str) or len(data.get("terms", "")) > 128:
+                raise SecAggError("terms are a digest")
             return cls(data["site"], bytes.fromhex(data["encryption-key"]), bytes.fromhex(data["mask-key"]), layout,
-                       bytes.fromhex(data["identity"]), bytes.fromhex(data["signature"]))
+                       bytes.fromhex(data["identity"]), bytes.fromhex(data["signature"]), data.get("terms", ""))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             if isinstance(err, SecAggError):
                 raise SecAggError(f"malformed key advertisement: {err}") from None
@@ -320,7 +349,7 @@ class SecAggSite:
     """One site's side of one aggregation (module docstring), a state machine that accepts each
     step once and in order; every refusal raises :class:`SecAggRefusal` naming what was wrong."""
 
-    STEPS = ("new", "advertised", "shared", "masked", "unmasked")
+    STEPS = ("new", "advertised", "shared", "masked", "confirmed", "unmasked")
 
     def __init__(self, site: int, identity_key: Ed25519PrivateKey | ec.EllipticCurvePrivateKey, session: bytes,
                  *, verify_peer: PeerCheck, min_threshold: int = 2, min_sites: int = 2) -> None:
@@ -336,6 +365,8 @@ class SecAggSite:
         self.received: dict[int, tuple[int, int]] = {}  # sender -> (its mask-key share, its self-seed share)
         self.own_shares: tuple[int, int] = (0, 0)
         self.masked_with: tuple[int, ...] = ()
+        self.survivors: tuple[int, ...] = ()
+        self.terms = ""
 
     def _advance(self, expected: str, to: str) -> None:
         if self.step != expected:
@@ -344,11 +375,15 @@ class SecAggSite:
         self.step = to
 
     # step 0
-    def advertise(self, layout: Mapping[str, int]) -> Advertisement:
+    def advertise(self, layout: Mapping[str, int], terms: str = "") -> Advertisement:
+        """Step 0: ``layout`` the vectors this site will send, ``terms`` a digest of the round's
+        training terms as this site received them (every roster site must show the same: a
+        coordinator cannot set the others' learning rate to 0 and subtract known updates)."""
         self._advance("new", "advertised")
         self.layout = {str(k): int(v) for k, v in layout.items()}
+        self.terms = str(terms)
         unsigned = Advertisement(self.site, _raw(self._encryption.public_key()), _raw(self._masking.public_key()),
-                                 self.layout, identity_public_bytes(self.identity_key), b"")
+                                 self.layout, identity_public_bytes(self.identity_key), b"", self.terms)
         return Advertisement(**{**unsigned.__dict__,
                                 "signature": identity_sign(self.identity_key, unsigned.signed_bytes(self.session))})
 
@@ -362,6 +397,16 @@ class SecAggSite:
             raise SecAggRefusal("secure aggregation: the roster names a site twice")
         if len({ad.mask_key for ad in ads}) != len(ads) or len({ad.encryption_key for ad in ads}) != len(ads):
             raise SecAggRefusal("secure aggregation: two sites of the roster advertise the same key")
+        if len({ad.identity for ad in ads}) != len(ads):
+            raise SecAggRefusal("secure aggregation: two sites of the roster share one identity key")
+        if any(ad.terms != self.terms for ad in ads):
+            raise SecAggRefusal("secure aggregation: the roster's sites were not given the same training terms")
+        sizes: dict[str, int] = {}
+        for ad in ads:
+            for name, count in ad.layout.items():
+                if sizes.setdefault(name, count) != count:
+                    raise SecAggRefusal(f"secure aggregation: the roster's sites send '{name[:80]}' with different "
+                                        "lengths")
         mine = by_site.get(self.site)
         if mine is None or mine.encryption_key != _raw(self._encryption.public_key()) \
                 or mine.mask_key != _raw(self._masking.public_key()) or mine.layout != self.layout:
@@ -369,9 +414,10 @@ class SecAggSite:
         if len(ads) < self.min_sites:
             raise SecAggRefusal(f"secure aggregation: {len(ads)} sites in the roster, this site's policy "
                                 f"masks only among at least {self.min_sites}")
-        if not max(self.min_threshold, 2) <= threshold <= len(ads):
-            raise SecAggRefusal(f"secure aggregation: threshold {threshold} for {len(ads)} sites; this site's "
-                                f"policy needs at least {self.min_threshold}")
+        least = max(self.min_threshold, len(ads) // 2 + 1)  # a majority: no two disjoint sets both reach it
+        if not least <= threshold <= len(ads):
+            raise SecAggRefusal(f"secure aggregation: threshold {threshold} for {len(ads)} sites; this site needs "
+                                f"at least {least} (a majority, and its policy's min-threshold)")
         for ad in ads:
             if ad.site <= 0:
                 raise SecAggRefusal("secure aggregation: site ids must be positive")
@@ -456,12 +502,36 @@ class SecAggSite:
             raise SecAggRefusal(f"secure aggregation: the share from site {sender} does not decrypt "
                                 "(tampered, or not meant for this site, round or run)") from None
 
-    # step 3
-    def unmask(self, request: UnmaskRequest) -> dict[str, dict[int, int]]:
+    # step 3: the consistency check
+    def confirm(self, survivors: Iterable[int]) -> bytes:
+        """Sign the set of sites whose masked inputs the coordinator says it holds; this site will
+        reveal shares only for that set, and only once enough sites signed the same one."""
+        self._advance("masked", "confirmed")
+        chosen = tuple(sorted(set(int(s) for s in survivors)))
+        if self.site not in chosen or not set(chosen) <= set(self.masked_with):
+            raise SecAggRefusal("secure aggregation: the survivors must be sites that shared keys, this one included")
+        if len(chosen) < self.threshold:
+            raise SecAggRefusal(f"secure aggregation: {len(chosen)} survivors, fewer than the threshold "
+                                f"{self.threshold}")
+        self.survivors = chosen
+        return identity_sign(self.identity_key, survivors_statement(self.session, chosen))
+
+    # step 4
+    def unmask(self, request: UnmaskRequest, confirmations: Mapping[int, bytes]) -> dict[str, dict[int, int]]:
         """The shares the coordinator may have: of the survivors' self-mask seeds and of the dropped
-        sites' mask keys (never both for one site)."""
-        self._advance("masked", "unmasked")
+        sites' mask keys (never both for one site), once at least the threshold of roster sites
+        signed the very survivor set this site confirmed (``confirmations``: site → signature)."""
+        self._advance("confirmed", "unmasked")
         survivors, dropped = set(request.survivors), set(request.dropped)
+        if tuple(sorted(survivors)) != self.survivors:
+            raise SecAggRefusal("secure aggregation: the unmask request's survivors are not the ones this site "
+                                "confirmed")
+        statement = survivors_statement(self.session, self.survivors)
+        signed = {site for site, signature in confirmations.items()
+                  if site in survivors and identity_verifies(self.roster[site].identity, bytes(signature), statement)}
+        if len(signed) < self.threshold:
+            raise SecAggRefusal(f"secure aggregation: only {len(signed)} sites signed the survivors; the threshold "
+                                f"is {self.threshold}")
         if survivors & dropped:
             raise SecAggRefusal(f"secure aggregation: the coordinator asked for both the self-mask and the "
                                 f"mask-key shares of site(s) {sorted(survivors & dropped)}; refused")
@@ -484,7 +554,7 @@ class SecAggSite:
                 "roster": [ad.to_json() for ad in self.roster.values()], "threshold": self.threshold,
                 "received": {str(s): [hex(v[0]), hex(v[1])] for s, v in self.received.items()},
                 "own-shares": [hex(self.own_shares[0]), hex(self.own_shares[1])],
-                "masked-with": list(self.masked_with)}
+                "masked-with": list(self.masked_with), "survivors": list(self.survivors), "terms": self.terms}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if int(state["site"]) != self.site or bytes.fromhex(state["session"]) != self.session:
@@ -499,6 +569,8 @@ class SecAggSite:
         self.received = {int(s): (int(v[0], 16), int(v[1], 16)) for s, v in state["received"].items()}
         self.own_shares = (int(state["own-shares"][0], 16), int(state["own-shares"][1], 16))
         self.masked_with = tuple(int(s) for s in state["masked-with"])
+        self.survivors = tuple(int(s) for s in state["survivors"])
+        self.terms = str(state["terms"])
 
 
 def self_seed_commitment(seed: bytes, site: int, session: bytes) -> bytes:
@@ -511,31 +583,45 @@ class SecAggCoordinator:
     """The coordinator's side of one aggregation: collects, relays and unmasks; sees only the sum.
 
     Call in order: :meth:`add_advertisement` for each reply, :meth:`roster`; :meth:`add_shares`,
-    :meth:`shares_for`; :meth:`add_masked_input`; :meth:`unmask_request`; :meth:`add_unmask_reply`;
-    :meth:`result`. A site whose message is malformed is dropped with the reason in ``rejected``.
+    :meth:`shares_for`; :meth:`add_masked_input`; :meth:`survivors`, :meth:`add_confirmation`;
+    :meth:`unmask_request`; :meth:`add_unmask_reply`; :meth:`result`. Each ``add_*`` raises
+    :class:`SecAggError` naming the site when its message cannot be used; the caller drops that site.
+    ``check_layout`` (optional) refuses a layout the caller knows to be wrong (names, lengths).
     """
 
     session: bytes
     fixed: FixedPoint
     threshold: int = 0  # 0: a majority of the roster
+    check_layout: Callable[[Layout], None] | None = None
     advertisements: dict[int, Advertisement] = field(default_factory=dict)
     shares: dict[int, dict[int, bytes]] = field(default_factory=dict)  # sender -> receiver -> ciphertext
     commitments: dict[int, bytes] = field(default_factory=dict)
     sums: dict[str, np.ndarray] = field(default_factory=dict)
     masked_from: set[int] = field(default_factory=set)
+    confirmations: dict[int, bytes] = field(default_factory=dict)
     answers: dict[int, dict[str, dict[int, int]]] = field(default_factory=dict)
-    rejected: dict[int, str] = field(default_factory=dict)
 
     def add_advertisement(self, ad: Advertisement) -> None:
         if ad.site in self.advertisements:
             raise SecAggError(f"site {ad.site} advertised twice")
         if not identity_verifies(ad.identity, ad.signature, ad.signed_bytes(self.session)):
             raise SecAggError(f"site {ad.site}'s key advertisement has a bad signature")
+        if self.check_layout is not None:
+            try:
+                self.check_layout(ad.layout)
+            except SecAggError as err:
+                raise SecAggError(f"site {ad.site}'s layout: {err}") from None
+        for other in self.advertisements.values():
+            if other.identity == ad.identity or other.terms != ad.terms:
+                raise SecAggError(f"site {ad.site} shares an identity key with site {other.site} or was given other "
+                                  "training terms")
+            if any(other.layout.get(name, count) != count for name, count in ad.layout.items()):
+                raise SecAggError(f"site {ad.site}'s vectors differ in length from site {other.site}'s")
         self.advertisements[ad.site] = ad
 
     def roster(self) -> tuple[list[Advertisement], int]:
         count = len(self.advertisements)
-        threshold = self.threshold or count // 2 + 1
+        threshold = max(self.threshold, count // 2 + 1)  # what every site insists on: a majority at least
         if count < 2 or threshold > count:
             raise SecAggError(f"secure aggregation needs at least {max(2, threshold)} sites; {count} advertised keys")
         self.threshold = threshold
@@ -543,8 +629,11 @@ class SecAggCoordinator:
 
     def add_shares(self, site: int, ciphertexts: Mapping[int, bytes], commitment: bytes) -> None:
         expected = set(self.advertisements) - {site}
-        if site not in self.advertisements or set(ciphertexts) != expected or len(commitment) != 32:
+        if site not in self.advertisements or set(ciphertexts) != expected or not isinstance(commitment, bytes) \
+                or len(commitment) != 32:
             raise SecAggError(f"site {site}'s shares are not one for each other site of the roster")
+        if not all(isinstance(c, bytes) and 28 <= len(c) <= 1024 for c in ciphertexts.values()):
+            raise SecAggError(f"site {site}'s shares are not AES-GCM ciphertexts")
         self.shares[site], self.commitments[site] = dict(ciphertexts), bytes(commitment)
 
     def sharers(self) -> list[int]:
@@ -565,23 +654,38 @@ class SecAggCoordinator:
             raise SecAggError(f"site {site}'s masked input does not match the layout it advertised")
         for name, count in layout.items():
             v = np.asarray(vectors[name])
-            if v.dtype != self.fixed.wire_dtype or v.size != count:
+            if v.dtype != self.fixed.wire_dtype or v.size != count or (name in self.sums and self.sums[name].size != count):
                 raise SecAggError(f"site {site}'s masked '{name[:80]}' is not {count} {self.fixed.wire_dtype} residues")
         for name in layout:
             folded = np.asarray(vectors[name]).reshape(-1)
             self.sums[name] = self.fixed.reduce(self.sums[name] + folded) if name in self.sums else self.fixed.reduce(folded)
         self.masked_from.add(site)
 
-    def unmask_request(self) -> UnmaskRequest:
-        survivors = tuple(sorted(self.masked_from))
-        if len(survivors) < self.threshold:
-            raise SecAggError(f"only {len(survivors)} sites sent masked inputs; secure aggregation needs "
+    def survivors(self) -> list[int]:
+        """The sites whose masked inputs are in the sum: what each is asked to confirm."""
+        if len(self.masked_from) < self.threshold:
+            raise SecAggError(f"only {len(self.masked_from)} sites sent masked inputs; secure aggregation needs "
                               f"{self.threshold} to unmask")
+        return sorted(self.masked_from)
+
+    def add_confirmation(self, site: int, signature: bytes) -> None:
+        """A survivor's signature over the survivor set (the consistency check)."""
+        statement = survivors_statement(self.session, self.survivors())
+        if site not in self.masked_from or site in self.confirmations or not isinstance(signature, bytes) \
+                or not identity_verifies(self.advertisements[site].identity, signature, statement):
+            raise SecAggError(f"site {site}'s confirmation of the survivors is not a valid signature")
+        self.confirmations[site] = signature
+
+    def unmask_request(self) -> UnmaskRequest:
+        survivors = tuple(self.survivors())
+        if len(self.confirmations) < self.threshold:
+            raise SecAggError(f"only {len(self.confirmations)} sites confirmed the survivors; secure aggregation "
+                              f"needs {self.threshold}")
         return UnmaskRequest(survivors, tuple(sorted(set(self.shares) - self.masked_from)))
 
     def add_unmask_reply(self, site: int, answer: Mapping[str, Mapping[int, int]]) -> None:
         request = self.unmask_request()
-        if site not in request.survivors or site in self.answers:
+        if site not in self.confirmations or site in self.answers:
             raise SecAggError(f"site {site} sent unmask shares it was not asked for")
         try:
             seeds = {int(u): int(v) for u, v in answer["self-seed"].items()}
@@ -603,9 +707,8 @@ class SecAggCoordinator:
         sums = {name: value.copy() for name, value in self.sums.items()}
 
         def rebuild(kind: str, owner: int, check: Callable[[bytes], bool]) -> bytes:
-            # any t answers determine the secret; try further subsets only if one holds a bad share
-            for start in range(len(answering) - self.threshold + 1):
-                chosen = answering[start:start + self.threshold]
+            # any t answers determine the secret; try other subsets (at most MAX_SUBSETS) only if a share is bad
+            for chosen in itertools.islice(itertools.combinations(answering, self.threshold), MAX_SUBSETS):
                 value = shamir_combine({points[s]: self.answers[s][kind][owner] for s in chosen})
                 if value < 2**256 and check(secret := value.to_bytes(32, "big")):
                     return secret
@@ -726,6 +829,23 @@ def weighted_residues(vectors: Mapping[str, np.ndarray], weight: int, fixed: Fix
     return residues
 
 
+def check_summed_layout(layout: Layout, sizes: Callable[[str], int | None]) -> None:
+    """:class:`SecAggError` unless ``layout`` is what :func:`weighted_residues` makes: each vector
+    with its one-entry ``weight/NAME``, ``metric/NAME`` of one entry, and every other vector of the
+    length ``sizes(name)`` gives (``None``: a name the caller does not accept; 0: any length, which
+    the coordinator holds every other site to)."""
+    for name, count in layout.items():
+        if name.startswith(WEIGHT_PREFIX):
+            if count != 1 or name.removeprefix(WEIGHT_PREFIX) not in layout:
+                raise SecAggError(f"a weight without its vector ('{name[:80]}')")
+            continue
+        if layout.get(WEIGHT_PREFIX + name) != 1:
+            raise SecAggError(f"no one-entry weight for '{name[:80]}'")
+        expected = 1 if name.startswith(METRIC_PREFIX) else sizes(name)
+        if expected is None or (expected and expected != count):
+            raise SecAggError(f"'{name[:80]}' has {count} entries; expected {expected or 'no such vector'}")
+
+
 def layout_of(vectors: Mapping[str, np.ndarray]) -> Layout:
     return {name: int(np.asarray(v).size) for name, v in vectors.items()}
 
@@ -762,5 +882,5 @@ def federation_payload(algorithm: Any, state: Mapping[str, Any], means: Mapping[
 
 
 __all__ = ["Advertisement", "FixedPoint", "SecAggCoordinator", "SecAggError", "SecAggRefusal", "SecAggSite",
-           "METRIC_PREFIX", "SecureSumSettings", "UnmaskRequest", "WEIGHT_PREFIX", "clipped", "federation_payload", "layout_of", "mask_stream",
-           "session_id", "shamir_combine", "shamir_split", "summed_fields", "weighted_means", "weighted_residues"]
+           "METRIC_PREFIX", "SecureSumSettings", "UnmaskRequest", "WEIGHT_PREFIX", "check_summed_layout", "clipped", "federation_payload", "layout_of", "mask_stream",
+           "session_id", "survivors_statement", "shamir_combine", "shamir_split", "summed_fields", "weighted_means", "weighted_residues"]

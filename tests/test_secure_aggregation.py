@@ -57,12 +57,20 @@ def run_protocol(vectors: dict[int, dict[str, np.ndarray]], fixed: FixedPoint, *
         encoded = {k: fixed.encode(v, rng) for k, v in vectors[site_id].items()}
         coordinator.add_masked_input(site_id, site.masked_input(coordinator.shares_for(site_id), sharers, encoded,
                                                                 fixed))
+    confirm_all(sites, coordinator, skip=drop_before_unmask)
     request = coordinator.unmask_request()
-    for site_id in request.survivors:
-        if site_id not in drop_before_unmask:
-            coordinator.add_unmask_reply(site_id, sites[site_id].unmask(request))
+    for site_id in coordinator.confirmations:
+        coordinator.add_unmask_reply(site_id, sites[site_id].unmask(request, coordinator.confirmations))
     sums, survivors = coordinator.result()
     return sums, survivors, sites, coordinator
+
+
+def confirm_all(sites, coordinator, skip=frozenset()):
+    """Step 3: every survivor (but those in ``skip``) signs the survivor set."""
+    survivors = coordinator.survivors()
+    for site_id in survivors:
+        if site_id not in skip:
+            coordinator.add_confirmation(site_id, sites[site_id].confirm(survivors))
 
 
 def keys_shared(count: int, run: str, size: int, threshold: int = 0, bits: int = 32):
@@ -169,27 +177,49 @@ def _masked_round(count: int = 4, threshold: int = 3):
 
 def test_a_coordinator_asking_for_both_shares_of_a_site_is_refused():
     sites, coordinator = _masked_round()
+    confirm_all(sites, coordinator)
     honest = coordinator.unmask_request()
     survivor = honest.survivors[0]
     asker = honest.survivors[1]
     with pytest.raises(SecAggRefusal, match="both"):
-        sites[asker].unmask(UnmaskRequest(honest.survivors, honest.dropped + (survivor,)))
+        sites[asker].unmask(UnmaskRequest(honest.survivors, honest.dropped + (survivor,)), coordinator.confirmations)
     # a second request (a replay, or another try with a different split) is refused too
     with pytest.raises(SecAggRefusal, match="once"):
-        sites[asker].unmask(honest)
+        sites[asker].unmask(honest, coordinator.confirmations)
+
+
+def test_telling_sites_different_survivors_gets_no_site_to_answer_for_both():
+    """Bonawitz et al.'s attack on a coordinator that skips the consistency check: some sites are told
+    the victim survived (they reveal its self-mask seed), others that it dropped (its mask key).
+    Each site signs one survivor set and answers only for a set the threshold of sites signed."""
+    sites, coordinator = _masked_round(count=5, threshold=3)
+    everyone = coordinator.survivors()  # 4 survivors; the fifth site dropped before masking
+    victim, *others = everyone
+    without_victim = [s for s in everyone if s != victim]
+    signed_all = {s: sites[s].confirm(everyone) for s in others[:2]}
+    signed_without = {s: sites[s].confirm(without_victim) for s in others[2:]}
+    honest_dropped = tuple(sorted(set(coordinator.shares) - set(everyone)))
+    with pytest.raises(SecAggRefusal, match="only 2 sites signed"):  # a majority never signed either set
+        sites[others[0]].unmask(UnmaskRequest(tuple(everyone), honest_dropped), signed_all)
+    with pytest.raises(SecAggRefusal, match="not the ones this site confirmed"):
+        sites[others[1]].unmask(UnmaskRequest(tuple(without_victim), honest_dropped + (victim,)),
+                                {**signed_all, **signed_without})
+    with pytest.raises(SecAggRefusal, match="only 1 sites signed"):
+        sites[others[2]].unmask(UnmaskRequest(tuple(without_victim), honest_dropped + (victim,)), signed_without)
 
 
 def test_a_site_refuses_being_listed_as_dropped_or_a_split_that_is_not_the_sharers():
     sites, coordinator = _masked_round()
-    honest = coordinator.unmask_request()
-    me = honest.survivors[0]
-    others = tuple(s for s in honest.survivors if s != me)
-    with pytest.raises(SecAggRefusal, match="dropped"):
-        sites[me].unmask(UnmaskRequest(others, honest.dropped + (me,)))
+    everyone = coordinator.survivors()
+    me = everyone[0]
+    others = [s for s in everyone if s != me]
+    with pytest.raises(SecAggRefusal, match="this one included"):
+        sites[me].confirm(others)  # a survivor set without the site itself
     sites, coordinator = _masked_round()
+    confirm_all(sites, coordinator)
     honest = coordinator.unmask_request()
-    with pytest.raises(SecAggRefusal, match="split"):
-        sites[honest.survivors[0]].unmask(UnmaskRequest(honest.survivors, ()))  # hides the dropped site
+    with pytest.raises(SecAggRefusal, match="split"):  # hides the dropped site
+        sites[honest.survivors[0]].unmask(UnmaskRequest(honest.survivors, ()), coordinator.confirmations)
 
 
 def test_a_tampered_or_replayed_share_is_detected():
@@ -243,15 +273,17 @@ def test_a_site_refuses_fewer_sites_or_a_lower_threshold_than_its_policy():
 
 def test_a_tampered_unmask_share_is_detected_and_spare_answers_recover():
     sites, coordinator = _masked_round(count=5, threshold=3)
+    confirm_all(sites, coordinator)
     request = coordinator.unmask_request()
-    answers = {s: sites[s].unmask(request) for s in request.survivors}
+    answers = {s: sites[s].unmask(request, coordinator.confirmations) for s in request.survivors}
     liar = request.survivors[0]
     target = request.survivors[1]
     answers[liar]["self-seed"][target] ^= 1
-    exact = SecAggCoordinator(coordinator.session, coordinator.fixed, coordinator.threshold,
+    exact = SecAggCoordinator(coordinator.session, coordinator.fixed, coordinator.threshold, None,
                               coordinator.advertisements, coordinator.shares, coordinator.commitments,
-                              {k: v.copy() for k, v in coordinator.sums.items()}, set(coordinator.masked_from))
-    for s in request.survivors[:3]:  # exactly t answers, one of them lying
+                              {k: v.copy() for k, v in coordinator.sums.items()}, set(coordinator.masked_from),
+                              dict(coordinator.confirmations))
+    for s in [liar, *[s for s in request.survivors if s not in (liar, target)]][:3]:  # exactly t, one lying
         exact.add_unmask_reply(s, answers[s])
     with pytest.raises(SecAggError, match="tampered share"):
         exact.result()
@@ -271,9 +303,10 @@ def test_a_site_state_survives_a_restart_between_steps():
         coordinator.add_masked_input(site_id, site.masked_input(
             coordinator.shares_for(site_id), coordinator.sharers(),
             {"x": fixed.encode(np.full(3, 0.5), np.random.default_rng())}, fixed))
+    confirm_all(sites, coordinator)
     request = coordinator.unmask_request()
     for site_id in request.survivors:
-        coordinator.add_unmask_reply(site_id, sites[site_id].unmask(request))
+        coordinator.add_unmask_reply(site_id, sites[site_id].unmask(request, coordinator.confirmations))
     sums, _ = coordinator.result()
     assert np.allclose(fixed.decode(sums["x"]), 1.5, atol=1e-6)
 
@@ -386,15 +419,22 @@ def test_a_site_sends_only_its_masked_update_and_the_coordinator_learns_the_sum(
                          node, state=state)
         masked[site_id] = from_recorddict(reply.content).arrays
         coordinator.add_masked_input(site_id, masked[site_id])
+    survivors = coordinator.survivors()
+    for site_id, (node, state) in sites.items():
+        answer = from_recorddict(_deliver(app, "query.secagg", _step_message("confirm", session, survivors=survivors),
+                                          node, state=state).content).config
+        coordinator.add_confirmation(site_id, answer["signature"])
     request = coordinator.unmask_request()
+    signed = {"signers": sorted(coordinator.confirmations),
+              "signatures": [coordinator.confirmations[s] for s in sorted(coordinator.confirmations)]}
     node, state = sites[202]
     both = _deliver(app, "query.secagg", _step_message("unmask", session, survivors=list(request.survivors),
-                                                       dropped=[101]), node, state=state)
+                                                       dropped=[101], **signed), node, state=state)
     assert "both" in refusal_reason(both.content)  # and site 202 is done with this aggregation
     for site_id in (101, 303):
         node, state = sites[site_id]
         answer = from_recorddict(_deliver(app, "query.secagg", _step_message(
-            "unmask", session, survivors=list(request.survivors), dropped=[]), node, state=state).content).config
+            "unmask", session, survivors=list(request.survivors), dropped=[], **signed), node, state=state).content).config
         coordinator.add_unmask_reply(site_id, {
             "self-seed": {u: int.from_bytes(v, "big") for u, v in zip(answer["self-seed-sites"], answer["self-seed-shares"])},
             "mask-key": {}})
@@ -536,3 +576,47 @@ def test_the_console_form_asks_for_secure_aggregation_and_is_checked_like_a_run(
     assert RunRequest(secagg=True, dp="distributed").run_config()["secagg"] is True
     with pytest.raises(FormError, match="FRL's server votes"):
         RunRequest(strategy="frl", secagg=True)
+
+
+def test_a_roster_with_one_identity_twice_or_other_training_terms_is_refused():
+    session = session_id("run-i", 1)
+    key = Ed25519PrivateKey.generate()
+    twins = {s: SecAggSite(s, key, session, verify_peer=trust_everyone) for s in (1, 2, 3)}
+    ads = [site.advertise({"x": 1}) for site in twins.values()]  # one pinned key signing as three sites
+    with pytest.raises(SecAggRefusal, match="share one identity key"):
+        twins[1].share_keys(ads, 2)
+    sites = make_sites(3, session)
+    ads = [site.advertise({"x": 1}, terms="lr=0.0005" if i else "lr=0") for i, site in enumerate(sites.values())]
+    with pytest.raises(SecAggRefusal, match="same training terms"):
+        sites[max(sites)].share_keys(ads, 2)
+    coordinator = SecAggCoordinator(session, FixedPoint.sized(3, 1.0))
+    coordinator.add_advertisement(ads[0])
+    with pytest.raises(SecAggError, match="other training terms"):
+        coordinator.add_advertisement(ads[1])
+
+
+def test_the_coordinator_refuses_layouts_and_masked_inputs_that_would_not_sum():
+    from privacy.secure_aggregation import check_summed_layout
+
+    sizes = {"w": 4}.get
+    check_summed_layout({"w": 4, "weight/w": 1, "metric/train-loss": 1, "weight/metric/train-loss": 1}, sizes)
+    for bad, reason in (({"w": 4}, "no one-entry weight"), ({"w": 3, "weight/w": 1}, "expected 4"),
+                        ({"v": 4, "weight/v": 1}, "no such vector"), ({"weight/w": 1}, "without its vector")):
+        with pytest.raises(SecAggError, match=reason):
+            check_summed_layout(bad, sizes)
+    sites, coordinator, fixed = keys_shared(3, "run-l", 4)
+    first, second, _ = sorted(sites)
+    coordinator.add_masked_input(first, sites[first].masked_input(
+        coordinator.shares_for(first), coordinator.sharers(), {"x": fixed.encode(np.ones(4), np.random.default_rng())},
+        fixed))
+    folded = coordinator.sums["x"].copy()
+    with pytest.raises(SecAggError, match="not 4"):
+        coordinator.add_masked_input(second, {"x": np.zeros(1, fixed.wire_dtype)})  # would broadcast
+    assert np.array_equal(coordinator.sums["x"], folded)
+    session = session_id("run-l2", 1)
+    other = make_sites(2, session)
+    ads = [site.advertise({"x": 4 + i}) for i, site in enumerate(other.values())]
+    coordinator = SecAggCoordinator(session, fixed)
+    coordinator.add_advertisement(ads[0])
+    with pytest.raises(SecAggError, match="differ in length"):
+        coordinator.add_advertisement(ads[1])
