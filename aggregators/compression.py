@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -60,6 +60,7 @@ import numpy as np
 import torch
 
 from aggregators.base import (
+    FieldKind,
     AggregateResult,
     Algorithm,
     ClientId,
@@ -506,8 +507,9 @@ class CompressedUpdates(WrappedAlgorithm):
     # ---- client half -------------------------------------------------------------------------
     def local(self, model, data, instruction, client_state) -> Payload:
         payload = self.inner.local(model, data, instruction, client_state)
-        return compress_payload(payload, self.codec, instruction, client_state,
-                                parameters=dict(model.named_parameters()), kind=self.update_kind)
+        parameters = {name for name, _ in model.named_parameters()}
+        updates = {key for key in payload.arrays if self.payload_kind(key, parameters) is FieldKind.MODEL_UPDATE}
+        return compress_payload(payload, self.codec, instruction, client_state, updates=updates, kind=self.update_kind)
 
 
 def compress_payload(
@@ -516,15 +518,16 @@ def compress_payload(
     instruction: Instruction,
     client_state: dict[str, Any],
     *,
-    parameters: Mapping[str, torch.Tensor],
+    updates: Collection[str],
     kind: str,
 ) -> Payload:
-    """Encode every parameter tensor of ``payload`` (see :class:`CompressedUpdates`)."""
+    """Encode the arrays of ``payload`` its algorithm declares model updates (``updates``; see
+    :class:`CompressedUpdates`); the others (e.g. layer scores) pass as they are."""
     seed = int(instruction.config["codec-seed"])
     arrays = dict(payload.arrays)
     sent_sq, error_sq = 0.0, 0.0
     for key, value in payload.arrays.items():
-        if key not in parameters:
+        if key not in updates:
             continue
         update = np.asarray(value, dtype=np.float32)
         if kind == "weights":
