@@ -52,12 +52,11 @@ from __future__ import annotations
 import math
 import struct
 import zlib
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 
 from aggregators.base import (
     FieldKind,
