@@ -14,7 +14,7 @@ the same task, partition, seeds and rounds:
 All DP arms use clip C = 1, δ = 1e-5, replace-one neighbouring (sensitivity 2C) and calibrate the
 Gaussian noise so that the run's releases spend exactly ε. Round time is the mean of rounds 2..R
 (round 1 includes the actors' start-up); bytes are the mean per site and round as serialized,
-over all of a round's messages (secure aggregation's four exchanges included).
+over all of a round's messages (secure aggregation's five exchanges included).
 
 Usage::
 

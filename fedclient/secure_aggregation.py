@@ -5,8 +5,8 @@ A ``train`` instruction with ``secagg`` set: the site trains as usual, turns the
 summable vectors (:func:`privacy.secure_aggregation.summed_fields`; a field that cannot be summed
 is refused), clips, weights and encodes them (under distributed DP: noised with its share of the
 discrete Gaussian and charged to its ledger first), keeps them in the node's context, and answers
-with its signed key advertisement only. Three ``query.secagg`` messages follow (``share``,
-``mask``, ``unmask``); each is checked against the site's state for this aggregation (same
+with its signed key advertisement only. Four ``query.secagg`` messages follow (``share``,
+``mask``, ``confirm``, ``unmask``); each is checked against the site's state for this aggregation (same
 session, next step, once) and against its policy's ``[secure-aggregation]`` table (fewest sites,
 lowest threshold, pinned peer keys). Nothing but the masked vectors and the shares the unmask step
 may ask for ever leaves the site.

@@ -1,8 +1,8 @@
 """Secure aggregation and central DP on the coordinator's side of a round: the Flower messages
 around :class:`privacy.secure_aggregation.SecAggCoordinator`.
 
-With ``secagg`` on, a round's train replies are key advertisements, not updates; three more
-exchanges follow (``query.secagg`` steps ``share``, ``mask``, ``unmask``) with the sites that
+With ``secagg`` on, a round's train replies are key advertisements, not updates; four more
+exchanges follow (``query.secagg`` steps ``share``, ``mask``, ``confirm``, ``unmask``) with the sites that
 answered the step before, and the unmasked sums become one reply from
 :data:`~aggregators.base.SUM_CLIENT`: per summed field, the total weight's mean (plus the global
 value for ``weights`` payloads), which the algorithm aggregates as it would the sites' replies. A
@@ -138,7 +138,8 @@ def securely_summed(strategy: AlgorithmStrategy, server_round: int, replies: Ite
         record = strategy._ledger.client("train", sites[client_id])
         record.details["secagg-survivors"] = len(survivors)
         if record.status != "pending":
-            record.details["secagg-note"] = f"its update was counted; the unmask step: {record.error}"[:500]
+            record.details["secagg-note"] = (f"its update was counted; it did not finish the confirm and unmask "
+                                             f"steps: {record.error}")[:500]
             record.status, record.error = "pending", None
     summed.metrics.update(metrics)  # the weighted mean training loss over the sites whose sum this is
     yield Reply(SUM_CLIENT, summed)

@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     secure = run.add_argument_group("secure aggregation (fedavg, selective-layer, ferret with --ferret-seeds round)")
     secure.add_argument("--secagg", action="store_true", default=d["secagg"],
                         help="the coordinator learns only the sum of the sites' updates (pairwise masks, Bonawitz et "
-                        "al. 2017); three more message exchanges per round")
+                        "al. 2017); four more message exchanges per round")
     secure.add_argument("--secagg-threshold", type=int, default=d["secagg-threshold"],
                         help="sites whose shares rebuild a dropped site's masks (0: a majority); up to sites - "
                         "threshold may drop after sharing their keys")

@@ -420,7 +420,7 @@ def test_the_readme_walkthrough_survives_a_killed_site_and_a_killed_coordinator(
         refused = [r for r in store.list_runs() if r.id != run.id]
         assert len(refused) == 1 and refused[0].status == "stopped" and not store.rounds(refused[0].id)
         # secure aggregation over TLS: c is cut off right after it sent its masked update (when the
-        # unmask request reaches it); a and b's shares remove its masks and the round completes
+        # survivors reach it to confirm); a and b confirm, their shares remove its masks, the round completes
         cut = {}
         watcher = threading.Thread(target=_power_cut_at, daemon=True, args=(
             site_c, demo / "site-c", "Receiving: query.secagg message", 3, cut))
@@ -433,8 +433,9 @@ def test_the_readme_walkthrough_survives_a_killed_site_and_a_killed_coordinator(
         secure_run = store.get_run(secure_run.id)
         assert secure_run.status == "completed", (secure_run.error, secure[-2000:])
         trained = {c.site: c for c in store.client_rounds(secure_run.id, 1) if c.phase == "train"}
-        assert all(c.status == "ok" and c.details["secagg-survivors"] == 3 for c in trained.values()), trained
-        assert "unmask" in trained["site-c"].details.get("secagg-note", ""), trained["site-c"]
+        shown = {site: (c.status, c.error, c.details) for site, c in trained.items()}
+        assert all(c.status == "ok" and c.details.get("secagg-survivors") == 3 for c in trained.values()), shown
+        assert "did not finish the confirm and unmask" in trained["site-c"].details.get("secagg-note", ""), shown
         assert store.rounds(secure_run.id)[0].central_accuracy > 0
         shell.ok(stop)
     finally:
