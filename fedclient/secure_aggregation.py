@@ -146,6 +146,7 @@ def begin(msg: Message, context: Context, node: Mapping[str, Any], policy: SiteP
         server_round = int(config["server-round"])
         session = session_id(f"{run}|{str(config.get('secagg-nonce', ''))[:64]}", server_round)
         check_new_round(context, config)
+        payload = algorithm.summable(payload, config)
         answered = [int(r) for r in (_load(context) or {}).get("rounds", [])]
         kinds = {name: algorithm.payload_kind(name, parameters) for name in payload.arrays}
         vectors = clipped(summed_fields(kinds, payload.arrays, instruction.arrays, algorithm.update_kind),

@@ -216,8 +216,9 @@ def centrally_noised(strategy: AlgorithmStrategy, server_round: int, replies: It
     base = {k: v.numpy() for k, v in strategy.state.items()}
     for reply in replies:
         try:
-            kinds = {name: algorithm.payload_kind(name, strategy.state.keys()) for name in reply.payload.arrays}
-            vectors = clipped(summed_fields(kinds, reply.payload.arrays, base, algorithm.update_kind), clip)
+            payload = algorithm.summable(reply.payload, {})  # the run's own settings (e.g. the seed pool)
+            kinds = {name: algorithm.payload_kind(name, strategy.state.keys()) for name in payload.arrays}
+            vectors = clipped(summed_fields(kinds, payload.arrays, base, algorithm.update_kind), clip)
             expected = {name: int(np.prod(strategy.state[name].shape)) if name in strategy.state else None
                         for name in vectors}
             if any(size is not None and vectors[name].size != size for name, size in expected.items()) or any(

@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="norm bound C of what a site sends (L2 for Gaussian, L1 for Laplace)")
     ldp.add_argument("--dp-noise-multiplier", type=float, default=d["dp-noise-multiplier"],
                      help="noise std (or Laplace scale) / C; 0: each site calibrates it so the run spends its budget")
-    secure = run.add_argument_group("secure aggregation (fedavg, selective-layer, ferret with --ferret-seeds round)")
+    secure = run.add_argument_group("secure aggregation (fedavg, selective-layer, ferret with --ferret-seeds round, fedkseed)")
     secure.add_argument("--secagg", action="store_true", default=d["secagg"],
                         help="the coordinator learns only the sum of the sites' updates (pairwise masks, Bonawitz et "
                         "al. 2017); four more message exchanges per round")

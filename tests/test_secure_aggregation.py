@@ -498,7 +498,9 @@ def test_the_run_config_check_refuses_what_cannot_be_summed():
     assert "top-k keeps a different set of positions" in problems(secagg=True, codec="topk:0.1")
     assert "ferret-seeds=client" in problems(secagg=True, strategy="ferret", **{"ferret-seeds": "client"})
     assert "trusted-coordinator reference" in problems(secagg=True, dp="central")
-    assert "per-seed sums" in problems(dp="distributed", strategy="fedkseed")
+    assert problems(dp="distributed", strategy="fedkseed") == ""
+    assert "seed probabilities" in problems(secagg=True, strategy="fedkseed-pro")
+    assert "use fedkseed" in problems(secagg=True, strategy="one-byte")
 
 
 def test_a_site_joins_one_secure_sum_per_round(app, tmp_path, flower_identity):
@@ -525,6 +527,7 @@ def _replies_and_sum(algorithm, state, instructions, payloads):
 
     sums, weights = {}, {}
     for client, payload in payloads.items():
+        payload = algorithm.summable(payload, instructions[client].config)
         kinds = {n: algorithm.payload_kind(n, state.keys()) for n in payload.arrays}
         for name, vector in summed_fields(kinds, payload.arrays, instructions[client].arrays,
                                           algorithm.update_kind).items():
@@ -535,7 +538,7 @@ def _replies_and_sum(algorithm, state, instructions, payloads):
     return [Reply(c, p) for c, p in payloads.items()], [Reply(SUM_CLIENT, summed)]
 
 
-@pytest.mark.parametrize("name", ["fedavg", "ferret", "selective-layer"])
+@pytest.mark.parametrize("name", ["fedavg", "ferret", "selective-layer", "fedkseed"])
 def test_an_algorithm_given_the_summed_mean_reaches_the_state_its_replies_give(name):
     import copy
 
@@ -554,7 +557,8 @@ def test_an_algorithm_given_the_summed_mean_reaches_the_state_its_replies_give(n
 
         model = ToyModel()
         algorithm = make_algorithm(name, {"local-steps": 2, "batch-size": 8, "lr": 0.01, "ferret-bases": 64,
-                                          "ferret-block-size": 256, "max-site-weight": 1.0})
+                                          "ferret-block-size": 256, "max-site-weight": 1.0, "zo-steps": 12,
+                                          "seed-pool": 16})
         state = algorithm.init_state(toy_state(model))
         clients = [3, 5, 8]
         instructions = algorithm.plan(1, clients, state)
