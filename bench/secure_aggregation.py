@@ -79,7 +79,7 @@ def main() -> int:
     epsilons = [] if args.epsilons == "none" else [e.strip() for e in args.epsilons.split(",")]
     common = {"task": args.task, "num-server-rounds": args.rounds, "partition": "dirichlet", "alpha": args.alpha,
               "seed": 0, "clip": args.clip, "dp-delta": 1e-5, "fraction-evaluate": 0.0,
-              "max-site-weight": 1.0}  # secure aggregation cannot cap shares it never sees: no arm does
+              "max-site-weight": 1.0}  # secure aggregation does not cap shares: for like with like, no arm does
     print(f"{args.task}, {args.clients} clients, Dirichlet({args.alpha}), {args.rounds} rounds, all clients every "
           f"round; DP: clip C = {args.clip}, δ = 1e-5, Gaussian noise calibrated to each ε")
     names = [f"{m}/{k}/{'' if r == 0 else f'#{r}'}" for m in methods for r in range(args.repeats)

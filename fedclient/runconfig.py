@@ -69,7 +69,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "dp-noise-multiplier": 0.0,
     "secagg": False,
     "secagg-threshold": 0,
-    "secagg-clip": 10.0,
+    "secagg-clip": 1000.0,
     "secagg-bits": 32,
     "secagg-max-weight": 10000,
     "checkpoint-every": 1,

@@ -38,7 +38,6 @@ from privacy.distributed_dp import DistributedGaussian
 from privacy.refusal import PolicyRefusal, site_log
 from privacy.secure_aggregation import (
     METRIC_PREFIX,
-    WEIGHT_PREFIX,
     Advertisement,
     FixedPoint,
     SecAggError,
@@ -50,11 +49,12 @@ from privacy.secure_aggregation import (
     layout_of,
     session_id,
     summed_fields,
-    weighted_residues,
+    contribution_factors,
+    contribution_residues,
 )
 
 STATE = "fedtune.secagg"
-RESIDUES = "fedtune.secagg.residues"
+PENDING = "fedtune.secagg.pending"  # this round's vectors until the mask step (encoded under distributed DP)
 SHARE_BYTES = 66  # a share of GF(2^521 - 1)
 
 
@@ -93,12 +93,13 @@ def _site(state: dict[str, Any], node: Mapping[str, Any], policy: SitePolicy) ->
     return site
 
 
-def _save(context: Context, state: dict[str, Any], site: SecAggSite, residues: Mapping[str, np.ndarray] | None = None
+def _save(context: Context, state: dict[str, Any], site: SecAggSite, pending: Mapping[str, np.ndarray] | None = None
           ) -> None:
     state["protocol"] = site.state_dict()
     context.state[STATE] = ConfigRecord({"json": json.dumps(state)})
-    if residues is not None:
-        context.state[RESIDUES] = array_record(dict(residues))
+    if pending is not None:
+        context.state[PENDING] = array_record({k: (v.astype(np.float32) if v.dtype.kind == "f" else v)
+                                               for k, v in pending.items()})
 
 
 def _load(context: Context) -> dict[str, Any] | None:
@@ -151,28 +152,31 @@ def begin(msg: Message, context: Context, node: Mapping[str, Any], policy: SiteP
         kinds = {name: algorithm.payload_kind(name, parameters) for name in payload.arrays}
         vectors = clipped(summed_fields(kinds, payload.arrays, instruction.arrays, algorithm.update_kind),
                           distributed.clip if distributed is not None else settings.clip)
-        rng = np.random.default_rng()  # rounding and noise must be unpredictable: never seeded
         if distributed is not None:  # one release: the sensitivity is that of all vectors together
+            if settings.weighted:
+                raise SecAggError("distributed DP sums unweighted vectors (its noise is sized for them)")
+            rng = np.random.default_rng()  # rounding and noise must be unpredictable: never seeded
             dimension = sum(v.size for v in vectors.values())
-            residues = {}
-            for name, vector in vectors.items():
-                residues[name] = fixed.encode_integers(distributed.noised_integers(vector, fixed.scale, rng, dimension))
-                residues[WEIGHT_PREFIX + name] = fixed.encode_integers(np.array([round(fixed.scale)]))
-        else:
-            weight = max(1, min(policy.reported_examples(payload.num_examples), settings.max_weight))
+            pending = {name: fixed.encode_integers(distributed.noised_integers(vector, fixed.scale, rng, dimension))
+                       for name, vector in vectors.items()}
+            weight = 1
+        else:  # encoded at the mask step, times this site's share of the roster's weight
+            weight = max(1, min(policy.reported_examples(payload.num_examples), settings.max_weight)) \
+                if settings.weighted else 1
             loss = payload.metrics.get("train-loss")  # summed too: the coordinator learns the mean loss only
             bound = max(settings.clip, 1.0)
             if isinstance(loss, (int, float)) and math.isfinite(loss):
                 vectors[METRIC_PREFIX + "train-loss"] = np.array([min(max(float(loss), -bound), bound)])
-            residues = weighted_residues(vectors, weight, fixed, rng)
+            pending = vectors
         state = {"site": int(config["secagg-site"]), "session": session.hex(), "bits": fixed.bits,
-                 "scale": fixed.scale, "rounds": (answered + [server_round])[-1000:],
+                 "scale": fixed.scale, "rounds": (answered + [server_round])[-1000:], "weighted": settings.weighted,
+                 "encoded": distributed is not None,
                  "assumed-threshold": distributed.threshold if distributed is not None else 0}
         site = _site(state, node, policy)
-        advertisement = site.advertise(layout_of(residues), terms_digest(config))
+        advertisement = site.advertise(layout_of(vectors), terms_digest(config), weight)
     except (SecAggError, KeyError, ValueError) as err:
         return _refusal(msg, err)
-    _save(context, state, site, residues)
+    _save(context, state, site, pending)
     public = set(algorithm.public_metrics) | ({m for m in payload.metrics if m.startswith("dp-")}
                                               if distributed is not None else set())  # the site's own accounting
     metrics = {k: float(v) for k, v in payload.metrics.items() if k in public}
@@ -210,10 +214,15 @@ def step(msg: Message, context: Context, node: Mapping[str, Any], policy: SitePo
             senders, texts = _ints(config, "share-from"), _bytes(config, "share-ct")
             if len(senders) != len(texts):
                 raise SecAggError("the relayed shares do not pair up with their senders")
-            residues = unpack_array_record(context.state[RESIDUES])
+            pending = unpack_array_record(context.state[PENDING])
+            if state["encoded"]:
+                residues = pending
+            else:  # this site's share of the roster's weight, now that it holds the signed roster
+                factor = contribution_factors(site.roster, bool(state["weighted"]))[site.site]
+                residues = contribution_residues(pending, factor, fixed, np.random.default_rng())
             masked = site.masked_input(dict(zip(senders, texts, strict=True)), _ints(config, "sharers"), residues,
                                        fixed)
-            del context.state[RESIDUES]
+            del context.state[PENDING]
             reply = RecordParts(arrays=masked)
         elif kind == "confirm":
             reply = RecordParts(config={"signature": site.confirm(_ints(config, "survivors"))})

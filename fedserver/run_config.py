@@ -236,7 +236,7 @@ def aggregation_settings(config: Mapping[str, Any], algorithm) -> tuple[dict[str
                                 "clip": float(config["secagg-clip"]), "max_weight": int(config["secagg-max-weight"]),
                                 "noise": 0.0}
     if mechanism == "distributed":  # unweighted, clipped to the DP clip, room for the summed noise
-        settings.update(clip=float(config["clip"]), max_weight=1,
+        settings.update(clip=float(config["clip"]), max_weight=1, weighted=False,
                         noise=2 * run_noise_multiplier(config, algorithm) * float(config["clip"]))
     SecureSumSettings(sites=max(2, settings["threshold"]), **settings)  # validates (the modulus must fit)
     return settings, {}

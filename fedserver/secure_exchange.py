@@ -118,7 +118,8 @@ def securely_summed(strategy: AlgorithmStrategy, server_round: int, replies: Ite
             s: {"survivors": list(request.survivors), "dropped": list(request.dropped), "signers": signers,
                 "signatures": [coordinator.confirmations[c] for c in signers]} for s in signers})
         sums, survivors = coordinator.result()
-        means, weight = weighted_means(sums, coordinator.fixed)
+        means, weight = weighted_means(sums, coordinator.fixed, coordinator.advertisements, survivors,
+                                       strategy.secure_round.weighted)
         metrics = {name.removeprefix(METRIC_PREFIX): float(means.pop(name)[0])
                    for name in [n for n in means if n.startswith(METRIC_PREFIX)]}
         summed = federation_payload(strategy.algorithm, strategy.state, means, weight)

@@ -299,15 +299,17 @@ class Advertisement:
     identity: bytes  # DER public key
     signature: bytes
     terms: str = ""  # a digest of the round's common training terms (every site must have the same)
+    weight: int = 1  # the site's weight in the mean (its capped example count; 1 unweighted)
 
     def signed_bytes(self, session: bytes) -> bytes:
         return _canonical("advertise", session, self.site, self.encryption_key.hex(), self.mask_key.hex(),
-                          self.layout, self.identity.hex(), self.terms)
+                          self.layout, self.identity.hex(), self.terms, self.weight)
 
     def to_json(self) -> str:
         return json.dumps({"site": self.site, "encryption-key": self.encryption_key.hex(),
                            "mask-key": self.mask_key.hex(), "layout": self.layout, "identity": self.identity.hex(),
-                           "signature": self.signature.hex(), "terms": self.terms}, sort_keys=True)
+                           "signature": self.signature.hex(), "terms": self.terms, "weight": self.weight},
+                          sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Advertisement:
@@ -324,8 +326,11 @@ class Advertisement:
                 raise SecAggError("a site id is a positive 63-bit integer")
             if not isinstance(data.get("terms", ""), str) or len(data.get("terms", "")) > 128:
                 raise SecAggError("terms are a digest")
+            if type(data.get("weight", 1)) is not int or not 1 <= data.get("weight", 1) <= 2**31:
+                raise SecAggError("a weight is a whole number in 1..2^31")
             return cls(data["site"], bytes.fromhex(data["encryption-key"]), bytes.fromhex(data["mask-key"]), layout,
-                       bytes.fromhex(data["identity"]), bytes.fromhex(data["signature"]), data.get("terms", ""))
+                       bytes.fromhex(data["identity"]), bytes.fromhex(data["signature"]), data.get("terms", ""),
+                       data.get("weight", 1))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             if isinstance(err, SecAggError):
                 raise SecAggError(f"malformed key advertisement: {err}") from None
@@ -375,15 +380,16 @@ class SecAggSite:
         self.step = to
 
     # step 0
-    def advertise(self, layout: Mapping[str, int], terms: str = "") -> Advertisement:
+    def advertise(self, layout: Mapping[str, int], terms: str = "", weight: int = 1) -> Advertisement:
         """Step 0: ``layout`` the vectors this site will send, ``terms`` a digest of the round's
         training terms as this site received them (every roster site must show the same: a
-        coordinator cannot set the others' learning rate to 0 and subtract known updates)."""
+        coordinator cannot set the others' learning rate to 0 and subtract known updates); ``weight``
+        is its public weight in the mean."""
         self._advance("new", "advertised")
         self.layout = {str(k): int(v) for k, v in layout.items()}
         self.terms = str(terms)
         unsigned = Advertisement(self.site, _raw(self._encryption.public_key()), _raw(self._masking.public_key()),
-                                 self.layout, identity_public_bytes(self.identity_key), b"", self.terms)
+                                 self.layout, identity_public_bytes(self.identity_key), b"", self.terms, int(weight))
         return Advertisement(**{**unsigned.__dict__,
                                 "signature": identity_sign(self.identity_key, unsigned.signed_bytes(self.session))})
 
@@ -409,7 +415,8 @@ class SecAggSite:
                                         "lengths")
         mine = by_site.get(self.site)
         if mine is None or mine.encryption_key != _raw(self._encryption.public_key()) \
-                or mine.mask_key != _raw(self._masking.public_key()) or mine.layout != self.layout:
+                or mine.mask_key != _raw(self._masking.public_key()) or mine.layout != self.layout \
+                or mine.terms != self.terms:
             raise SecAggRefusal("secure aggregation: the roster does not hold this site's own advertisement")
         if len(ads) < self.min_sites:
             raise SecAggRefusal(f"secure aggregation: {len(ads)} sites in the roster, this site's policy "
@@ -740,27 +747,28 @@ class SecAggCoordinator:
 METRIC_PREFIX = "metric/"
 """A site's vector ``metric/NAME`` (one entry) holds a reply metric summed with its update (the
 training loss): the coordinator learns its weighted mean only."""
-WEIGHT_PREFIX = "weight/"
-"""A site's vector ``weight/NAME`` (one entry) holds its weight, so that per vector the coordinator
-learns the total weight of the sites that sent it (partial replies) and divides by it."""
 
 
 @dataclass(frozen=True)
 class SecureSumSettings:
     """What the coordinator asks of one securely aggregated round (the instruction's ``secagg-*``).
 
-    A site clips the concatenation of its summed fields (unweighted) to ℓ₂ norm ``clip``, weights it
-    by ``min(examples, max_weight)`` (1 under distributed DP), and encodes it with the fixed point
-    sized for ``sites`` such vectors plus ``8 × noise`` (the summed noise's standard deviation in
-    value units, under distributed DP) in ``2^bits``. ``threshold`` is the recovery threshold
-    (0: a majority of the sites that advertise keys)."""
+    A site clips the concatenation of its summed fields to ℓ₂ norm ``clip``. ``weighted``: it
+    advertises its weight ``min(examples, max_weight)`` (public, signed, like FedAvg's example
+    count) and, once it holds the roster, sends its vectors times its share
+    :math:`p_u = w_u / \sum_{v} w_v` of the roster's weight, so the sum is at most ``clip`` in norm
+    whatever the weights; unweighted (distributed DP), each site sends its vector as it is (its noise
+    is sized for that). The fixed point is sized for ``sites`` such contributions plus ``8 × noise``
+    (the summed noise's standard deviation in value units, under distributed DP) in ``2^bits``.
+    ``threshold`` is the recovery threshold (0: a majority of the sites that advertise keys)."""
 
     sites: int
     bits: int = 32
-    clip: float = 10.0
+    clip: float = 1000.0
     max_weight: int = 10_000
     threshold: int = 0
     noise: float = 0.0
+    weighted: bool = True
 
     def __post_init__(self) -> None:
         if not 2 <= self.sites <= MAX_SITES:
@@ -775,23 +783,31 @@ class SecureSumSettings:
         self.fixed()  # the modulus must fit
 
     def fixed(self) -> FixedPoint:
-        return FixedPoint.sized(self.sites, self.max_weight * max(self.clip, 1.0), self.bits, 8 * self.noise)
+        bound = max(self.clip, 1.0)  # a metric (the training loss) is clipped to the same
+        return FixedPoint.sized(self.sites, bound / self.sites if self.weighted else bound, self.bits, 8 * self.noise)
 
     def to_config(self) -> dict[str, Any]:
         return {"secagg-sites": self.sites, "secagg-bits": self.bits, "secagg-clip": self.clip,
                 "secagg-max-weight": self.max_weight, "secagg-threshold": self.threshold,
-                "secagg-noise": self.noise}
+                "secagg-noise": self.noise, "secagg-weighted": self.weighted}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> SecureSumSettings:
         try:
             return cls(int(config["secagg-sites"]), int(config["secagg-bits"]), float(config["secagg-clip"]),
                        int(config["secagg-max-weight"]), int(config["secagg-threshold"]),
-                       float(config.get("secagg-noise", 0.0)))
+                       float(config.get("secagg-noise", 0.0)), bool(config.get("secagg-weighted", True)))
         except (KeyError, TypeError, ValueError) as err:
             if isinstance(err, SecAggError):
                 raise
             raise SecAggError(f"malformed secure-aggregation settings ({type(err).__name__}: {str(err)[:80]})") from None
+
+
+def contribution_factors(roster: Mapping[int, Advertisement], weighted: bool) -> dict[int, float]:
+    """What each roster site multiplies its vectors by: its share of the roster's advertised weight
+    (weighted), else 1. Every site and the coordinator compute the same from the signed roster."""
+    total = sum(ad.weight for ad in roster.values())
+    return {site: (ad.weight / total if weighted else 1.0) for site, ad in roster.items()}
 
 
 def summed_fields(kinds: Mapping[str, Any], arrays: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray],
@@ -819,28 +835,17 @@ def clipped(vectors: Mapping[str, np.ndarray], bound: float) -> dict[str, np.nda
     return {name: v * factor for name, v in vectors.items()}
 
 
-def weighted_residues(vectors: Mapping[str, np.ndarray], weight: int, fixed: FixedPoint,
-                      rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """The residues a site masks: ``weight × vector`` and ``weight/NAME`` = weight, per vector."""
-    residues = {}
-    for name, vector in vectors.items():
-        residues[name] = fixed.encode(vector * weight, rng)
-        residues[WEIGHT_PREFIX + name] = fixed.encode_integers(np.array([round(weight * fixed.scale)]))
-    return residues
+def contribution_residues(vectors: Mapping[str, np.ndarray], factor: float, fixed: FixedPoint,
+                          rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The residues a site masks: ``factor × vector`` (its :func:`contribution_factors` entry)."""
+    return {name: fixed.encode(np.asarray(vector, dtype=np.float64) * factor, rng) for name, vector in vectors.items()}
 
 
 def check_summed_layout(layout: Layout, sizes: Callable[[str], int | None]) -> None:
-    """:class:`SecAggError` unless ``layout`` is what :func:`weighted_residues` makes: each vector
-    with its one-entry ``weight/NAME``, ``metric/NAME`` of one entry, and every other vector of the
-    length ``sizes(name)`` gives (``None``: a name the caller does not accept; 0: any length, which
-    the coordinator holds every other site to)."""
+    """:class:`SecAggError` unless every vector of ``layout`` has the length ``sizes(name)`` gives
+    (``None``: a name the caller does not accept; 0: any length, which the coordinator holds every
+    other site to), ``metric/NAME`` one entry."""
     for name, count in layout.items():
-        if name.startswith(WEIGHT_PREFIX):
-            if count != 1 or name.removeprefix(WEIGHT_PREFIX) not in layout:
-                raise SecAggError(f"a weight without its vector ('{name[:80]}')")
-            continue
-        if layout.get(WEIGHT_PREFIX + name) != 1:
-            raise SecAggError(f"no one-entry weight for '{name[:80]}'")
         expected = 1 if name.startswith(METRIC_PREFIX) else sizes(name)
         if expected is None or (expected and expected != count):
             raise SecAggError(f"'{name[:80]}' has {count} entries; expected {expected or 'no such vector'}")
@@ -850,20 +855,20 @@ def layout_of(vectors: Mapping[str, np.ndarray]) -> Layout:
     return {name: int(np.asarray(v).size) for name, v in vectors.items()}
 
 
-def weighted_means(sums: Mapping[str, np.ndarray], fixed: FixedPoint) -> tuple[dict[str, np.ndarray], float]:
-    """Per vector, the unmasked sum divided by the total weight of the sites that sent it, and the
-    largest total weight (the reply's example count). :class:`SecAggError` if a weight is not
-    positive (a site sent a negative or zero weight, or the modulus wrapped)."""
-    means, largest = {}, 0.0
+def weighted_means(sums: Mapping[str, np.ndarray], fixed: FixedPoint, roster: Mapping[int, Advertisement],
+                   survivors: Iterable[int], weighted: bool) -> tuple[dict[str, np.ndarray], float]:
+    """Per vector, the unmasked sum divided by the contribution factors of the survivors that sent
+    it (partial replies: each vector's own), and the survivors' total advertised weight (the
+    reply's example count; their number when unweighted)."""
+    factors = contribution_factors(roster, weighted)
+    survivors = list(survivors)
+    means = {}
     for name, total in sums.items():
-        if name.startswith(WEIGHT_PREFIX):
-            continue
-        weight = float(fixed.decode(sums[WEIGHT_PREFIX + name])[0])
-        if not weight > 0:
-            raise SecAggError(f"the summed weight of '{name[:80]}' is {weight:g}; a site sent a bad weight")
-        means[name] = fixed.decode(total) / weight
-        largest = max(largest, weight)
-    return means, largest
+        share = sum(factors[u] for u in survivors if name in roster[u].layout)
+        if not share > 0:
+            raise SecAggError(f"no survivor sent '{name[:80]}'")
+        means[name] = fixed.decode(total) / share
+    return means, float(sum(roster[u].weight if weighted else 1 for u in survivors))
 
 
 def federation_payload(algorithm: Any, state: Mapping[str, Any], means: Mapping[str, np.ndarray],
@@ -882,5 +887,6 @@ def federation_payload(algorithm: Any, state: Mapping[str, Any], means: Mapping[
 
 
 __all__ = ["Advertisement", "FixedPoint", "SecAggCoordinator", "SecAggError", "SecAggRefusal", "SecAggSite",
-           "METRIC_PREFIX", "SecureSumSettings", "UnmaskRequest", "WEIGHT_PREFIX", "check_summed_layout", "clipped", "federation_payload", "layout_of", "mask_stream",
-           "session_id", "survivors_statement", "shamir_combine", "shamir_split", "summed_fields", "weighted_means", "weighted_residues"]
+           "METRIC_PREFIX", "SecureSumSettings", "UnmaskRequest", "check_summed_layout", "clipped",
+           "contribution_factors", "contribution_residues", "federation_payload", "layout_of", "mask_stream",
+           "session_id", "survivors_statement", "shamir_combine", "shamir_split", "summed_fields", "weighted_means"]

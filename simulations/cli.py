@@ -434,12 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sites whose shares rebuild a dropped site's masks (0: a majority); up to sites - "
                         "threshold may drop after sharing their keys")
     secure.add_argument("--secagg-clip", type=float, default=d["secagg-clip"],
-                        help="L2 bound of a site's update (without distributed DP; with it, --clip)")
+                        help="L2 bound of a site's update (without distributed DP; with it, --clip): it bounds what "
+                        "one site can move the sum, and the fixed point's range (2^bits / this)")
     secure.add_argument("--secagg-bits", type=int, default=d["secagg-bits"],
                         help="modulus 2^bits of the masked sums (32: as many bytes as float32 weights)")
     secure.add_argument("--secagg-max-weight", type=int, default=d["secagg-max-weight"],
-                        help="the largest example count a site's update is weighted by (the coordinator cannot see "
-                        "the weights, so --max-site-weight does not apply)")
+                        help="the largest example count a site's update is weighted by (each site's weight is public "
+                        "and signed, as in FedAvg; --max-site-weight does not apply)")
     run.add_argument("--checkpoint-every", type=int, default=d["checkpoint-every"],
                      help="store the global model every N rounds (and after the last); 0 = never")
     run.add_argument("--round-timeout", type=float, default=d["round-timeout"], help="seconds to wait for replies per phase")

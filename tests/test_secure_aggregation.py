@@ -391,7 +391,7 @@ def _advertise(app, sites):
 
 
 def test_a_site_sends_only_its_masked_update_and_the_coordinator_learns_the_sum(app, tmp_path, flower_identity):
-    from privacy.secure_aggregation import Advertisement, WEIGHT_PREFIX, weighted_means
+    from privacy.secure_aggregation import Advertisement, weighted_means
 
     sites = _three_sites(tmp_path)
     replies = _advertise(app, sites)
@@ -440,10 +440,11 @@ def test_a_site_sends_only_its_masked_update_and_the_coordinator_learns_the_sum(
             "mask-key": {}})
     sums, survivors = coordinator.result()
     assert survivors == [101, 202, 303]
-    means, weight = weighted_means(sums, fixed)
-    assert weight > 0 and all(np.isfinite(m).all() for m in means.values())
+    means, weight = weighted_means(sums, fixed, coordinator.advertisements, survivors, weighted=True)
+    assert weight == sum(ad.weight for ad in coordinator.advertisements.values()) > 3  # the sites' example counts
+    assert all(np.isfinite(m).all() for m in means.values()) and 0 < means["metric/train-loss"][0] < 10
     # one site's masked update looks nothing like its weighted update (uniform residues)
-    some = next(k for k in masked[101] if not k.startswith(WEIGHT_PREFIX))
+    some = next(k for k in masked[101] if not k.startswith("metric/"))
     assert np.asarray(masked[101][some]).astype(np.float64).std() > 2**30
 
 
@@ -603,9 +604,8 @@ def test_the_coordinator_refuses_layouts_and_masked_inputs_that_would_not_sum():
     from privacy.secure_aggregation import check_summed_layout
 
     sizes = {"w": 4}.get
-    check_summed_layout({"w": 4, "weight/w": 1, "metric/train-loss": 1, "weight/metric/train-loss": 1}, sizes)
-    for bad, reason in (({"w": 4}, "no one-entry weight"), ({"w": 3, "weight/w": 1}, "expected 4"),
-                        ({"v": 4, "weight/v": 1}, "no such vector"), ({"weight/w": 1}, "without its vector")):
+    check_summed_layout({"w": 4, "metric/train-loss": 1}, sizes)
+    for bad, reason in (({"w": 3}, "expected 4"), ({"v": 4}, "no such vector"), ({"metric/x": 2}, "expected 1")):
         with pytest.raises(SecAggError, match=reason):
             check_summed_layout(bad, sizes)
     sites, coordinator, fixed = keys_shared(3, "run-l", 4)
