@@ -211,11 +211,10 @@ class Algorithm(ABC):
         updates (``update_kind``)."""
         return FieldKind.MODEL_UPDATE if self.update_kind and name in parameters else None
 
-    def summable(self, payload: Payload, config: Mapping[str, Any]) -> Payload:
-        """``payload`` as fields every site's line up in (what secure aggregation and central DP
-        sum; ``config`` the instruction's). By default the payload itself; a method whose sites send
-        values at positions of their own (FedKSeed's seeds) scatters them into one vector here."""
-        return payload
+    def summed_length(self, name: str) -> int:
+        """How many entries the summed field ``name`` has (0: not known here; the coordinator then
+        holds every site to the first site's length)."""
+        return 0
 
     # ---- server half -------------------------------------------------------------------------
     def init_state(
@@ -319,8 +318,8 @@ class WrappedAlgorithm(Algorithm):
     def payload_kind(self, name: str, parameters: Collection[str]) -> FieldKind | None:
         return self.inner.payload_kind(name, parameters)
 
-    def summable(self, payload: Payload, config: Mapping[str, Any]) -> Payload:
-        return self.inner.summable(payload, config)
+    def summed_length(self, name: str) -> int:
+        return self.inner.summed_length(name)
 
     def set_population(self, count: int) -> None:
         self.inner.set_population(count)

@@ -179,6 +179,9 @@ class Ferret(ReplayAlgorithm):
     def payload_kind(self, name: str, parameters: Collection[str]) -> FieldKind | None:
         return FieldKind.SUMMED if name == COEFFICIENTS else None
 
+    def summed_length(self, name: str) -> int:
+        return self.num_coefficients if name == COEFFICIENTS and self.manifest is not None else 0
+
     @property
     def num_coefficients(self) -> int:
         assert self.manifest is not None, "init_state first"

@@ -40,7 +40,7 @@ signed code needed 9 bits; this one is 8 bits.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -71,7 +71,6 @@ from aggregators.shared_randomness import (
 from aggregators.streaming import WeightedMetricMeans, capped_weights
 
 SEED_INDEX, SEED_SCALAR, SEED_CODE = "seed-index", "seed-scalar", "seed-code"
-SEED_SUMS = "seed-sums"  # a site's scalars summed per pool seed: what secure aggregation sums
 PROBABILITIES = "seed-probabilities"
 POOL_ROUND, POOL_CLIENT = 0, -1  # the key slots of the fixed seed pool
 PRO_CLIP = 1000.0
@@ -157,25 +156,14 @@ class FedKSeed(ReplayAlgorithm):
     config_class = ZerothOrderConfig
     pro: ClassVar[bool] = False
     one_byte: ClassVar[bool] = False
-    secure_aggregation_incompatibility = ""  # sites' scalars line up as per-seed sums over the pool (summable)
+    secure_aggregation_incompatibility = (
+        "each site's scalars sit at pool seeds it drew from its own seed; a seed only one site drew would be that "
+        "site's scalar in the sum (summing needs seeds common to the round's sites: not yet)")
 
     def payload_kind(self, name: str, parameters: Collection[str]) -> FieldKind | None:
         return {SEED_INDEX: FieldKind.PUBLIC_INDEX, SEED_SCALAR: FieldKind.SCALARS,
-                SEED_CODE: FieldKind.ONE_BYTE_CODES, SEED_SUMS: FieldKind.SUMMED}.get(name)
+                SEED_CODE: FieldKind.ONE_BYTE_CODES}.get(name)
 
-    def summable(self, payload: Payload, config: Mapping[str, Any]) -> Payload:
-        r"""The τ (seed, scalar) pairs as one pool-length vector of per-seed sums: the round's mean
-        :math:`\bar a[k] = \sum_i w_i \sum_{j: k_{ij} = k} g_{ij} / \sum_i w_i` is then a weighted
-        mean of these vectors, position by position."""
-        if SEED_SCALAR not in payload.arrays:
-            return payload
-        pool = int(config.get("seed-pool", self.config.seed_pool))
-        indices = np.asarray(payload.arrays[SEED_INDEX], dtype=np.int64)
-        if len(indices) and (indices.min() < 0 or indices.max() >= pool):
-            raise ValueError(f"seed indices outside the pool of {pool}")
-        sums = np.zeros(pool, dtype=np.float64)
-        np.add.at(sums, indices, np.asarray(payload.arrays[SEED_SCALAR], dtype=np.float64))
-        return Payload({SEED_SUMS: sums.astype(np.float32)}, payload.num_examples, dict(payload.metrics))
 
     def __init__(self, config: ZerothOrderConfig | None = None) -> None:
         super().__init__()
@@ -258,12 +246,6 @@ class FedKSeed(ReplayAlgorithm):
                 raise PayloadError(f"client {client}: '{SEED_CODE}' must be uint8 of shape ({steps},), "
                                    f"got {codes.dtype} {codes.shape}")
             return self.one_byte_indices(server_round, client), self.codec.decode(codes).astype(np.float64)
-        if set(arrays) == {SEED_SUMS}:  # per-seed sums (secure aggregation's mean over the sites)
-            sums = arrays[SEED_SUMS]
-            if sums.dtype != np.float32 or sums.shape != (self.config.seed_pool,) or not np.isfinite(sums).all():
-                raise PayloadError(f"client {client}: '{SEED_SUMS}' must be {self.config.seed_pool} finite float32")
-            indices = np.flatnonzero(sums)
-            return indices, sums[indices].astype(np.float64)
         if set(arrays) != {SEED_INDEX, SEED_SCALAR}:
             raise PayloadError(f"client {client}: expected '{SEED_INDEX}' and '{SEED_SCALAR}', got {sorted(arrays)}")
         indices, scalars = arrays[SEED_INDEX], arrays[SEED_SCALAR]
@@ -350,8 +332,6 @@ class FedKSeedPro(FedKSeed):
 
     name = "fedkseed-pro"
     pro = True
-    secure_aggregation_incompatibility = ("FedKSeed-Pro's seed probabilities come from each site's per-seed scalar "
-                                          "magnitudes and counts, which a sum does not give (not yet)")
 
 
 class OneByte(FedKSeed):
@@ -359,8 +339,6 @@ class OneByte(FedKSeed):
 
     name = "one-byte"
     one_byte = True
-    secure_aggregation_incompatibility = ("one-byte codes are each site's scalars quantised on its own steps' seeds; "
-                                          "use fedkseed, whose scalars sum per seed")
 
 
 def _keyed_indices(seed: int, pool: int, steps: int) -> np.ndarray:

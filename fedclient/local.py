@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import math
 import pathlib
+import secrets
 import sys
 import time
 from collections.abc import Mapping
@@ -250,6 +251,8 @@ def train_reply(msg: Message, context: Context, node: Mapping[str, Any], config:
             from fedclient.secure_aggregation import check_new_round
 
             check_new_round(context, instruction.config)  # before any training or privacy spending
+            if policy.secure_aggregation.fresh_seeds:  # a repeated round must not train identically
+                instruction.config["seed"] = secrets.randbits(31)
     except PolicyRefusal as err:
         return Message(refusal_record(str(err)), reply_to=msg)
     except SecAggRefusal as err:  # a replayed round

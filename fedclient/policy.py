@@ -91,9 +91,16 @@ required = false
 # (the coordinator rebuilds a dropped site's masks from that many sites' shares).
 min-sites = 3
 min-threshold = 2
+# How many of the other sites may collude with the coordinator: the threshold must exceed
+# (sites + max-colluders) / 2, so no two survivor sets can both be confirmed (more tolerance of
+# colluders leaves less of dropped sites).
+max-colluders = 0
 # The identity keys of the sites this site masks with, as `fedclient keys` prints their
 # fingerprints ("SHA256:..."); [] trusts the roster the coordinator relays.
 peers = []
+# true: train with a seed of this site's own in securely aggregated rounds, so a coordinator that
+# repeats a round with the same model and seed over another set of sites cannot subtract the sums.
+fresh-seeds = true
 
 [search]
 # Encrypted search over a document store built with `fedclient index DIR` ("": not offered).
@@ -119,13 +126,15 @@ class SecureAggregationPolicy:
     required: bool = False
     min_sites: int = 2
     min_threshold: int = 2
+    max_colluders: int = 0
     peers: tuple[str, ...] = ()
+    fresh_seeds: bool = False  # a simulation's virtual sites keep the run's seeds (reproducible runs)
 
     def __post_init__(self) -> None:
-        for name in ("min_sites", "min_threshold"):
+        for name, least in (("min_sites", 2), ("min_threshold", 2), ("max_colluders", 0)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 2:
-                raise ValueError(f"secure-aggregation.{name.replace('_', '-')} must be a whole number >= 2, "
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"secure-aggregation.{name.replace('_', '-')} must be a whole number >= {least}, "
                                  f"got {value!r}")
         bad = [peer for peer in self.peers if not peer.startswith("SHA256:")]
         if bad:
@@ -281,7 +290,9 @@ class SitePolicy:
                     required=typed(secure, "required", bool, "secure-aggregation"),
                     min_sites=typed(secure, "min-sites", int, "secure-aggregation"),
                     min_threshold=typed(secure, "min-threshold", int, "secure-aggregation"),
-                    peers=typed(secure, "peers", tuple, "secure-aggregation")),
+                    max_colluders=typed(secure, "max-colluders", int, "secure-aggregation"),
+                    peers=typed(secure, "peers", tuple, "secure-aggregation"),
+                    fresh_seeds=typed(secure, "fresh-seeds", bool, "secure-aggregation")),
                 source=source,
             )
         except ValueError as err:
@@ -359,6 +370,8 @@ class SitePolicy:
         rows += [("secure-aggregation.required", str(secure.required).lower()),
                  ("secure-aggregation.min-sites", str(secure.min_sites)),
                  ("secure-aggregation.min-threshold", str(secure.min_threshold)),
+                 ("secure-aggregation.max-colluders", str(secure.max_colluders)),
+                 ("secure-aggregation.fresh-seeds", str(secure.fresh_seeds).lower()),
                  ("secure-aggregation.peers", ", ".join(secure.peers) or "the coordinator's roster")]
         return rows
 

@@ -87,7 +87,8 @@ def _site(state: dict[str, Any], node: Mapping[str, Any], policy: SitePolicy) ->
 
     site = SecAggSite(int(state["site"]), _identity_key(node, state), bytes.fromhex(state["session"]),
                       verify_peer=verify_peer, min_threshold=max(rules.min_threshold, int(state["assumed-threshold"])),
-                      min_sites=rules.min_sites)
+                      min_sites=rules.min_sites, max_colluders=rules.max_colluders, max_sites=int(state["sites"]),
+                      max_weight=int(state["max-weight"]))
     if "protocol" in state:
         site.load_state_dict(state["protocol"])
     return site
@@ -109,12 +110,15 @@ def _load(context: Context) -> dict[str, Any] | None:
 
 
 TERMS = ("strategy", "server-round", "lr", "local-steps", "batch-size", "weight-decay", "grad-accumulation",
-         "warmup-steps", "lr-schedule", "precision", "schedule-step", "schedule-steps", "ferret-bases",
-         "ferret-block-size", "noise-seed", "dp", "dp-epsilon", "dp-delta", "clip", "dp-noise-multiplier",
-         "secagg-sites", "secagg-bits", "secagg-clip", "secagg-max-weight", "secagg-threshold", "secagg-noise",
-         "secagg-nonce")
+         "warmup-steps", "lr-schedule", "precision", "gradient-checkpointing", "schedule-step", "schedule-steps",
+         "ferret-bases", "ferret-block-size", "noise-seed", "seed-pool", "zo-steps", "zo-lr", "zo-eps", "codec",
+         "dp", "dp-epsilon", "dp-delta", "clip", "dp-noise-multiplier", "dp-releases", "secagg-sites", "secagg-bits",
+         "secagg-clip", "secagg-max-weight", "secagg-threshold", "secagg-noise", "secagg-weighted", "secagg-nonce")
 """The instruction keys every site of one secure sum must have been given alike (how much each trains,
-the privacy asked, the sum's settings); their digest is in each advertisement and compared by all."""
+the privacy asked, the sum's settings); their digest is in each advertisement and compared by all.
+What may differ per site and is left out: its training seed, its layers (selective-layer: each
+site's vectors must still be sent by at least the threshold of sites), and the arrays it starts
+from (replay catch-up and layer caches differ legitimately; see the README's threat model)."""
 
 
 def terms_digest(config: Mapping[str, Any]) -> str:
@@ -126,9 +130,10 @@ def check_new_round(context: Context, config: Mapping[str, Any]) -> None:
     run (a replay, or the same round again to sum over another set of sites and difference the two):
     checked before the site trains or spends privacy budget."""
     server_round = int(config["server-round"])
-    if server_round in (_load(context) or {}).get("rounds", []):
-        raise SecAggRefusal(f"secure aggregation: round {server_round} of this run was already aggregated "
-                            "with this site (a replay, or a second sum over other sites)")
+    answered = (_load(context) or {}).get("rounds", [])
+    if answered and server_round <= max(answered):
+        raise SecAggRefusal(f"secure aggregation: round {server_round} of this run comes after round {max(answered)}, "
+                            "which this site already joined (a replay, or a round again to sum over other sites)")
 
 
 def begin(msg: Message, context: Context, node: Mapping[str, Any], policy: SitePolicy, algorithm: Algorithm,
@@ -147,7 +152,6 @@ def begin(msg: Message, context: Context, node: Mapping[str, Any], policy: SiteP
         server_round = int(config["server-round"])
         session = session_id(f"{run}|{str(config.get('secagg-nonce', ''))[:64]}", server_round)
         check_new_round(context, config)
-        payload = algorithm.summable(payload, config)
         answered = [int(r) for r in (_load(context) or {}).get("rounds", [])]
         kinds = {name: algorithm.payload_kind(name, parameters) for name in payload.arrays}
         vectors = clipped(summed_fields(kinds, payload.arrays, instruction.arrays, algorithm.update_kind),
@@ -169,7 +173,8 @@ def begin(msg: Message, context: Context, node: Mapping[str, Any], policy: SiteP
                 vectors[METRIC_PREFIX + "train-loss"] = np.array([min(max(float(loss), -bound), bound)])
             pending = vectors
         state = {"site": int(config["secagg-site"]), "session": session.hex(), "bits": fixed.bits,
-                 "scale": fixed.scale, "rounds": (answered + [server_round])[-1000:], "weighted": settings.weighted,
+                 "scale": fixed.scale, "rounds": (answered + [server_round])[-16:], "weighted": settings.weighted,
+                 "sites": settings.sites, "max-weight": settings.max_weight,
                  "encoded": distributed is not None,
                  "assumed-threshold": distributed.threshold if distributed is not None else 0}
         site = _site(state, node, policy)

@@ -155,7 +155,7 @@ def _expected_size(strategy: AlgorithmStrategy) -> Callable[[str], int | None]:
         kind = algorithm.payload_kind(name, state.keys())
         if kind is FieldKind.MODEL_UPDATE:
             return int(state[name].numel())
-        return 0 if kind is FieldKind.SUMMED else None
+        return algorithm.summed_length(name) if kind is FieldKind.SUMMED else None
 
     return size
 
@@ -189,7 +189,7 @@ def _step(strategy: AlgorithmStrategy, server_round: int, coordinator: SecAggCoo
                 if not isinstance(receivers, list) or not isinstance(texts, list) or len(receivers) != len(texts):
                     raise SecAggError("its shares do not pair up with their receivers")
                 coordinator.add_shares(client_id, dict(zip(receivers, texts, strict=True)),
-                                       bytes(parts.config.get("commitment", b"")))
+                                       parts.config.get("commitment", b""))
             elif step == "mask":
                 coordinator.add_masked_input(client_id, parts.arrays)
             elif step == "confirm":
@@ -200,7 +200,10 @@ def _step(strategy: AlgorithmStrategy, server_round: int, coordinator: SecAggCoo
                     owners, shares = parts.config.get(f"{kind}-sites", []), parts.config.get(f"{kind}-shares", [])
                     if not isinstance(owners, list) or not isinstance(shares, list) or len(owners) != len(shares):
                         raise SecAggError("its shares do not pair up with their owners")
-                    answer[kind] = {int(u): int.from_bytes(bytes(v), "big") for u, v in zip(owners, shares, strict=True)}
+                    if not all(type(u) is int for u in owners) or not all(type(v) is bytes and len(v) <= 66
+                                                                          for v in shares):
+                        raise SecAggError("its shares are not 66-byte field elements of roster sites")
+                    answer[kind] = {u: int.from_bytes(v, "big") for u, v in zip(owners, shares, strict=True)}
                 coordinator.add_unmask_reply(client_id, answer)
         except (SecAggError, ValueError, TypeError) as err:
             _reject(strategy, site, str(err)[:300])
@@ -217,7 +220,7 @@ def centrally_noised(strategy: AlgorithmStrategy, server_round: int, replies: It
     base = {k: v.numpy() for k, v in strategy.state.items()}
     for reply in replies:
         try:
-            payload = algorithm.summable(reply.payload, {})  # the run's own settings (e.g. the seed pool)
+            payload = reply.payload
             kinds = {name: algorithm.payload_kind(name, strategy.state.keys()) for name in payload.arrays}
             vectors = clipped(summed_fields(kinds, payload.arrays, base, algorithm.update_kind), clip)
             expected = {name: int(np.prod(strategy.state[name].shape)) if name in strategy.state else None

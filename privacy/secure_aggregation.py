@@ -69,10 +69,10 @@ is pure (``cryptography``, numpy); the Flower messages are in :mod:`fedserver.st
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import os
+import random
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -228,10 +228,16 @@ def _canonical(kind: str, session: bytes, *fields: Any) -> bytes:
     return PROTOCOL + b"|" + json.dumps([kind, session.hex(), *fields], sort_keys=True).encode()
 
 
-def survivors_statement(session: bytes, survivors: Iterable[int]) -> bytes:
+def survivors_statement(session: bytes, survivors: Iterable[int], roster: str) -> bytes:
     """What a site signs to confirm the set of sites whose masked inputs the coordinator holds
-    (Bonawitz et al.'s consistency check)."""
-    return _canonical("survivors", session, sorted(int(s) for s in survivors))
+    (Bonawitz et al.'s consistency check), with the digest of the roster it was shown."""
+    return _canonical("survivors", session, sorted(int(s) for s in survivors), roster)
+
+
+def roster_digest(roster: Iterable[Advertisement]) -> str:
+    """One roster, whatever order it came in: every site must have been shown the same (a site's
+    weight share and which sites it masks with depend on it)."""
+    return hashlib.sha256(json.dumps(sorted(ad.to_json() for ad in roster)).encode()).hexdigest()
 
 
 def session_id(run: str, server_round: int, phase: str = "train") -> bytes:
@@ -357,9 +363,12 @@ class SecAggSite:
     STEPS = ("new", "advertised", "shared", "masked", "confirmed", "unmasked")
 
     def __init__(self, site: int, identity_key: Ed25519PrivateKey | ec.EllipticCurvePrivateKey, session: bytes,
-                 *, verify_peer: PeerCheck, min_threshold: int = 2, min_sites: int = 2) -> None:
+                 *, verify_peer: PeerCheck, min_threshold: int = 2, min_sites: int = 2, max_colluders: int = 0,
+                 max_sites: int = MAX_SITES, max_weight: int = 2**31) -> None:
         self.site, self.identity_key, self.session = int(site), identity_key, bytes(session)
         self.verify_peer, self.min_threshold, self.min_sites = verify_peer, int(min_threshold), int(min_sites)
+        self.max_colluders, self.max_sites, self.max_weight = int(max_colluders), int(max_sites), int(max_weight)
+        self.roster_digest = ""
         self.step = "new"
         self._encryption = X25519PrivateKey.generate()
         self._masking = X25519PrivateKey.generate()
@@ -418,13 +427,23 @@ class SecAggSite:
                 or mine.mask_key != _raw(self._masking.public_key()) or mine.layout != self.layout \
                 or mine.terms != self.terms:
             raise SecAggRefusal("secure aggregation: the roster does not hold this site's own advertisement")
-        if len(ads) < self.min_sites:
-            raise SecAggRefusal(f"secure aggregation: {len(ads)} sites in the roster, this site's policy "
-                                f"masks only among at least {self.min_sites}")
-        least = max(self.min_threshold, len(ads) // 2 + 1)  # a majority: no two disjoint sets both reach it
+        if not self.min_sites <= len(ads) <= self.max_sites:
+            raise SecAggRefusal(f"secure aggregation: {len(ads)} sites in the roster; this site masks only among "
+                                f"{self.min_sites} to {self.max_sites} (its policy, the round's settings)")
+        if any(not 1 <= ad.weight <= self.max_weight for ad in ads):
+            raise SecAggRefusal(f"secure aggregation: a roster site claims a weight above the round's "
+                                f"{self.max_weight}")
+        # t > (n + c) / 2: two survivor sets that c colluding sites both sign cannot both reach t
+        least = max(self.min_threshold, (len(ads) + self.max_colluders) // 2 + 1)
         if not least <= threshold <= len(ads):
             raise SecAggRefusal(f"secure aggregation: threshold {threshold} for {len(ads)} sites; this site needs "
-                                f"at least {least} (a majority, and its policy's min-threshold)")
+                                f"at least {least} (more than half of the sites and the colluders its policy "
+                                "allows for, and its policy's min-threshold)")
+        for name in self.layout:  # a vector only a few sites send is their sum: theirs alone
+            senders = sum(1 for ad in ads if name in ad.layout)
+            if senders < threshold:
+                raise SecAggRefusal(f"secure aggregation: only {senders} roster sites send '{name[:80]}', fewer than "
+                                    f"the threshold {threshold}: its sum would reveal theirs")
         for ad in ads:
             if ad.site <= 0:
                 raise SecAggRefusal("secure aggregation: site ids must be positive")
@@ -436,6 +455,7 @@ class SecAggSite:
             _x25519_public(ad.encryption_key, f"site {ad.site}'s encryption key")
             _x25519_public(ad.mask_key, f"site {ad.site}'s mask key")
         self.roster, self.threshold = by_site, int(threshold)
+        self.roster_digest = roster_digest(ads)
         holders = self._share_points()
         mask_shares = shamir_split(int.from_bytes(_raw_private(self._masking), "big"), threshold, list(holders.values()))
         seed_shares = shamir_split(int.from_bytes(self._self_seed, "big"), threshold, list(holders.values()))
@@ -444,7 +464,8 @@ class SecAggSite:
             if peer == self.site:
                 self.own_shares = (mask_shares[x], seed_shares[x])
                 continue
-            plaintext = json.dumps({"mask-key": hex(mask_shares[x]), "self-seed": hex(seed_shares[x])}).encode()
+            plaintext = json.dumps({"mask-key": hex(mask_shares[x]), "self-seed": hex(seed_shares[x]),
+                                    "roster": self.roster_digest}).encode()
             nonce = os.urandom(12)
             ciphertexts[peer] = nonce + AESGCM(self._share_key(peer)).encrypt(
                 nonce, plaintext, self._share_context(self.site, peer))
@@ -504,10 +525,13 @@ class SecAggSite:
             plaintext = AESGCM(self._share_key(sender)).decrypt(ciphertext[:12], ciphertext[12:],
                                                                self._share_context(sender, self.site))
             data = json.loads(plaintext)
-            return int(data["mask-key"], 16), int(data["self-seed"], 16)
+            shares, shown = (int(data["mask-key"], 16), int(data["self-seed"], 16)), data["roster"]
         except (InvalidTag, ValueError, KeyError, TypeError):
             raise SecAggRefusal(f"secure aggregation: the share from site {sender} does not decrypt "
                                 "(tampered, or not meant for this site, round or run)") from None
+        if shown != self.roster_digest:
+            raise SecAggRefusal(f"secure aggregation: site {sender} was shown another roster than this site")
+        return shares
 
     # step 3: the consistency check
     def confirm(self, survivors: Iterable[int]) -> bytes:
@@ -520,8 +544,13 @@ class SecAggSite:
         if len(chosen) < self.threshold:
             raise SecAggRefusal(f"secure aggregation: {len(chosen)} survivors, fewer than the threshold "
                                 f"{self.threshold}")
+        for name in self.layout:
+            senders = sum(1 for s in chosen if name in self.roster[s].layout)
+            if senders < self.threshold:
+                raise SecAggRefusal(f"secure aggregation: only {senders} survivors sent '{name[:80]}', fewer than the "
+                                    f"threshold {self.threshold}: its sum would reveal theirs")
         self.survivors = chosen
-        return identity_sign(self.identity_key, survivors_statement(self.session, chosen))
+        return identity_sign(self.identity_key, survivors_statement(self.session, chosen, self.roster_digest))
 
     # step 4
     def unmask(self, request: UnmaskRequest, confirmations: Mapping[int, bytes]) -> dict[str, dict[int, int]]:
@@ -533,7 +562,7 @@ class SecAggSite:
         if tuple(sorted(survivors)) != self.survivors:
             raise SecAggRefusal("secure aggregation: the unmask request's survivors are not the ones this site "
                                 "confirmed")
-        statement = survivors_statement(self.session, self.survivors)
+        statement = survivors_statement(self.session, self.survivors, self.roster_digest)
         signed = {site for site, signature in confirmations.items()
                   if site in survivors and identity_verifies(self.roster[site].identity, bytes(signature), statement)}
         if len(signed) < self.threshold:
@@ -561,7 +590,8 @@ class SecAggSite:
                 "roster": [ad.to_json() for ad in self.roster.values()], "threshold": self.threshold,
                 "received": {str(s): [hex(v[0]), hex(v[1])] for s, v in self.received.items()},
                 "own-shares": [hex(self.own_shares[0]), hex(self.own_shares[1])],
-                "masked-with": list(self.masked_with), "survivors": list(self.survivors), "terms": self.terms}
+                "masked-with": list(self.masked_with), "survivors": list(self.survivors), "terms": self.terms,
+                "roster-digest": self.roster_digest}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if int(state["site"]) != self.site or bytes.fromhex(state["session"]) != self.session:
@@ -578,6 +608,7 @@ class SecAggSite:
         self.masked_with = tuple(int(s) for s in state["masked-with"])
         self.survivors = tuple(int(s) for s in state["survivors"])
         self.terms = str(state["terms"])
+        self.roster_digest = str(state["roster-digest"])
 
 
 def self_seed_commitment(seed: bytes, site: int, session: bytes) -> bytes:
@@ -636,10 +667,10 @@ class SecAggCoordinator:
 
     def add_shares(self, site: int, ciphertexts: Mapping[int, bytes], commitment: bytes) -> None:
         expected = set(self.advertisements) - {site}
-        if site not in self.advertisements or set(ciphertexts) != expected or not isinstance(commitment, bytes) \
+        if site not in self.advertisements or set(ciphertexts) != expected or type(commitment) is not bytes \
                 or len(commitment) != 32:
             raise SecAggError(f"site {site}'s shares are not one for each other site of the roster")
-        if not all(isinstance(c, bytes) and 28 <= len(c) <= 1024 for c in ciphertexts.values()):
+        if not all(type(c) is bytes and 28 <= len(c) <= 1024 for c in ciphertexts.values()):
             raise SecAggError(f"site {site}'s shares are not AES-GCM ciphertexts")
         self.shares[site], self.commitments[site] = dict(ciphertexts), bytes(commitment)
 
@@ -677,7 +708,7 @@ class SecAggCoordinator:
 
     def add_confirmation(self, site: int, signature: bytes) -> None:
         """A survivor's signature over the survivor set (the consistency check)."""
-        statement = survivors_statement(self.session, self.survivors())
+        statement = survivors_statement(self.session, self.survivors(), roster_digest(self.advertisements.values()))
         if site not in self.masked_from or site in self.confirmations or not isinstance(signature, bytes) \
                 or not identity_verifies(self.advertisements[site].identity, signature, statement):
             raise SecAggError(f"site {site}'s confirmation of the survivors is not a valid signature")
@@ -701,6 +732,8 @@ class SecAggCoordinator:
             raise SecAggError(f"site {site}'s unmask reply is malformed") from None
         if set(seeds) != set(request.survivors) or set(keys) != set(request.dropped):
             raise SecAggError(f"site {site}'s unmask reply does not answer the request")
+        if not all(0 <= v < FIELD_PRIME for v in (*seeds.values(), *keys.values())):
+            raise SecAggError(f"site {site}'s unmask reply holds values outside Shamir's field")
         self.answers[site] = {"self-seed": seeds, "mask-key": keys}
 
     def result(self) -> tuple[dict[str, np.ndarray], list[int]]:
@@ -714,8 +747,11 @@ class SecAggCoordinator:
         sums = {name: value.copy() for name, value in self.sums.items()}
 
         def rebuild(kind: str, owner: int, check: Callable[[bytes], bool]) -> bytes:
-            # any t answers determine the secret; try other subsets (at most MAX_SUBSETS) only if a share is bad
-            for chosen in itertools.islice(itertools.combinations(answering, self.threshold), MAX_SUBSETS):
+            # any t answers determine the secret; if a share is bad, random other subsets (at most MAX_SUBSETS)
+            # miss its holder with probability 1 - t/answers each
+            subsets = [answering[:self.threshold]] + [sorted(random.sample(answering, self.threshold))
+                                                      for _ in range(MAX_SUBSETS - 1)]
+            for chosen in subsets:
                 value = shamir_combine({points[s]: self.answers[s][kind][owner] for s in chosen})
                 if value < 2**256 and check(secret := value.to_bytes(32, "big")):
                     return secret
@@ -751,7 +787,7 @@ training loss): the coordinator learns its weighted mean only."""
 
 @dataclass(frozen=True)
 class SecureSumSettings:
-    """What the coordinator asks of one securely aggregated round (the instruction's ``secagg-*``).
+    r"""What the coordinator asks of one securely aggregated round (the instruction's ``secagg-*``).
 
     A site clips the concatenation of its summed fields to ℓ₂ norm ``clip``. ``weighted``: it
     advertises its weight ``min(examples, max_weight)`` (public, signed, like FedAvg's example
@@ -889,4 +925,4 @@ def federation_payload(algorithm: Any, state: Mapping[str, Any], means: Mapping[
 __all__ = ["Advertisement", "FixedPoint", "SecAggCoordinator", "SecAggError", "SecAggRefusal", "SecAggSite",
            "METRIC_PREFIX", "SecureSumSettings", "UnmaskRequest", "check_summed_layout", "clipped",
            "contribution_factors", "contribution_residues", "federation_payload", "layout_of", "mask_stream",
-           "session_id", "survivors_statement", "shamir_combine", "shamir_split", "summed_fields", "weighted_means"]
+           "roster_digest", "session_id", "survivors_statement", "shamir_combine", "shamir_split", "summed_fields", "weighted_means"]

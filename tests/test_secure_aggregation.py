@@ -158,12 +158,33 @@ def test_any_n_minus_t_sites_dropping_are_recovered(when):
 
 def test_partial_key_replies_sum_per_key():
     rng = np.random.default_rng(3)
-    fixed = FixedPoint.sized(sites=4, bound=1.0, bits=32)
-    vectors = {10: {"a": rng.uniform(-1, 1, 8)}, 17: {"a": rng.uniform(-1, 1, 8), "b": rng.uniform(-1, 1, 5)},
-               24: {"b": rng.uniform(-1, 1, 5)}, 31: {"a": rng.uniform(-1, 1, 8), "b": rng.uniform(-1, 1, 5)}}
-    sums, _, _, _ = run_protocol(vectors, fixed, drop_before_masking={31})
-    assert np.allclose(fixed.decode(sums["a"]), vectors[10]["a"] + vectors[17]["a"], atol=3 / fixed.scale)
-    assert np.allclose(fixed.decode(sums["b"]), vectors[17]["b"] + vectors[24]["b"], atol=3 / fixed.scale)
+    fixed = FixedPoint.sized(sites=5, bound=1.0, bits=32)
+    a, b = (lambda: rng.uniform(-1, 1, 8)), (lambda: rng.uniform(-1, 1, 5))
+    vectors = {10: {"a": a()}, 17: {"a": a(), "b": b()}, 24: {"b": b(), "a": a()}, 31: {"a": a(), "b": b()},
+               38: {"b": b()}}
+    sums, _, _, _ = run_protocol(vectors, fixed, drop_before_masking={31})  # t = 3: each vector keeps 3 senders
+    assert np.allclose(fixed.decode(sums["a"]), vectors[10]["a"] + vectors[17]["a"] + vectors[24]["a"],
+                       atol=3 / fixed.scale)
+    assert np.allclose(fixed.decode(sums["b"]), vectors[17]["b"] + vectors[24]["b"] + vectors[38]["b"],
+                       atol=3 / fixed.scale)
+
+
+def test_a_vector_too_few_sites_send_is_refused_before_its_sum_could_reveal_them():
+    """The coordinator asks one site alone for a tensor (fedavg: the instruction's keys; selective-layer:
+    its layers): that tensor's sum would be the site's own. Refused at the share step, and again at the
+    confirm step when dropped sites leave a vector with fewer than t senders."""
+    session = session_id("run-k", 1)
+    sites = make_sites(4, session)
+    layouts = {s: {"a": 3, **({"k": 2} if i == 0 else {})} for i, s in enumerate(sorted(sites))}
+    ads = [sites[s].advertise(layouts[s]) for s in sorted(sites)]
+    victim = min(sites)
+    with pytest.raises(SecAggRefusal, match="only 1 roster sites send 'k'"):
+        sites[victim].share_keys(ads, 3)
+    rng = np.random.default_rng(5)
+    vectors = {10 + 7 * i: {"a": rng.uniform(-1, 1, 3), **({"k": rng.uniform(-1, 1, 2)} if i < 3 else {})}
+               for i in range(5)}  # 'k' from 3 of 5 sites: t = 3 at the share step
+    with pytest.raises(SecAggRefusal, match="only 2 survivors sent 'k'"):  # one of them drops before masking
+        run_protocol(vectors, FixedPoint.sized(5, 1.0), drop_before_masking={24})
 
 
 def _masked_round(count: int = 4, threshold: int = 3):
@@ -263,7 +284,7 @@ def test_a_site_refuses_fewer_sites_or_a_lower_threshold_than_its_policy():
     session = session_id("run-m", 1)
     sites = make_sites(3, session, min_sites=4, min_threshold=2)
     ads = [site.advertise({"x": 1}) for site in sites.values()]
-    with pytest.raises(SecAggRefusal, match="at least 4"):
+    with pytest.raises(SecAggRefusal, match="masks only among 4"):
         sites[min(sites)].share_keys(ads, 2)
     sites = make_sites(3, session, min_threshold=3)
     ads = [site.advertise({"x": 1}) for site in sites.values()]
@@ -499,9 +520,8 @@ def test_the_run_config_check_refuses_what_cannot_be_summed():
     assert "top-k keeps a different set of positions" in problems(secagg=True, codec="topk:0.1")
     assert "ferret-seeds=client" in problems(secagg=True, strategy="ferret", **{"ferret-seeds": "client"})
     assert "trusted-coordinator reference" in problems(secagg=True, dp="central")
-    assert problems(dp="distributed", strategy="fedkseed") == ""
-    assert "seed probabilities" in problems(secagg=True, strategy="fedkseed-pro")
-    assert "use fedkseed" in problems(secagg=True, strategy="one-byte")
+    assert "a seed only one site drew" in problems(dp="distributed", strategy="fedkseed")
+    assert "a seed only one site drew" in problems(secagg=True, strategy="one-byte")
 
 
 def test_a_site_joins_one_secure_sum_per_round(app, tmp_path, flower_identity):
@@ -514,9 +534,11 @@ def test_a_site_joins_one_secure_sum_per_round(app, tmp_path, flower_identity):
     for nonce in ("ab" * 16, "cd" * 16):
         again = _deliver(app, "train", _train_content({**ROUND, "secagg-site": 101, "secagg-nonce": nonce}), node,
                          state=state)
-        assert "already aggregated" in refusal_reason(again.content)
-    later = _deliver(app, "train", _train_content({**ROUND, "secagg-site": 101}, server_round=2), node, state=state)
+        assert "already joined" in refusal_reason(again.content)
+    later = _deliver(app, "train", _train_content({**ROUND, "secagg-site": 101}, server_round=3), node, state=state)
     assert refusal_reason(later.content) is None
+    earlier = _deliver(app, "train", _train_content({**ROUND, "secagg-site": 101}, server_round=2), node, state=state)
+    assert "already joined" in refusal_reason(earlier.content)  # rounds only increase
 
 
 # ---- the contract: an algorithm given the summed mean reaches the state its replies give ----------
@@ -528,7 +550,6 @@ def _replies_and_sum(algorithm, state, instructions, payloads):
 
     sums, weights = {}, {}
     for client, payload in payloads.items():
-        payload = algorithm.summable(payload, instructions[client].config)
         kinds = {n: algorithm.payload_kind(n, state.keys()) for n in payload.arrays}
         for name, vector in summed_fields(kinds, payload.arrays, instructions[client].arrays,
                                           algorithm.update_kind).items():
@@ -539,7 +560,7 @@ def _replies_and_sum(algorithm, state, instructions, payloads):
     return [Reply(c, p) for c, p in payloads.items()], [Reply(SUM_CLIENT, summed)]
 
 
-@pytest.mark.parametrize("name", ["fedavg", "ferret", "selective-layer", "fedkseed"])
+@pytest.mark.parametrize("name", ["fedavg", "ferret", "selective-layer"])
 def test_an_algorithm_given_the_summed_mean_reaches_the_state_its_replies_give(name):
     import copy
 
@@ -558,8 +579,7 @@ def test_an_algorithm_given_the_summed_mean_reaches_the_state_its_replies_give(n
 
         model = ToyModel()
         algorithm = make_algorithm(name, {"local-steps": 2, "batch-size": 8, "lr": 0.01, "ferret-bases": 64,
-                                          "ferret-block-size": 256, "max-site-weight": 1.0, "zo-steps": 12,
-                                          "seed-pool": 16})
+                                          "ferret-block-size": 256, "max-site-weight": 1.0})
         state = algorithm.init_state(toy_state(model))
         clients = [3, 5, 8]
         instructions = algorithm.plan(1, clients, state)
@@ -624,3 +644,26 @@ def test_the_coordinator_refuses_layouts_and_masked_inputs_that_would_not_sum():
     coordinator.add_advertisement(ads[0])
     with pytest.raises(SecAggError, match="differ in length"):
         coordinator.add_advertisement(ads[1])
+
+
+def test_with_fresh_seeds_a_repeated_round_does_not_train_the_same_update(app, tmp_path, flower_identity):
+    """A coordinator repeating a round (same model, same seed) over another set of sites would
+    subtract the sums; a site with ``fresh-seeds`` (the built-in policy) trains with its own seed."""
+    from fedclient.secure_aggregation import PENDING
+    from fedclient.wire import unpack_array_record
+
+    def pending(policy_text: str) -> list[dict[str, np.ndarray]]:
+        sites = _three_sites(tmp_path / str(abs(hash(policy_text))), policy_text)
+        node, _ = sites[101]
+        updates = []
+        for _ in range(2):  # the same instruction to the same site, as two runs would see it
+            state = RecordDict()
+            reply = _deliver(app, "train", _train_content({**ROUND, "secagg-site": 101}), node, state=state)
+            assert refusal_reason(reply.content) is None, refusal_reason(reply.content)
+            updates.append(unpack_array_record(state[PENDING]))
+        return updates
+
+    first, second = pending(OPEN_SECURE)
+    assert any(not np.array_equal(first[k], second[k]) for k in first)
+    first, second = pending(OPEN_SECURE + "fresh-seeds = false\n")
+    assert all(np.array_equal(first[k], second[k]) for k in first)
