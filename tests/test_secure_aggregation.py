@@ -499,7 +499,7 @@ def test_a_site_refuses_rounds_its_secure_aggregation_policy_forbids(app, tmp_pa
     two = [replies[s]["secagg-advertisement"] for s in (101, 202)]
     refused = _deliver(app, "query.secagg", _step_message("share", replies[101]["secagg-session"], roster=two,
                                                           threshold=2), too_few[101][0], state=too_few[101][1])
-    assert "at least 3" in refusal_reason(refused.content)
+    assert "masks only among 3" in refusal_reason(refused.content)
 
 
 def test_the_run_config_check_refuses_what_cannot_be_summed():
