@@ -667,3 +667,25 @@ def test_with_fresh_seeds_a_repeated_round_does_not_train_the_same_update(app, t
     assert any(not np.array_equal(first[k], second[k]) for k in first)
     first, second = pending(OPEN_SECURE + "fresh-seeds = false\n")
     assert all(np.array_equal(first[k], second[k]) for k in first)
+
+
+def test_sites_shown_different_rosters_or_too_low_a_threshold_for_the_colluders_refuse():
+    """A coordinator that leaves a heavy site out of one site's roster (so that site's weight share,
+    and the sum, is mostly its own) is caught when the shares meet: each share carries its dealer's
+    roster digest. With max-colluders c, the threshold must exceed (n + c) / 2."""
+    session = session_id("run-d", 1)
+    sites = make_sites(4, session)
+    ads = {s: sites[s].advertise({"x": 2}) for s in sorted(sites)}
+    victim, heavy, *rest = sorted(sites)
+    full, partial = list(ads.values()), [ads[s] for s in (victim, *rest)]
+    cipher_victim, _ = sites[victim].share_keys(partial, 2)  # the victim's roster lacks the heavy site
+    others = {s: sites[s].share_keys(full, 3)[0] for s in (heavy, *rest)}
+    receiver = rest[0]
+    relayed = {victim: cipher_victim[receiver], **{s: others[s][receiver] for s in (heavy, rest[1])}}
+    with pytest.raises(SecAggRefusal, match=f"site {victim} was shown another roster"):
+        sites[receiver].masked_input(relayed, sorted(sites), {"x": np.zeros(2, np.uint32)}, FixedPoint.sized(4, 1.0))
+    colluded = make_sites(4, session, max_colluders=1)
+    ads = [site.advertise({"x": 2}) for site in colluded.values()]
+    with pytest.raises(SecAggRefusal, match="needs at least 3"):  # (4 + 1) // 2 + 1 = 3
+        colluded[min(colluded)].share_keys(ads, 2)
+    assert colluded[max(colluded)].share_keys(ads, 3)
