@@ -210,13 +210,13 @@ def step(msg: Message, context: Context, node: Mapping[str, Any], policy: SitePo
         fixed = FixedPoint(int(state["bits"]), float(state["scale"]))
         kind = str(config.get("secagg-step", ""))
         if kind == "share":
-            roster = [Advertisement.from_json(text) for text in _strings(config, "roster")]
+            roster = [Advertisement.from_json(text) for text in _list_of(config, "roster", str)]
             ciphertexts, commitment = site.share_keys(roster, int(config["threshold"]))
             receivers = sorted(ciphertexts)
             reply = RecordParts(config={"share-to": receivers, "share-ct": [ciphertexts[r] for r in receivers],
                                         "commitment": commitment})
         elif kind == "mask":
-            senders, texts = _ints(config, "share-from"), _bytes(config, "share-ct")
+            senders, texts = _list_of(config, "share-from", int), _list_of(config, "share-ct", bytes)
             if len(senders) != len(texts):
                 raise SecAggError("the relayed shares do not pair up with their senders")
             pending = unpack_array_record(context.state[PENDING])
@@ -225,17 +225,17 @@ def step(msg: Message, context: Context, node: Mapping[str, Any], policy: SitePo
             else:  # this site's share of the roster's weight, now that it holds the signed roster
                 factor = contribution_factors(site.roster, bool(state["weighted"]))[site.site]
                 residues = contribution_residues(pending, factor, fixed, np.random.default_rng())
-            masked = site.masked_input(dict(zip(senders, texts, strict=True)), _ints(config, "sharers"), residues,
+            masked = site.masked_input(dict(zip(senders, texts, strict=True)), _list_of(config, "sharers", int), residues,
                                        fixed)
             del context.state[PENDING]
             reply = RecordParts(arrays=masked)
         elif kind == "confirm":
-            reply = RecordParts(config={"signature": site.confirm(_ints(config, "survivors"))})
+            reply = RecordParts(config={"signature": site.confirm(_list_of(config, "survivors", int))})
         elif kind == "unmask":
-            signers, signatures = _ints(config, "signers"), _bytes(config, "signatures")
+            signers, signatures = _list_of(config, "signers", int), _list_of(config, "signatures", bytes)
             if len(signers) != len(signatures):
                 raise SecAggError("the survivors' signatures do not pair up with their signers")
-            answer = site.unmask(UnmaskRequest(tuple(_ints(config, "survivors")), tuple(_ints(config, "dropped"))),
+            answer = site.unmask(UnmaskRequest(tuple(_list_of(config, "survivors", int)), tuple(_list_of(config, "dropped", int))),
                                  dict(zip(signers, signatures, strict=True)))
             reply = RecordParts(config={
                 "self-seed-sites": sorted(answer["self-seed"]),
@@ -252,24 +252,11 @@ def step(msg: Message, context: Context, node: Mapping[str, Any], policy: SitePo
     return Message(to_recorddict(reply), reply_to=msg)
 
 
-def _strings(config: Mapping[str, Any], key: str) -> list[str]:
+def _list_of(config: Mapping[str, Any], key: str, kind: type) -> list:
+    """The list of ``kind`` values under ``key`` (none: empty); SecAggError naming the key otherwise."""
     value = config.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise SecAggError(f"'{key}' must be a list of texts")
-    return value
-
-
-def _ints(config: Mapping[str, Any], key: str) -> list[int]:
-    value = config.get(key, [])
-    if not isinstance(value, list) or not all(type(v) is int for v in value):
-        raise SecAggError(f"'{key}' must be a list of integers")
-    return value
-
-
-def _bytes(config: Mapping[str, Any], key: str) -> list[bytes]:
-    value = config.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
-        raise SecAggError(f"'{key}' must be a list of byte strings")
+    if not isinstance(value, list) or not all(type(v) is kind for v in value):
+        raise SecAggError(f"'{key}' must be a list of {kind.__name__} values")
     return value
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from flwr.app import Message
 from flwr.common import log
 
-from aggregators.base import SUM_CLIENT, ClientId, FieldKind, Instruction, Reply
+from aggregators.base import SUM_CLIENT, ClientId, FieldKind, Instruction, RecordParts, Reply
 from fedclient.wire import from_recorddict, message_wire_bytes, to_recorddict
 from privacy.distributed_dp import central_noise
 from privacy.secure_aggregation import (
@@ -45,8 +45,6 @@ from privacy.secure_aggregation import (
 
 if TYPE_CHECKING:
     from fedserver.strategy import AlgorithmStrategy, Site
-
-from aggregators.base import RecordParts
 
 STEP = "query.secagg"
 
@@ -68,7 +66,6 @@ def securely_summed(strategy: AlgorithmStrategy, server_round: int, replies: Ite
     summed reply, or nothing when too few sites took part."""
     coordinator: SecAggCoordinator | None = None
     sites: dict[ClientId, Site] = {}
-    sessions: dict[ClientId, bytes] = {}
     for message in replies:
         site, usable = strategy.screen(message, "train")
         if not usable:
@@ -82,7 +79,7 @@ def securely_summed(strategy: AlgorithmStrategy, server_round: int, replies: Ite
         except (KeyError, ValueError, SecAggError) as err:
             _reject(strategy, site, f"malformed key advertisement ({str(err)[:200]})")
             continue
-        sites[site.client_id], sessions[site.client_id] = site, session
+        sites[site.client_id] = site
         record = strategy._ledger.client("train", site)
         record.metrics = {k: float(v) for k, v in parts.metrics.items()}
         record.status = "pending"
